@@ -1,0 +1,28 @@
+"""Stopping policies and how they learn: the REINFORCE agent and its baselines."""
+
+from policycascade.agents.baselines import BASELINES, Baseline, make_baseline
+from policycascade.agents.reinforce import (
+    ReinforceAgent,
+    ReinforceStep,
+    decision_log_prob,
+    exit_probabilities,
+    expected_return,
+    policy_gradient_variance,
+    sample_exits,
+)
+from policycascade.agents.stopping_policy import StoppingModule, StoppingPolicy
+
+__all__ = [
+    "BASELINES",
+    "Baseline",
+    "ReinforceAgent",
+    "ReinforceStep",
+    "StoppingModule",
+    "StoppingPolicy",
+    "decision_log_prob",
+    "exit_probabilities",
+    "expected_return",
+    "make_baseline",
+    "policy_gradient_variance",
+    "sample_exits",
+]

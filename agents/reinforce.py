@@ -1,0 +1,256 @@
+"""REINFORCE for the stopping MDP: sampled exits, the score-function loss, and the exact objective.
+
+Guan et al. section 3.3. For one sample the episode is: stop decisions
+``a_t ~ Bernoulli(pi_t)`` until the first stop (the last stage always stops),
+then, when the classifiers are trained, a label ``y_hat ~ C_k(.|x)`` from the
+exit classifier k. The estimator is
+
+    grad J ~ (R - b) * grad[ sum_{t<k} log(1 - pi_t) + log pi_k + log C_k(y_hat|x) ]
+
+with ``R = -loss(y_hat, y) - alpha * sum_{t<=k} cost_t`` (eq. (1)). With
+cross-entropy as the loss ``R`` is differentiable in the classifiers and its
+pathwise gradient is added. Because K is small the exact objective can be
+enumerated over the K exit points (:func:`expected_return`), which the tests
+use to check that every estimator here is unbiased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import nn
+
+from policycascade.agents.baselines import Baseline, make_baseline
+from policycascade.agents.stopping_policy import StoppingPolicy
+from policycascade.rewards import check_alpha, check_loss_name, episode_return, prediction_loss
+
+LABEL_ESTIMATORS = ("sample", "expected")
+
+
+def exit_probabilities(stop_probs: torch.Tensor) -> torch.Tensor:
+    """P(exit at stage k) = pi_k * prod_{t<k} (1 - pi_t), shape (batch, K).
+
+    ``stop_probs`` is (batch, K) with the last column 1 (or (batch, K - 1), in
+    which case the forced stop at the last stage is appended).
+    """
+    if not torch.all(stop_probs[:, -1] == 1):
+        stop_probs = torch.cat([stop_probs, torch.ones_like(stop_probs[:, :1])], dim=1)
+    reach = torch.cumprod(1.0 - stop_probs, dim=1)
+    reach = torch.cat([torch.ones_like(reach[:, :1]), reach[:, :-1]], dim=1)
+    return reach * stop_probs
+
+
+def sample_exits(
+    stop_logits: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Sample each episode's exit stage from stop logits (batch, K - 1)."""
+    uniform = torch.rand(stop_logits.shape, generator=generator, device=stop_logits.device)
+    stops = uniform < torch.sigmoid(stop_logits.detach())
+    stops = torch.cat([stops, torch.ones_like(stops[:, :1])], dim=1)
+    return stops.to(torch.uint8).argmax(dim=1)
+
+
+def _decision_masks(
+    exit_stage: torch.Tensor, num_decisions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    stages = torch.arange(num_decisions, device=exit_stage.device).unsqueeze(0)
+    exit_stage = exit_stage.unsqueeze(1)
+    return stages < exit_stage, stages == exit_stage  # (continued, stopped), each (batch, K - 1)
+
+
+def decision_log_prob(stop_logits: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor:
+    """Log P(the decisions that lead to ``exit_stage``) = sum_{t<k} log(1-pi_t) + log pi_k."""
+    continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
+    log_continue, log_stop = F.logsigmoid(-stop_logits), F.logsigmoid(stop_logits)
+    return (log_continue * continued + log_stop * stopped).sum(1)
+
+
+def decision_score_sq_norm(stop_logits: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor:
+    """|d log P(decisions) / d stop logits|^2 per episode (the output-layer score)."""
+    continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
+    stop = torch.sigmoid(stop_logits.detach())
+    score = -stop * continued + (1.0 - stop) * stopped
+    return score.square().sum(1)
+
+
+def expected_loss_per_stage(
+    log_probs: torch.Tensor, labels: torch.Tensor, loss: str, sample_prediction: bool
+) -> torch.Tensor:
+    """E[loss] of answering with each stage's classifier, shape (batch, K).
+
+    With a sampled prediction the 0/1 loss is in expectation 1 - p(y); with the
+    arg-max prediction it is deterministic; cross-entropy is -log p(y) either way.
+    """
+    probs = log_probs.exp()
+    label_prob = probs.gather(-1, repeat(labels, "b -> b k 1", k=probs.shape[1])).squeeze(-1)
+    if loss == "cross-entropy":
+        return -log_probs.gather(-1, repeat(labels, "b -> b k 1", k=probs.shape[1])).squeeze(-1)
+    if sample_prediction:
+        return 1.0 - label_prob
+    return (probs.argmax(-1) != labels.unsqueeze(1)).to(probs.dtype)
+
+
+def expected_return(
+    log_probs: torch.Tensor,
+    stop_probs: torch.Tensor,
+    labels: torch.Tensor,
+    cumulative_costs: torch.Tensor,
+    alpha: float,
+    loss: str = "zero-one",
+    sample_prediction: bool = True,
+) -> torch.Tensor:
+    """Exact expected return of each sample under the stochastic policy, shape (batch,).
+
+    Enumerates the K exit points: sum_k P(exit k) * (-E[loss_k] - alpha * cumulative_cost_k).
+    Differentiable in both the classifiers' ``log_probs`` (batch, K, C) and ``stop_probs``.
+    """
+    exit_p = exit_probabilities(stop_probs)
+    stage_loss = expected_loss_per_stage(log_probs, labels, loss, sample_prediction)
+    stage_return = -stage_loss - alpha * cumulative_costs.to(stage_loss.dtype).unsqueeze(0)
+    return (exit_p * stage_return).sum(1)
+
+
+@dataclass
+class ReinforceStep:
+    """One REINFORCE evaluation on a batch: the loss to minimise and what to log."""
+
+    loss: torch.Tensor  # surrogate whose gradient is minus the estimated policy gradient
+    baseline_loss: torch.Tensor  # fitting loss of a learned baseline (0 otherwise)
+    returns: torch.Tensor  # (M, B) sampled returns
+    advantages: torch.Tensor  # (M, B) R - b
+    exit_stage: torch.Tensor  # (M * B,)
+    probs: torch.Tensor  # (M * B, K, C) detached softmaxes the decisions were made on
+
+
+class ReinforceAgent(nn.Module):
+    """Stopping policy + baseline + the REINFORCE loss for one alpha.
+
+    ``train_classifiers`` chooses joint training (classifiers receive the
+    score-function gradient of a sampled label, Guan et al.) or "Ours (S)"
+    (frozen classifiers: the prediction is their arg-max and only the policy learns).
+    """
+
+    def __init__(
+        self,
+        num_stages: int,
+        num_classes: int,
+        alpha: float,
+        loss: str = "zero-one",
+        baseline: str = "optimal-constant",
+        rollouts: int = 1,
+        policy_hidden: int = 64,
+        train_classifiers: bool = True,
+        label_estimator: str = "sample",
+    ):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.loss_name = check_loss_name(loss)
+        self.policy = StoppingPolicy(num_stages, num_classes, policy_hidden)
+        self.baseline: Baseline = make_baseline(baseline, num_classes)
+        if rollouts < self.baseline.min_rollouts:
+            raise ValueError(
+                f"baseline {baseline!r} needs rollouts >= {self.baseline.min_rollouts}, "
+                f"got {rollouts}"
+            )
+        if rollouts < 1:
+            raise ValueError(f"rollouts must be >= 1, got {rollouts}")
+        if label_estimator not in LABEL_ESTIMATORS:
+            raise ValueError(
+                f"label_estimator must be one of {list(LABEL_ESTIMATORS)}, got {label_estimator!r}"
+            )
+        self.rollouts = rollouts
+        self.train_classifiers = train_classifiers
+        self.label_estimator = label_estimator
+
+    @property
+    def sample_prediction(self) -> bool:
+        """Whether the reward scores a prediction drawn from the exit classifier.
+
+        True when classifiers are trained under the 0/1 loss: with
+        ``label_estimator="sample"`` the label is drawn and its log-probability
+        enters the score function (Guan et al.); with ``"expected"`` the 0/1 loss
+        is replaced by its exact expectation over the draw, ``1 - p(y)``, which
+        is differentiable, has the same expected gradient and no label noise.
+        Frozen classifiers answer with their arg-max, as at test time.
+        """
+        return self.train_classifiers and self.loss_name == "zero-one"
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        cumulative_costs: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> ReinforceStep:
+        """The REINFORCE surrogate loss on a batch of classifier logits (batch, K, C)."""
+        m = self.rollouts
+        log_probs = logits.log_softmax(-1)
+        probs = log_probs.exp()
+        if not self.train_classifiers:
+            log_probs, probs = log_probs.detach(), probs.detach()
+        # Policy reads the softmax; in joint training its gradient reaches the classifiers too.
+        stop_logits = self.policy(probs)
+        stop_logits = repeat(stop_logits, "b k -> (m b) k", m=m)
+        log_probs_m = repeat(log_probs, "b k c -> (m b) k c", m=m)
+        labels_m = repeat(labels, "b -> (m b)", m=m)
+        exit_stage = sample_exits(stop_logits, generator)
+        rows = torch.arange(len(exit_stage), device=logits.device)
+        exit_log_probs = log_probs_m[rows, exit_stage]  # (M*B, C)
+        log_prob = decision_log_prob(stop_logits, exit_stage)
+        score_sq = decision_score_sq_norm(stop_logits, exit_stage)
+        if self.sample_prediction and self.label_estimator == "expected":
+            predictions = exit_log_probs.argmax(-1)
+            label_prob = exit_log_probs.gather(1, labels_m.unsqueeze(1)).squeeze(1).exp()
+            loss = 1.0 - label_prob
+        elif self.sample_prediction:
+            exit_probs = exit_log_probs.detach().exp()
+            predictions = torch.multinomial(exit_probs, 1, generator=generator).squeeze(1)
+            log_prob = log_prob + exit_log_probs.gather(1, predictions.unsqueeze(1)).squeeze(1)
+            chosen = exit_probs.gather(1, predictions.unsqueeze(1)).squeeze(1)
+            score_sq = score_sq + 1.0 - 2.0 * chosen + exit_probs.square().sum(1)
+            loss = prediction_loss(exit_probs, predictions, labels_m, self.loss_name)
+        else:
+            predictions = exit_log_probs.argmax(-1)
+            loss = prediction_loss(exit_log_probs.exp(), predictions, labels_m, self.loss_name)
+        returns = episode_return(self.alpha, cumulative_costs[exit_stage], loss)  # (M*B,)
+        returns_mb = returns.view(m, -1)
+        baseline, baseline_loss = self.baseline(returns_mb, score_sq.view(m, -1), probs[:, 0])
+        advantages = (returns_mb.detach() - baseline).reshape(-1)
+        # Score-function term, plus the pathwise term when the return is differentiable.
+        surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
+        return ReinforceStep(
+            loss=surrogate,
+            baseline_loss=baseline_loss,
+            returns=returns_mb.detach(),
+            advantages=advantages.view(m, -1),
+            exit_stage=exit_stage,
+            probs=repeat(probs.detach(), "b k c -> (m b) k c", m=m),
+        )
+
+    @torch.no_grad()
+    def stop_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probability of stopping at each stage, (batch, K), last column 1."""
+        return self.policy.stop_probs(probs)
+
+
+def policy_gradient_variance(
+    policy: StoppingPolicy, probs: torch.Tensor, exit_stage: torch.Tensor, advantages: torch.Tensor
+) -> float:
+    """Trace of the per-sample covariance of the estimator's gradient w.r.t. the stopping modules.
+
+    Each sample's estimate is ``advantage * grad log P(decisions)``; the sum of
+    their per-parameter variances is what a baseline is meant to shrink.
+    """
+    params = {name: p.detach() for name, p in policy.named_parameters()}
+
+    def one_sample(params, probs_i, exit_i, advantage_i):
+        logits = torch.func.functional_call(policy, params, (probs_i.unsqueeze(0),))
+        return advantage_i * decision_log_prob(logits, exit_i.unsqueeze(0)).sum()
+
+    grads = torch.func.vmap(torch.func.grad(one_sample), in_dims=(None, 0, 0, 0))(
+        params, probs, exit_stage, advantages.to(probs.dtype)
+    )
+    return float(sum(g.reshape(len(probs), -1).var(0).sum() for g in grads.values()))

@@ -1,0 +1,19 @@
+"""Gymnasium environments: a cascade as an optimal-stopping MDP, single and natively batched."""
+
+from policycascade.envs.registration import (
+    DIGITS_ID,
+    register_builtin,
+    register_cascade,
+)
+from policycascade.envs.stopping_env import CONTINUE, STOP, CascadeStoppingEnv
+from policycascade.envs.vector_env import CascadeStoppingVectorEnv
+
+__all__ = [
+    "CONTINUE",
+    "DIGITS_ID",
+    "STOP",
+    "CascadeStoppingEnv",
+    "CascadeStoppingVectorEnv",
+    "register_builtin",
+    "register_cascade",
+]

@@ -1,0 +1,104 @@
+"""Measured inference cost of a module, in multiply-accumulates (MACs) per sample."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_macs(module: nn.Module, sample_input: torch.Tensor) -> int:
+    """Count the MACs ``module`` spends on one sample, measured on ``sample_input``.
+
+    ``sample_input`` holds exactly one sample (leading batch dimension of 1).
+    torch's FLOP counter counts one multiply-add as 2 FLOPs (matmuls and
+    convolutions only; normalisation, activations and pooling count 0), so MACs
+    are its total divided by two. The module is run in eval mode without
+    gradients and its training flag is restored afterwards.
+    """
+    if sample_input.shape[0] != 1:
+        raise ValueError(
+            f"sample_input must hold one sample (batch size 1), got {tuple(sample_input.shape)}"
+        )
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(sample_input)
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops()) // 2
+
+
+class StageCosts:
+    """Per-stage MACs of a cascade and the normalised costs the reward uses.
+
+    Stage t costs its classifier plus its stopping module (Guan et al. eq. (1)
+    counts the policy's cost in every stage). The last stage has no stopping
+    module: reaching it always ends the episode. Normalised costs divide by the
+    MACs of the most expensive *classifier*, so that running that classifier
+    alone costs 1 and ``alpha`` reads as "reward lost per full-size model run".
+    """
+
+    def __init__(self, classifier_macs: list[int], policy_macs: list[int] | None = None):
+        k = len(classifier_macs)
+        if k < 2:
+            raise ValueError(f"a cascade needs at least 2 stages, got K={k}")
+        if any(m <= 0 for m in classifier_macs):
+            raise ValueError(f"every classifier must cost more than 0 MACs, got {classifier_macs}")
+        policy_macs = list(policy_macs) if policy_macs is not None else [0] * k
+        if len(policy_macs) != k:
+            raise ValueError(
+                f"policy_macs needs {k} entries (one per stage), got {len(policy_macs)}"
+            )
+        if any(m < 0 for m in policy_macs):
+            raise ValueError(f"policy_macs must be >= 0, got {policy_macs}")
+        self.classifier_macs = [int(m) for m in classifier_macs]
+        self.policy_macs = [int(m) for m in policy_macs[:-1]] + [0]
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages K."""
+        return len(self.classifier_macs)
+
+    @property
+    def stage_macs(self) -> list[int]:
+        """MACs of running stage t: its classifier plus its stopping module."""
+        return [c + p for c, p in zip(self.classifier_macs, self.policy_macs, strict=True)]
+
+    @property
+    def cumulative_macs(self) -> list[int]:
+        """MACs spent by a sample that exits at stage t (every stage up to t ran)."""
+        total, out = 0, []
+        for m in self.stage_macs:
+            total += m
+            out.append(total)
+        return out
+
+    @property
+    def reference_macs(self) -> int:
+        """MACs of the most expensive classifier: the unit of normalised cost."""
+        return max(self.classifier_macs)
+
+    @property
+    def stage_costs(self) -> list[float]:
+        """Normalised per-stage costs used by the reward (most expensive classifier = 1)."""
+        return [m / self.reference_macs for m in self.stage_macs]
+
+    def with_policy_macs(self, policy_macs: list[int]) -> StageCosts:
+        """The same classifiers with another stopping rule's per-stage cost."""
+        return StageCosts(self.classifier_macs, policy_macs)
+
+    def as_dict(self) -> dict[str, list]:
+        """JSON-ready table: MACs per stage and as a share of the reference classifier."""
+        return {
+            "classifier_macs": self.classifier_macs,
+            "policy_macs": self.policy_macs,
+            "stage_macs": self.stage_macs,
+            "cumulative_macs": self.cumulative_macs,
+            "classifier_macs_share": [m / self.reference_macs for m in self.classifier_macs],
+            "stage_costs": self.stage_costs,
+        }
+
+    def __repr__(self) -> str:
+        return f"StageCosts(classifier_macs={self.classifier_macs}, policy_macs={self.policy_macs})"

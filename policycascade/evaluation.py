@@ -1,0 +1,75 @@
+"""One evaluation for every policy: exits and predictions on cached cascade outputs -> metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from policycascade.cascade import CascadeOutputs
+
+
+def first_stop(stop: torch.Tensor) -> torch.Tensor:
+    """Exit stage of each sample: the first stage whose decision is *stop*.
+
+    ``stop`` is (sample, K) or (sample, K - 1) booleans; the last stage always stops.
+    """
+    n, k = stop.shape
+    if k == 0 or not bool(stop[:, -1].all()):
+        stop = torch.cat([stop, torch.ones(n, 1, dtype=torch.bool, device=stop.device)], dim=1)
+    return stop.to(torch.uint8).argmax(dim=1)
+
+
+def ensemble_predictions(
+    probs: torch.Tensor, stop_probs: torch.Tensor, exit_stage: torch.Tensor
+) -> torch.Tensor:
+    """Predictions that mix every visited classifier, weighted by its stop probability.
+
+    Guan et al. section 3.4: the stop probability reads as the confidence of its
+    stage, so the visited stages' softmaxes are averaged with those weights
+    (the exit stage, always visited, has weight 1 if it is the last).
+    ``probs`` is (sample, K, C), ``stop_probs`` (sample, K) with the last column 1.
+    """
+    k = probs.shape[1]
+    visited = torch.arange(k, device=probs.device).unsqueeze(0) <= exit_stage.unsqueeze(1)
+    weights = stop_probs * visited
+    mixed = (weights.unsqueeze(-1) * probs).sum(1)
+    return mixed.argmax(-1)
+
+
+def evaluate_exits(
+    outputs: CascadeOutputs, exit_stage: torch.Tensor, predictions: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Accuracy, cost and exit statistics of a policy that exits at ``exit_stage``.
+
+    ``predictions`` defaults to the exit classifier's arg-max. Returns plain
+    Python numbers and lists (JSON-ready):
+
+    - ``accuracy``; ``mean_macs`` (per sample, every stage run up to the exit,
+      stopping modules included) and ``macs_share`` (of the most expensive classifier);
+    - ``exit_distribution``: share of samples that exit at each stage;
+    - ``stage_accuracy``: accuracy of each single classifier on all samples;
+    - ``accuracy_by_exit``: (exit stage, classifier) accuracy of each classifier on
+      the samples that exit at each stage (Guan et al. Figure 4); NaN for empty rows.
+    """
+    probs, labels, costs = outputs.probs, outputs.labels, outputs.costs
+    n, k, _ = probs.shape
+    exit_stage = exit_stage.to(probs.device)
+    if predictions is None:
+        predictions = probs[torch.arange(n, device=probs.device), exit_stage].argmax(-1)
+    cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64, device=probs.device)
+    spent = cumulative[exit_stage]
+    counts = torch.bincount(exit_stage, minlength=k).to(torch.float64)
+    stage_correct = (probs.argmax(-1) == labels.unsqueeze(1)).to(torch.float64)  # (n, k)
+    one_hot_exit = torch.nn.functional.one_hot(exit_stage, k).to(torch.float64)  # (n, k)
+    by_exit = (one_hot_exit.T @ stage_correct) / counts.unsqueeze(1)
+    mean_macs = float(spent.mean())
+    return {
+        "accuracy": float((predictions == labels).to(torch.float64).mean()),
+        "mean_macs": mean_macs,
+        "macs_share": mean_macs / costs.reference_macs,
+        "exit_distribution": (counts / n).tolist(),
+        "stage_accuracy": stage_correct.mean(0).tolist(),
+        "accuracy_by_exit": by_exit.tolist(),
+        "num_samples": n,
+    }

@@ -1,0 +1,401 @@
+"""One training run: pre-train the classifiers, train the stopping policy, evaluate on test."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from policycascade.agents import ReinforceAgent, expected_return, policy_gradient_variance
+from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from policycascade.config import TrainConfig
+from policycascade.data import DataSplits, load_dataset
+from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
+from policycascade.models import build_cascade
+from policycascade.runtime import resolve_device, seed_everything
+from policycascade.supervised import batches, cross_entropy_all_stages
+
+
+class TrainingInterrupted(Exception):
+    """Raised after SIGINT/SIGTERM once the last finished epoch is safely checkpointed."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+def evaluate_learned_policy(
+    agent: ReinforceAgent, outputs: CascadeOutputs, ensemble: bool = False
+) -> dict[str, Any]:
+    """Deterministic evaluation: stop where the stop probability is at least 1/2."""
+    stop_probs = agent.stop_probs(outputs.probs)
+    exit_stage = first_stop(stop_probs >= 0.5)
+    predictions = ensemble_predictions(outputs.probs, stop_probs, exit_stage) if ensemble else None
+    return evaluate_exits(outputs, exit_stage, predictions)
+
+
+def single_classifier_metrics(outputs: CascadeOutputs, names: list[str]) -> list[dict[str, Any]]:
+    """Each classifier alone: its accuracy and its own MACs (no earlier stage, no policy)."""
+    correct = (outputs.probs.argmax(-1) == outputs.labels.unsqueeze(1)).double().mean(0)
+    costs = outputs.costs
+    return [
+        {
+            "name": name,
+            "accuracy": float(correct[t]),
+            "mean_macs": float(costs.classifier_macs[t]),
+            "macs_share": costs.classifier_macs[t] / costs.reference_macs,
+        }
+        for t, name in enumerate(names)
+    ]
+
+
+class Trainer:
+    """Trains one (config, alpha) pair into ``run_dir``; ``resume=True`` continues it."""
+
+    def __init__(
+        self, config: TrainConfig, alpha: float, run_dir: Path, show_progress: bool = True
+    ):
+        self.config, self.alpha, self.run_dir = config, float(alpha), Path(run_dir)
+        self.show_progress = show_progress
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed, config.deterministic)
+        self.data: DataSplits = load_dataset(config.dataset, config.seed)
+        self.cascade: Cascade = build_cascade(
+            config.cascade, self.data.input_shape, self.data.num_classes
+        ).to(self.device)
+        self.agent = ReinforceAgent(
+            self.cascade.num_stages,
+            self.data.num_classes,
+            self.alpha,
+            loss=config.loss,
+            baseline=config.baseline,
+            rollouts=config.rollouts,
+            policy_hidden=config.policy_hidden,
+            train_classifiers=not config.freeze_classifiers,
+            label_estimator=config.label_estimator,
+        ).to(self.device)
+        self.costs = self.cascade.costs(self.agent.policy.policy_macs())
+        self.cumulative_costs = torch.tensor(
+            np.cumsum(self.costs.stage_costs), dtype=torch.float32, device=self.device
+        )
+        self.classifier_optimizer = self._classifier_optimizer()
+        if config.policy_optimizer == "adam":
+            self.policy_optimizer = torch.optim.Adam(self.agent.parameters(), lr=config.policy_lr)
+        else:
+            self.policy_optimizer = torch.optim.SGD(
+                self.agent.parameters(), lr=config.policy_lr, momentum=0.9
+            )
+        self.policy_schedule = torch.optim.lr_scheduler.StepLR(
+            self.policy_optimizer,
+            step_size=config.policy_lr_decay_every,
+            gamma=config.policy_lr_decay,
+        )
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.epoch = 0  # finished epochs, pre-training included
+        self.history: list[dict[str, float]] = []
+
+    def _classifier_optimizer(self) -> torch.optim.Optimizer:
+        params, c = self.cascade.parameters(), self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    @property
+    def total_epochs(self) -> int:
+        """Pre-training plus REINFORCE epochs."""
+        return self.config.pretrain_epochs + self.config.epochs
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: models, optimisers, RNG states, config."""
+        return {
+            "config": self.config.to_dict(),
+            "alpha": self.alpha,
+            "epoch": self.epoch,
+            "stage_names": self.cascade.names,
+            "classifier_macs": self.costs.classifier_macs,
+            "cascade": self.cascade.state_dict(),
+            "agent": self.agent.state_dict(),
+            "classifier_optimizer": self.classifier_optimizer.state_dict(),
+            "policy_optimizer": self.policy_optimizer.state_dict(),
+            "policy_schedule": self.policy_schedule.state_dict(),
+            "history": self.history,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "shuffle": self.shuffle_generator.get_state(),
+                "sample": self.sample_generator.get_state(),
+            },
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint atomically."""
+        save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Restore a checkpoint written by :meth:`save` of the same configuration."""
+        self.cascade.load_state_dict(checkpoint["cascade"])
+        self.agent.load_state_dict(checkpoint["agent"])
+        self.classifier_optimizer.load_state_dict(checkpoint["classifier_optimizer"])
+        self.policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
+        self.policy_schedule.load_state_dict(checkpoint["policy_schedule"])
+        self.history = list(checkpoint["history"])
+        self.epoch = int(checkpoint["epoch"])
+        rng = checkpoint["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.shuffle_generator.set_state(rng["shuffle"])
+        self.sample_generator.set_state(rng["sample"].to(self.sample_generator.device))
+        if self.epoch > self.config.pretrain_epochs:
+            self._set_joint_lr()
+
+    # -- epochs ------------------------------------------------------------------------------
+
+    def _set_joint_lr(self) -> None:
+        for group in self.classifier_optimizer.param_groups:
+            group["lr"] = self.config.lr * self.config.joint_lr_scale
+
+    def _pretrain_epoch(self) -> dict[str, float]:
+        x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
+        self.cascade.train()
+        total, count = 0.0, 0
+        for idx in batches(len(y), self.config.batch_size, self.shuffle_generator):
+            idx = idx.to(self.device)
+            loss = cross_entropy_all_stages(self.cascade(x[idx]), y[idx])
+            self._check_finite(loss, "pre-training loss")
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.classifier_optimizer.step()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        return {"pretrain/loss": total / count}
+
+    def _reinforce_epoch(self) -> dict[str, float]:
+        """One REINFORCE epoch over the training batches.
+
+        With ``policy_split="train"`` each batch drives both the classifiers and
+        the stopping modules (Guan et al.). With ``"val"`` the two streams are
+        kept apart: classifiers learn (REINFORCE label term + cross-entropy) only
+        from training batches, and the stopping modules only from the current
+        classifiers' outputs on held-out batches, which they never train on.
+        """
+        c = self.config
+        x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
+        held_out = c.policy_split != "train"
+        policy_data = self.data.split(c.policy_split)
+        px, py = policy_data.x.to(self.device), policy_data.y.to(self.device)
+        joint = not c.freeze_classifiers
+        train_batches = batches(len(y), c.batch_size, self.shuffle_generator)
+        policy_batches = train_batches
+        if held_out:  # cycle the held-out split alongside the training batches
+            policy_batches = []
+            while len(policy_batches) < len(train_batches):
+                policy_batches += batches(len(py), c.batch_size, self.shuffle_generator)
+        # Frozen classifiers: their outputs on the policy split are computed once.
+        frozen_logits = self._eval_logits(px) if not joint else None
+        sums: dict[str, float] = {}
+        count = 0
+        last_step = None
+        for idx, policy_idx in zip(train_batches, policy_batches, strict=False):
+            idx, policy_idx = idx.to(self.device), policy_idx.to(self.device)
+            self.policy_optimizer.zero_grad(set_to_none=True)
+            self.classifier_optimizer.zero_grad(set_to_none=True)
+            supervised = x.new_zeros(())
+            if joint:
+                self.cascade.train()
+                logits = self.cascade(x[idx])
+                supervised = cross_entropy_all_stages(logits, y[idx])
+                step = self.agent(logits, y[idx], self.cumulative_costs, self.sample_generator)
+                classifier_loss = c.supervised_weight * supervised + step.loss
+                if not held_out:
+                    classifier_loss = classifier_loss + step.baseline_loss
+                self._check_finite(classifier_loss, "joint training loss")
+                classifier_loss.backward()
+            if held_out or not joint:
+                if joint:  # the policy's gradient comes from held-out outputs only
+                    self.agent.zero_grad(set_to_none=True)
+                    policy_logits = self._eval_logits(px[policy_idx])
+                else:
+                    policy_logits = frozen_logits[policy_idx]
+                step = self.agent(
+                    policy_logits, py[policy_idx], self.cumulative_costs, self.sample_generator
+                )
+                policy_loss = step.loss + step.baseline_loss
+                self._check_finite(policy_loss, "REINFORCE loss")
+                policy_loss.backward()
+            self.policy_optimizer.step()
+            if joint:
+                self.classifier_optimizer.step()
+            n = len(policy_idx)
+            for key, value in (
+                ("train/reward", step.returns.mean()),
+                ("train/loss_policy", step.loss),
+                ("train/loss_baseline", step.baseline_loss),
+                ("train/loss_supervised", supervised),
+                ("train/advantage_std", step.advantages.std()),
+            ):
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+            count += n
+            last_step = step
+        metrics = {key: value / count for key, value in sums.items()}
+        metrics["train/grad_variance"] = policy_gradient_variance(
+            self.agent.policy,
+            last_step.probs,
+            last_step.exit_stage,
+            last_step.advantages.reshape(-1),
+        )
+        metrics["policy/lr"] = self.policy_optimizer.param_groups[0]["lr"]
+        self.policy_schedule.step()
+        return metrics
+
+    @torch.no_grad()
+    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        was_training = self.cascade.training
+        self.cascade.eval()
+        logits = self.cascade(x)
+        self.cascade.train(was_training)
+        return logits
+
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(
+                f"{what} became {float(value)} in epoch {self.epoch + 1}; the last good "
+                f"checkpoint in {self.run_dir} is kept"
+            )
+
+    def outputs(self, split: str) -> CascadeOutputs:
+        """Cached classifier outputs on a split, with this run's stage costs."""
+        data = self.data.split(split)
+        return self.cascade.outputs(data.x, data.y, self.costs)
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """The learned policy on a split, plus its exact expected reward."""
+        outputs = self.outputs(split)
+        metrics = evaluate_learned_policy(self.agent, outputs, self.config.ensemble)
+        with torch.no_grad():
+            stop_probs = self.agent.stop_probs(outputs.probs)
+            reward = expected_return(
+                outputs.probs.clamp_min(1e-12).log(),
+                stop_probs,
+                outputs.labels,
+                self.cumulative_costs,
+                self.alpha,
+                self.config.loss,
+                sample_prediction=False,
+            )
+        metrics["expected_reward"] = float(reward.mean())
+        return metrics
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self, writer: SummaryWriter) -> dict[str, Any]:
+        """Train from ``self.epoch`` to the end, checkpointing after every epoch."""
+        interrupted = {"signal": None}
+
+        def on_signal(signum, frame):
+            interrupted["signal"] = signum
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            progress = tqdm(
+                range(self.epoch, self.total_epochs),
+                initial=self.epoch,
+                total=self.total_epochs,
+                desc=f"alpha={self.alpha:g}",
+                disable=not self.show_progress,
+                leave=False,
+            )
+            for epoch in progress:
+                if epoch == self.config.pretrain_epochs:
+                    self._set_joint_lr()
+                if epoch < self.config.pretrain_epochs:
+                    metrics = self._pretrain_epoch()
+                else:
+                    metrics = self._reinforce_epoch()
+                val = self.evaluate("val")
+                metrics.update(_tagged("val", val))
+                self.epoch = epoch + 1
+                self.history.append({"epoch": epoch + 1, **metrics})
+                self.save()
+                for tag, value in metrics.items():
+                    writer.add_scalar(tag, value, epoch + 1)
+                writer.flush()
+                progress.set_postfix(acc=f"{val['accuracy']:.3f}", share=f"{val['macs_share']:.3f}")
+                if interrupted["signal"] is not None:
+                    raise TrainingInterrupted(
+                        f"stopped by signal {interrupted['signal']} after epoch {epoch + 1}; "
+                        f"continue with --resume {self.run_dir}"
+                    )
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.final_metrics()
+
+    def final_metrics(self) -> dict[str, Any]:
+        """Test-split metrics of the learned policy and of each single classifier."""
+        test_outputs = self.outputs("test")
+        test = self.evaluate("test")
+        val = self.evaluate("val")
+        return {
+            "alpha": self.alpha,
+            **test,
+            "single_classifiers": single_classifier_metrics(test_outputs, self.cascade.names),
+            "val": val,
+            "costs": self.costs.as_dict(),
+            "stage_names": self.cascade.names,
+            "epochs_trained": self.epoch,
+        }
+
+
+def _tagged(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalar TensorBoard tags for evaluation metrics (per-stage lists become one tag per stage)."""
+    out = {}
+    for key in ("accuracy", "mean_macs", "macs_share", "expected_reward"):
+        out[f"{prefix}/{key}"] = float(metrics[key])
+    for t, share in enumerate(metrics["exit_distribution"]):
+        out[f"{prefix}/exit_share/stage{t}"] = float(share)
+    return out
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` (NaN becomes null so the file stays valid JSON)."""
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    path = run_dir / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(metrics), indent=2))
+    tmp.replace(path)
+
+
+__all__ = [
+    "NonFiniteError",
+    "Trainer",
+    "TrainingInterrupted",
+    "evaluate_learned_policy",
+    "load_checkpoint",
+    "single_classifier_metrics",
+    "write_metrics",
+]

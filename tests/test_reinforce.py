@@ -1,0 +1,173 @@
+"""The REINFORCE estimator against the exact gradient, enumerated over the K exit points."""
+
+import pytest
+import torch
+
+from conftest import hand_outputs
+from policycascade.agents import ReinforceAgent, exit_probabilities, expected_return
+from policycascade.agents.reinforce import decision_log_prob, sample_exits
+
+B, K, C, ALPHA = 5, 3, 4, 0.3
+CUMULATIVE = torch.tensor([0.1, 0.4, 1.4])
+
+
+def test_exit_probabilities_by_hand():
+    stop = torch.tensor([[0.5, 0.5, 1.0], [0.0, 0.2, 1.0], [1.0, 0.3, 1.0]])
+    expected = torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(exit_probabilities(stop), expected)
+    torch.testing.assert_close(exit_probabilities(stop[:, :2]), expected)
+
+
+def test_expected_return_by_hand():
+    out = hand_outputs()
+    stop = torch.tensor([[0.5, 0.5, 1.0], [1.0, 0.0, 1.0]])
+    cumulative = torch.tensor(out.costs.cumulative_macs, dtype=torch.float32) / 100
+    got = expected_return(
+        out.probs.log(), stop, out.labels, cumulative, alpha=0.5, sample_prediction=False
+    )
+    # sample 0 exits at 0/1/2 w.p. 0.5/0.25/0.25 with returns -1.05/-0.2/-1.7;
+    # sample 1 stops at stage 0 and is right
+    torch.testing.assert_close(got, torch.tensor([-1.0, -0.05]))
+    sampled = expected_return(
+        out.probs.log(), stop, out.labels, cumulative, alpha=0.5, sample_prediction=True
+    )
+    # with a sampled label the 0/1 loss is 1 - p(y) in expectation
+    expected0 = 0.5 * (-0.7 - 0.05) + 0.25 * (-0.3 - 0.2) + 0.25 * (-0.9 - 0.7)
+    assert float(sampled[0]) == pytest.approx(expected0)
+
+
+def test_sampled_exits_follow_exit_probabilities():
+    logits = torch.tensor([[0.3, -0.5]]).repeat(200_000, 1)
+    exits = sample_exits(logits, torch.Generator().manual_seed(0))
+    freq = torch.bincount(exits, minlength=3).double() / len(exits)
+    exact = exit_probabilities(torch.sigmoid(logits[:1])).double()[0]
+    torch.testing.assert_close(freq, exact, atol=4e-3, rtol=0)
+    lp = decision_log_prob(logits[:3], torch.tensor([0, 1, 2]))
+    s = torch.sigmoid(torch.tensor([0.3, -0.5]))
+    torch.testing.assert_close(
+        lp, torch.stack([s[0].log(), (1 - s[0]).log() + s[1].log(), (1 - s).log().sum()])
+    )
+
+
+def _setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, K, C, generator=g) * 2
+    labels = torch.randint(C, (B,), generator=g)
+    return logits, labels
+
+
+def _exact_gradient(agent, logits, labels):
+    lg = logits.clone().requires_grad_(True)
+    log_probs = lg.log_softmax(-1)
+    if not agent.train_classifiers:
+        log_probs = log_probs.detach()
+    stop = torch.sigmoid(agent.policy(log_probs.exp()))
+    j = expected_return(
+        log_probs, stop, labels, CUMULATIVE, ALPHA, agent.loss_name, agent.sample_prediction
+    ).mean()
+    params = list(agent.policy.parameters())
+    grads = torch.autograd.grad(j, params + [lg], allow_unused=True, materialize_grads=True)
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def _estimates(agent, logits, labels, chunks=150, copies=40, seed=1):
+    """Gradient estimates of -loss, one per chunk of ``copies`` repetitions of the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    params = list(agent.policy.parameters())
+    out = []
+    for _ in range(chunks):
+        lg = logits.repeat(copies, 1, 1).requires_grad_(True)
+        step = agent(lg, labels.repeat(copies), CUMULATIVE, gen)
+        grads = torch.autograd.grad(
+            -step.loss, params + [lg], allow_unused=True, materialize_grads=True
+        )
+        g_logits = grads[-1].view(copies, B, K, C).sum(0)
+        out.append(torch.cat([g.reshape(-1) for g in grads[:-1]] + [g_logits.reshape(-1)]))
+    return torch.stack(out)
+
+
+def _make_agent(baseline, rollouts=1, train=True, estimator="sample", loss="zero-one"):
+    torch.manual_seed(0)
+    agent = ReinforceAgent(
+        K,
+        C,
+        ALPHA,
+        loss=loss,
+        baseline=baseline,
+        rollouts=rollouts,
+        policy_hidden=8,
+        train_classifiers=train,
+        label_estimator=estimator,
+    )
+    return agent
+
+
+def _warm_up(agent, logits, labels):
+    """Moving average: one earlier batch; value baseline: fit it to the returns first."""
+    if agent.baseline.__class__.__name__ == "MovingAverageBaseline":
+        agent(logits.repeat(50, 1, 1), labels.repeat(50), CUMULATIVE)
+    if agent.baseline.__class__.__name__ == "ValueBaseline":
+        opt = torch.optim.Adam(agent.baseline.parameters(), lr=1e-2)
+        for _ in range(300):
+            step = agent(logits.repeat(20, 1, 1), labels.repeat(20), CUMULATIVE)
+            opt.zero_grad()
+            step.baseline_loss.backward()
+            opt.step()
+
+
+CASES = [
+    ("none", 1, False, "sample", "zero-one"),
+    ("moving-average", 1, False, "sample", "zero-one"),
+    ("optimal-constant", 1, False, "sample", "zero-one"),
+    ("value", 1, False, "sample", "zero-one"),
+    ("leave-one-out", 4, False, "sample", "zero-one"),
+    ("none", 1, True, "sample", "zero-one"),
+    ("optimal-constant", 1, True, "sample", "zero-one"),
+    ("leave-one-out", 3, True, "sample", "zero-one"),
+    ("optimal-constant", 1, True, "expected", "zero-one"),
+    ("optimal-constant", 1, True, "sample", "cross-entropy"),
+]
+
+
+@pytest.mark.parametrize("baseline, rollouts, train, estimator, loss", CASES)
+def test_estimator_is_unbiased(baseline, rollouts, train, estimator, loss):
+    logits, labels = _setup()
+    agent = _make_agent(baseline, rollouts, train, estimator, loss)
+    _warm_up(agent, logits, labels)
+    exact = _exact_gradient(agent, logits, labels)
+    estimates = _estimates(agent, logits, labels)
+    mean = estimates.mean(0)
+    standard_error = (estimates.var(0) / len(estimates)).sum().sqrt()
+    # ||noise|| is about sqrt(sum of squared standard errors); a bias of that size would fail.
+    assert (mean - exact).norm() < 3 * standard_error + 1e-6
+    assert exact.norm() > 10 * standard_error  # the check has power: the signal is visible
+
+
+def test_check_detects_a_biased_baseline():
+    """A baseline equal to the rollout's own return zeroes every estimate: biased, and caught."""
+    logits, labels = _setup()
+    agent = _make_agent("none", train=False)
+    agent.baseline.forward = lambda returns, s, f: (returns.detach(), returns.new_zeros(()))
+    exact = _exact_gradient(agent, logits, labels)
+    estimates = _estimates(agent, logits, labels, chunks=20)
+    standard_error = (estimates.var(0) / len(estimates)).sum().sqrt()
+    assert (estimates.mean(0) - exact).norm() > 3 * standard_error + 1e-6
+
+
+@pytest.mark.parametrize(
+    "baseline, rollouts",
+    [("moving-average", 1), ("optimal-constant", 1), ("value", 1), ("leave-one-out", 4)],
+)
+def test_baselines_reduce_variance(baseline, rollouts):
+    logits, labels = _setup()
+    plain = _make_agent("none", rollouts, train=False)
+    reduced = _make_agent(baseline, rollouts, train=False)
+    _warm_up(reduced, logits, labels)
+    var_plain = _estimates(plain, logits, labels, chunks=60, copies=1).var(0).sum()
+    var_reduced = _estimates(reduced, logits, labels, chunks=60, copies=1).var(0).sum()
+    assert var_reduced < 0.7 * var_plain
+
+
+def test_leave_one_out_needs_two_rollouts():
+    with pytest.raises(ValueError, match="rollouts >= 2"):
+        _make_agent("leave-one-out", rollouts=1)
