@@ -66,6 +66,13 @@ class StoppingPolicy(nn.Module):
         stop = torch.sigmoid(self(probs))
         return torch.cat([stop, torch.ones_like(stop[:, :1])], dim=1)
 
+    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
+        """Deterministic decisions at ``stage`` from its softmax (batch, C): stop where pi >= 1/2."""
+        if stage >= self.num_stages - 1:
+            return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+        logits = self.modules_per_stage[stage](policy_features(probs)).squeeze(-1)
+        return logits >= 0.0
+
     def policy_macs(self) -> list[int]:
         """Measured MACs of each stage's stopping module (0 for the last stage)."""
         sample = torch.full((1, self.num_classes), 1.0 / self.num_classes)
