@@ -32,7 +32,7 @@ OPTIMIZERS = ("adam", "sgd")
 class TrainConfig:
     """Everything a training run needs; the defaults are configs/digits.yaml."""
 
-    dataset: str = _opt("digits", "data set to train and evaluate on", ("digits",))
+    dataset: str = _opt("digits", "data set to train and evaluate on", ("digits", "synthetic"))
     cascade: str = _opt("digits", "classifier family that forms the cascade", ("digits",))
     alpha: list[float] = _opt(
         [1e-3],

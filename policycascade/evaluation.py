@@ -12,11 +12,11 @@ from policycascade.cascade import CascadeOutputs
 def first_stop(stop: torch.Tensor) -> torch.Tensor:
     """Exit stage of each sample: the first stage whose decision is *stop*.
 
-    ``stop`` is (sample, K) or (sample, K - 1) booleans; the last stage always stops.
+    ``stop`` is (sample, K) booleans, one decision per stage; the last stage
+    always stops, whatever its column says.
     """
-    n, k = stop.shape
-    if k == 0 or not bool(stop[:, -1].all()):
-        stop = torch.cat([stop, torch.ones(n, 1, dtype=torch.bool, device=stop.device)], dim=1)
+    stop = stop.clone()
+    stop[:, -1] = True
     return stop.to(torch.uint8).argmax(dim=1)
 
 

@@ -64,8 +64,8 @@ def test_evaluate_exits_by_hand():
 
 
 def test_first_stop_and_ensemble():
-    stop = torch.tensor([[False, True], [False, False], [True, True]])
-    assert first_stop(stop).tolist() == [1, 2, 0]
+    stop = torch.tensor([[False, True, False], [False, False, False], [True, True, False]])
+    assert first_stop(stop).tolist() == [1, 2, 0]  # the last stage always stops
     probs = torch.tensor([[[0.9, 0.1], [0.2, 0.8]]])
     # weights 0.5 (stage 0) and 1 (stage 1): mix = [0.65, 0.85] -> class 1
     assert ensemble_predictions(probs, torch.tensor([[0.5, 1.0]]), torch.tensor([1])).item() == 1

@@ -2,8 +2,9 @@
 
 from policycascade.data.digits import load_digits
 from policycascade.data.splits import DataSplits, Split, stratified_split
+from policycascade.data.synthetic import load_synthetic
 
-DATASETS = {"digits": load_digits}
+DATASETS = {"digits": load_digits, "synthetic": load_synthetic}
 
 
 def load_dataset(name: str, seed: int = 0) -> DataSplits:

@@ -1,0 +1,65 @@
+"""A generated data set with a controllable share of hard samples and a large test split.
+
+Each class has a random 8x8 template (smooth blobs, so the images look like
+digits to the digits cascade). An *easy* sample is its class template plus
+small noise. A *hard* sample blends its template with another class's
+(weight ``blend`` in [0.7, 0.85] on its own class), shifts it cyclically by up
+to two pixels and adds more noise: pooled or linear models confuse these, larger ones
+mostly do not. ``hard_fraction`` sets their share in every split. Generation
+is vectorised NumPy, seeded, and takes well under a second for 60,000 images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from policycascade.data.splits import DataSplits, Split
+
+NUM_CLASSES = 10
+SIZES = {"train": 5000, "val": 2000, "test": 50000}
+
+
+def _templates(rng: np.random.Generator) -> np.ndarray:
+    grid = np.stack(np.meshgrid(np.arange(8), np.arange(8), indexing="ij"), -1)  # (8, 8, 2)
+    templates = np.zeros((NUM_CLASSES, 8, 8))
+    for c in range(NUM_CLASSES):
+        for _ in range(3):  # three Gaussian blobs per class
+            centre = rng.uniform(1, 6, size=2)
+            width = rng.uniform(0.8, 1.8)
+            templates[c] += np.exp(-((grid - centre) ** 2).sum(-1) / (2 * width**2))
+    return templates / templates.max(axis=(1, 2), keepdims=True)
+
+
+def _sample(rng, templates, n: int, hard_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(NUM_CLASSES, size=n)
+    hard = rng.random(n) < hard_fraction
+    other = (labels + rng.integers(1, NUM_CLASSES, size=n)) % NUM_CLASSES
+    blend = np.where(hard, rng.uniform(0.7, 0.85, size=n), 1.0)[:, None, None]
+    images = blend * templates[labels] + (1 - blend) * templates[other]
+    shift = np.where(hard[:, None], rng.integers(-2, 3, size=(n, 2)), 0)
+    rows = (np.arange(8)[None, :] - shift[:, :1]) % 8
+    cols = (np.arange(8)[None, :] - shift[:, 1:]) % 8
+    images = images[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    noise = np.where(hard, 0.12, 0.08)[:, None, None]
+    images = np.clip(images + noise * rng.standard_normal(images.shape), 0, 1)
+    return images.astype(np.float32), labels
+
+
+def load_synthetic(
+    seed: int = 0, hard_fraction: float = 0.3, template_seed: int = 1234
+) -> DataSplits:
+    """Synthetic (sample, 1, 8, 8) images in [0, 1]: 5,000 train, 2,000 val, 50,000 test.
+
+    The class templates are fixed by ``template_seed`` (the task stays the same
+    across seeds); ``seed`` draws the samples.
+    """
+    if not 0.0 <= hard_fraction <= 1.0:
+        raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    templates = _templates(np.random.default_rng(template_seed))
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for name, size in SIZES.items():
+        x, y = _sample(rng, templates, size, hard_fraction)
+        splits[name] = Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).to(torch.int64))
+    return DataSplits("synthetic", splits["train"], splits["val"], splits["test"], NUM_CLASSES)
