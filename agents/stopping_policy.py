@@ -67,7 +67,7 @@ class StoppingPolicy(nn.Module):
         return torch.cat([stop, torch.ones_like(stop[:, :1])], dim=1)
 
     def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Deterministic decisions at ``stage`` from its softmax (batch, C): stop where pi >= 1/2."""
+        """Deterministic decisions at ``stage`` from its softmax (batch, C): stop if pi >= 1/2."""
         if stage >= self.num_stages - 1:
             return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
         logits = self.modules_per_stage[stage](policy_features(probs)).squeeze(-1)

@@ -14,6 +14,7 @@ from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.envs.stopping_env import CascadeStoppingEnv
 from policycascade.envs.vector_env import CascadeStoppingVectorEnv
+from policycascade.rewards import check_alpha, check_loss_name
 
 NAMESPACE = "policycascade"
 DIGITS_ID = f"{NAMESPACE}/DigitsCascade-v0"
@@ -38,10 +39,12 @@ class OutputsSource:
 
 
 def _make_env(source, alpha=1e-3, loss="zero-one", render_mode=None) -> CascadeStoppingEnv:
+    check_alpha(alpha), check_loss_name(loss)  # before the outputs, which may take a while
     return CascadeStoppingEnv(source(), alpha=alpha, loss=loss, render_mode=render_mode)
 
 
 def _make_vector_env(source, num_envs=1, alpha=1e-3, loss="zero-one", device="auto", **ignored):
+    check_alpha(alpha), check_loss_name(loss)  # before the outputs, which may take a while
     return CascadeStoppingVectorEnv(num_envs, source(), alpha=alpha, loss=loss, device=device)
 
 
@@ -63,7 +66,7 @@ def register_cascade(
     batched :class:`CascadeStoppingVectorEnv`. Costs are measured on one sample of ``x``,
     with a stopping module of ``policy_hidden`` units per stage.
     """
-    if not name or "/" in name or "-v" in name:
+    if not isinstance(name, str) or not name or "/" in name or "-v" in name:
         raise ValueError(
             f"name must be a plain name like 'MyCascade' (no '/' or '-v'), got {name!r}"
         )
@@ -72,6 +75,11 @@ def register_cascade(
     if len(y) == 0:
         raise ValueError("x and y must hold at least one sample")
     num_classes = int(num_classes if num_classes is not None else int(y.max()) + 1)
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise ValueError(
+            f"y must hold class indices in [0, num_classes={num_classes}), "
+            f"got values from {int(y.min())} to {int(y.max())}"
+        )
     cascade = Cascade(classifiers, x.shape[1:], num_classes, stage_names)
     cascade.classifier_macs()  # measure now: a wrong output size fails at registration
     env_id = f"{NAMESPACE}/{name}-v{version}"
@@ -124,6 +132,8 @@ def digits_outputs(
 
 
 def _digits_source(split: str, seed: int, checkpoint: str | None):
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be one of train, val, test; got {split!r}")
     return lambda: digits_outputs(split, seed, None if checkpoint is None else str(checkpoint))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import gymnasium as gym
@@ -19,6 +20,14 @@ CONTINUE, STOP = 0, 1
 def observation_space(num_classes: int, num_stages: int) -> spaces.Box:
     """Flat observation: the stage's softmax (C values) followed by a one-hot stage index (K)."""
     return spaces.Box(0.0, 1.0, shape=(num_classes + num_stages,), dtype=np.float32)
+
+
+def _is_index(value: Any, size: int) -> bool:
+    """Whether ``value`` is an integer (Python, NumPy or 0-d tensor) in [0, size)."""
+    try:
+        return 0 <= operator.index(value) < size
+    except TypeError:
+        return False
 
 
 class CascadeStoppingEnv(gym.Env):
@@ -123,9 +132,10 @@ class CascadeStoppingEnv(gym.Env):
         index = (options or {}).get("sample_index")
         if index is None:
             index = int(self.np_random.integers(self.num_samples))
-        elif not 0 <= int(index) < self.num_samples:
+        elif not _is_index(index, self.num_samples):
             raise ValueError(
-                f"options['sample_index'] must be in [0, {self.num_samples}), got {index}"
+                f"options['sample_index'] must be an integer in [0, {self.num_samples}), "
+                f"got {index!r}"
             )
         self._sample, self._stage, self._done = int(index), 0, False
         return self._observation(), self._info(exit_stage=-1)

@@ -114,7 +114,13 @@ class CascadeStoppingVectorEnv(VectorEnv):
         self, actions: torch.Tensor | np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Apply one stop/continue decision per env; envs that ended last step restart instead."""
-        actions = torch.as_tensor(actions, device=self.device)
+        try:
+            actions = torch.as_tensor(actions, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"actions must be {self.num_envs} values 0 (continue) or 1 (stop) "
+                f"(tensor, array or list), got {actions!r}"
+            ) from None
         if actions.shape != (self.num_envs,):
             raise ValueError(
                 f"actions must have shape ({self.num_envs},), got {tuple(actions.shape)}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,19 +63,38 @@ class Cascade(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every classifier, shape (batch, stage, class)."""
-        return torch.stack([clf(x) for clf in self.classifiers], dim=1)
+        logits = [clf(x) for clf in self.classifiers]
+        for name, out in zip(self.names, logits, strict=True):
+            if out.ndim != 2 or out.shape[-1] != self.num_classes:
+                raise ValueError(
+                    f"classifier {name!r} must map a batch to (batch, {self.num_classes}) logits, "
+                    f"got output shape {tuple(out.shape)}"
+                )
+        return torch.stack(logits, dim=1)
 
     @torch.no_grad()
     def outputs(
-        self, x: torch.Tensor, y: torch.Tensor, costs: StageCosts, batch_size: int = 1024
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        costs: StageCosts,
+        batch_size: int = 1024,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> CascadeOutputs:
-        """Run every classifier on a whole split in eval mode and cache the softmaxes."""
+        """Run every classifier on a whole split in eval mode and cache the softmaxes.
+
+        ``transform`` (e.g. uint8 -> normalised float) is applied to each batch on the device.
+        """
+        transform = transform or (lambda batch: batch)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         try:
             logits = torch.cat(
-                [self(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+                [
+                    self(transform(x[i : i + batch_size].to(device)))
+                    for i in range(0, len(x), batch_size)
+                ]
             )
         finally:
             self.train(was_training)
@@ -113,9 +132,14 @@ class CascadeOutputs:
     def __post_init__(self):
         if self.probs.ndim != 3:
             raise ValueError(f"probs must be (sample, stage, class), got {tuple(self.probs.shape)}")
-        n, k, _ = self.probs.shape
+        n, k, c = self.probs.shape
         if self.labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(self.labels.shape)}")
+        if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= c):
+            raise ValueError(
+                f"labels must be class indices in [0, {c}), "
+                f"got values from {int(self.labels.min())} to {int(self.labels.max())}"
+            )
         if k != self.costs.num_stages:
             raise ValueError(f"probs has {k} stages but costs describe {self.costs.num_stages}")
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or was not written by policycascade."""
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> None:
@@ -32,4 +37,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is corrupt or truncated "
+            f"({type(error).__name__})"
+        ) from error
+    return state

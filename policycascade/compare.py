@@ -36,6 +36,7 @@ from policycascade.cascade import CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from policycascade.config import ConfigError, config_from_dict
 from policycascade.evaluation import evaluate_exits, first_stop
+from policycascade.ltc_run import LtcRun
 from policycascade.plots import accuracy_by_exit_figure, tradeoff_figure
 from policycascade.trainer import Trainer, evaluate_learned_policy
 
@@ -136,6 +137,8 @@ def compare_run(run_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]
     """All policies on one trained run's classifiers."""
     checkpoint = load_checkpoint(run_dir)
     config = config_from_dict(checkpoint["config"])
+    if checkpoint.get("agent") == "ltc":
+        return compare_ltc_run(run_dir, checkpoint, config, args)
     trainer = Trainer(config, checkpoint["alpha"], run_dir, show_progress=False)
     trainer.load(checkpoint)
     val, test = trainer.outputs("val"), trainer.outputs("test")
@@ -173,6 +176,30 @@ def compare_run(run_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
+def compare_ltc_run(run_dir: Path, checkpoint, config, args) -> list[dict[str, Any]]:
+    """An LtC run: its own thresholds, plus every rule on its (LtC-trained) classifiers."""
+    run = LtcRun(config)
+    run.load(checkpoint)
+    label = f"C={config.ltc_cost:g} w={config.ltc_weight:g} eps={config.ltc_epsilon:g}"
+    meta = {"run": run_dir.name, "seed": config.seed, "alpha": None, "dataset": config.dataset}
+    rows = [_row("ltc", label, run.evaluate("test"), run.evaluate("val"), **meta)]
+    rows += compare_outputs(
+        run.outputs("val"),
+        run.outputs("test"),
+        run.cascade.names,
+        args.criteria,
+        args.epsilons,
+        args.budgets,
+        args.temperature,
+        args.sweep_points,
+        (),
+        **meta,
+    )
+    for row in rows[1:]:
+        row["policy"] = f"{row['policy']} (LtC classifiers)"
+    return rows
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of each (dataset, policy, point, alpha) group."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -199,7 +226,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def savings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per learned run: MACs saved at equal test accuracy against threshold rules and alone.
 
-    For each threshold rule, its trade-off curve (thresholds fitted on validation,
+    For each threshold rule, the upper envelope of all its operating points
+    (sweep, epsilon, budget and matched fits; thresholds fitted on validation,
     points measured on test) gives the fewest MACs that reach the learned
     policy's test accuracy; the best rule is the cheapest of them. "Alone" is
     the most expensive classifier by itself.
@@ -213,9 +241,9 @@ def savings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not learned:
             continue
         rl = learned[0]
-        curves = defaultdict(list)
+        curves = defaultdict(list)  # every fitted operating point of each threshold rule
         for r in members:
-            if r["point"].startswith("sweep"):
+            if r["policy"].split(" ")[0].removesuffix("+T") in CRITERIA:
                 curves[r["policy"]].append((r["mean_macs"], r["accuracy"]))
         at_equal = {name: macs_at_accuracy(p, rl["accuracy"]) for name, p in curves.items()}
         reachable = {name: m for name, m in at_equal.items() if m is not None}

@@ -12,6 +12,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from policycascade.data import DATASETS
+from policycascade.models import CASCADES
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or on the command line (CLI exits with status 2)."""
@@ -24,7 +27,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return field(default=default, metadata=metadata)
 
 
-AGENTS = ("reinforce",)
+AGENTS = ("reinforce", "ltc")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -32,8 +35,13 @@ OPTIMIZERS = ("adam", "sgd")
 class TrainConfig:
     """Everything a training run needs; the defaults are configs/digits.yaml."""
 
-    dataset: str = _opt("digits", "data set to train and evaluate on", ("digits", "synthetic"))
-    cascade: str = _opt("digits", "classifier family that forms the cascade", ("digits",))
+    dataset: str = _opt("digits", "data set to train and evaluate on", DATASETS)
+    data_dir: str = _opt("data", "directory that holds (or receives) the real image data sets")
+    download: bool = _opt(False, "download a missing data set through torchvision (needs network)")
+    augment: bool = _opt(
+        False, "4-pixel zero pad, random crop and horizontal flip per image (Guan et al. 4.4)"
+    )
+    cascade: str = _opt("digits", "classifier family that forms the cascade", tuple(CASCADES))
     alpha: list[float] = _opt(
         [1e-3],
         "cost weight(s) in the reward -loss - alpha * cost (cost 1 = the most expensive "
@@ -69,6 +77,9 @@ class TrainConfig:
     batch_size: int = _opt(64, "training mini-batch size")
     optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
     lr: float = _opt(3e-3, "learning rate of the classifiers")
+    lr_milestones: list[int] = _opt(
+        [], "epochs (pre-training included) after which the classifiers' lr is multiplied by 0.1"
+    )
     weight_decay: float = _opt(1e-4, "L2 weight decay of the classifiers")
     policy_optimizer: str = _opt(
         "adam",
@@ -88,6 +99,17 @@ class TrainConfig:
     )
     policy_hidden: int = _opt(
         16, "hidden units of each stopping module (paper: 64 on CIFAR, 256 on ImageNet)"
+    )
+    ltc_cost: float = _opt(0.5, "LtC: cost parameter C of the cascade loss (Enomoto & Eda eq. 3)")
+    ltc_weight: float = _opt(1.0, "LtC: weight w of the cascade loss term")
+    ltc_epsilon: float = _opt(
+        0.0, "LtC: thresholds keep validation accuracy >= (1 - epsilon) x the last classifier's"
+    )
+    ltc_form: str = _opt(
+        "separate",
+        "LtC: 'separate' models trained from the most expensive down (eq. 5) or one shared-trunk "
+        "'multi-exit' network (eq. 6, digits-sized inputs)",
+        ("separate", "multi-exit"),
     )
     ensemble: bool = _opt(
         False, "at test time mix the visited classifiers, weighted by their stop probabilities"
@@ -109,18 +131,25 @@ class TrainConfig:
         for a in self.alpha:
             if not (math.isfinite(a) and a >= 0):
                 raise ConfigError(f"alpha must be finite and >= 0, got {a}")
-        positive = ("epochs", "batch_size", "rollouts", "policy_hidden", "policy_lr_decay_every")
-        for name in positive:
-            if getattr(self, name) < 1 and not (name == "epochs" and getattr(self, name) == 0):
+        for name in ("batch_size", "rollouts", "policy_hidden", "policy_lr_decay_every"):
+            if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pretrain_epochs",):
+        for name in ("pretrain_epochs", "epochs"):  # epochs=0: pre-training only
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.pretrain_epochs == 0 and self.epochs == 0:
+            raise ConfigError("nothing to train: pretrain_epochs and epochs are both 0")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("lr", "policy_lr", "policy_lr_decay", "joint_lr_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        for name in ("weight_decay", "supervised_weight"):
+        if not (0 <= self.ltc_epsilon < 1):
+            raise ConfigError(f"ltc_epsilon must be in [0, 1), got {self.ltc_epsilon}")
+        if any(m < 1 for m in self.lr_milestones):
+            raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
+        for name in ("weight_decay", "supervised_weight", "ltc_cost", "ltc_weight"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
@@ -194,7 +223,12 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "cannot be parsed"
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML{where}: {problem}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping of option names to values"

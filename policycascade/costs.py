@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -44,14 +46,16 @@ class StageCosts:
         k = len(classifier_macs)
         if k < 2:
             raise ValueError(f"a cascade needs at least 2 stages, got K={k}")
-        if any(m <= 0 for m in classifier_macs):
-            raise ValueError(f"every classifier must cost more than 0 MACs, got {classifier_macs}")
+        if not all(math.isfinite(m) and m > 0 for m in classifier_macs):
+            raise ValueError(
+                f"every classifier must cost a finite number > 0 of MACs, got {classifier_macs}"
+            )
         policy_macs = list(policy_macs) if policy_macs is not None else [0] * k
         if len(policy_macs) != k:
             raise ValueError(
                 f"policy_macs needs {k} entries (one per stage), got {len(policy_macs)}"
             )
-        if any(m < 0 for m in policy_macs):
+        if not all(math.isfinite(m) and m >= 0 for m in policy_macs):
             raise ValueError(f"policy_macs must be >= 0, got {policy_macs}")
         self.classifier_macs = [int(m) for m in classifier_macs]
         self.policy_macs = [int(m) for m in policy_macs[:-1]] + [0]

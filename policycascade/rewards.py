@@ -21,7 +21,10 @@ def check_loss_name(loss: str) -> str:
 
 def check_alpha(alpha: float) -> float:
     """Return ``alpha`` as a float if it is finite and >= 0, else raise naming the value."""
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}") from None
     if not (alpha >= 0.0 and alpha < float("inf")):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     return alpha

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from policycascade.checkpoint import load_checkpoint
+from policycascade.checkpoint import CheckpointError, load_checkpoint
 from policycascade.config import (
     ConfigError,
     TrainConfig,
@@ -18,14 +20,23 @@ from policycascade.config import (
     config_from_args,
     config_from_dict,
 )
+from policycascade.ltc_run import train_ltc
 from policycascade.trainer import NonFiniteError, Trainer, TrainingInterrupted, write_metrics
 
 USAGE_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (the full usage stays in --help)."""
+
+    def error(self, message: str):
+        """Print ``error: MESSAGE`` on one line and exit with status 2."""
+        self.exit(USAGE_ERROR, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: every config field is an option; ``--config`` and ``--resume`` come on top."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m policycascade.train",
         description=(
             "Train a stopping policy over a cascade of classifiers with REINFORCE and print "
@@ -47,15 +58,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN_DIR from its last checkpoint (its config is reused)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cascade's measured cost table (no data, no training) and exit",
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     add_config_arguments(parser)
     return parser
 
 
-def run_name(config: TrainConfig, alpha: float) -> str:
-    """``<dataset>__<agent>[-frozen]__<baseline>__a<alpha>__s<seed>__<time>``."""
-    agent = config.agent + ("-frozen" if config.freeze_classifiers else "")
+def run_name(config: TrainConfig, alpha: float | None) -> str:
+    """``<dataset>__<agent>[-frozen]__<baseline>__a<alpha>__s<seed>__<time>`` (LtC: C, w, eps)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if config.agent == "ltc":
+        detail = f"{config.ltc_form}__C{config.ltc_cost:g}__w{config.ltc_weight:g}"
+        return f"{config.dataset}__ltc__{detail}__e{config.ltc_epsilon:g}__s{config.seed}__{stamp}"
+    agent = config.agent + ("-frozen" if config.freeze_classifiers else "")
     return f"{config.dataset}__{agent}__{config.baseline}__a{alpha:g}__s{config.seed}__{stamp}"
+
+
+def dry_run_table(config: TrainConfig) -> dict[str, Any]:
+    """Measured MACs of every stage of the configured cascade, without data or training."""
+    from policycascade.agents.stopping_policy import stopping_module_macs
+    from policycascade.models import PAPER_CASCADES, build_cascade, cost_table
+
+    if config.cascade in PAPER_CASCADES:
+        table = cost_table(config.cascade)
+        num_classes = PAPER_CASCADES[config.cascade].num_classes
+    else:
+        cascade = build_cascade(config.cascade, (1, 8, 8), 10)
+        macs = cascade.classifier_macs()
+        num_classes = 10
+        table = {
+            "cascade": config.cascade,
+            "input_shape": [1, 8, 8],
+            "stages": [
+                {"name": n, "macs": m, "share": m / max(macs), "paper_share": None}
+                for n, m in zip(cascade.names, macs, strict=True)
+            ],
+        }
+    table["stopping_module_macs"] = stopping_module_macs(num_classes, config.policy_hidden)
+    return table
+
+
+def format_cost_table(table: dict[str, Any]) -> str:
+    """The dry-run table as text."""
+    lines = [
+        f"cascade {table['cascade']}, input {tuple(table['input_shape'])}",
+        f"{'stage':<20}{'MACs':>16}{'share':>9}{'paper':>9}",
+    ]
+    for s in table["stages"]:
+        paper = "" if s["paper_share"] is None else f"{s['paper_share']:.2%}"
+        lines.append(f"{s['name']:<20}{s['macs']:>16,}{s['share']:>9.2%}{paper:>9}")
+    lines.append(f"stopping module: {table['stopping_module_macs']:,} MACs per stage")
+    return "\n".join(lines)
 
 
 def _hparams_table(config: TrainConfig, alpha: float) -> str:
@@ -67,10 +124,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     """Test-split table: the learned policy against each single classifier."""
     k = len(metrics["exit_distribution"])
     header = f"{'policy':<22}{'accuracy':>9}{'mean MACs':>12}{'MAC share':>11}  exits per stage"
-    lines = [f"test split, alpha={metrics['alpha']:g}", header, "-" * len(header)]
+    title = "LtC" if metrics["alpha"] is None else f"alpha={metrics['alpha']:g}"
+    lines = [f"test split, {title}", header, "-" * len(header)]
     exits = " ".join(f"{s:5.1%}" for s in metrics["exit_distribution"])
     lines.append(
-        f"{'learned policy':<22}{metrics['accuracy']:>9.2%}{metrics['mean_macs']:>12,.0f}"
+        f"{'LtC thresholds' if metrics['alpha'] is None else 'learned policy':<22}"
+        f"{metrics['accuracy']:>9.2%}{metrics['mean_macs']:>12,.0f}"
         f"{metrics['macs_share']:>11.2%}  {exits}"
     )
     for t, single in enumerate(metrics["single_classifiers"]):
@@ -127,17 +186,54 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.resume:
+            given = [
+                "--" + f.name.replace("_", "-")
+                for f in dataclasses.fields(TrainConfig)
+                if getattr(args, f.name) is not None
+            ]
+            if args.config or given:
+                options = ", ".join((["--config"] if args.config else []) + given)
+                raise ConfigError(
+                    f"--resume continues a run with the config saved in it; drop {options}"
+                )
             run_dir = Path(args.resume)
+            if run_dir.is_file():
+                raise ConfigError(
+                    f"--resume expects a run directory, got the file {str(run_dir)!r}; "
+                    f"pass {str(run_dir.parent)!r}"
+                )
             checkpoint = load_checkpoint(run_dir)
+            missing = [k for k in ("config", "alpha", "epoch") if k not in checkpoint]
+            if missing:
+                raise ConfigError(
+                    f"--resume {run_dir}: its checkpoint was not written by the REINFORCE "
+                    f"trainer (missing {missing})"
+                )
             config = config_from_dict(checkpoint["config"])
             runs = [(config, float(checkpoint["alpha"]), run_dir, True)]
         else:
             config = config_from_args(args)
             logdir = Path(config.logdir)
+            if logdir.exists() and not logdir.is_dir():
+                raise ConfigError(f"logdir {str(logdir)!r} is a file, not a directory")
             runs = [(config, a, logdir / run_name(config, a), False) for a in config.alpha]
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    if args.dry_run:
+        table = dry_run_table(runs[0][0])
+        print(json.dumps(table, indent=2) if args.json else format_cost_table(table))
+        return 0
+    if runs[0][0].agent == "ltc" and not args.resume:
+        config = runs[0][0]
+        run_dir = Path(config.logdir) / run_name(config, None)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.yaml").write_text(_dump_yaml(config.to_dict()))
+        metrics = train_ltc(config, run_dir)
+        write_metrics(run_dir, metrics)
+        print(format_table(metrics))
+        print(f"run directory: {run_dir}")
+        return 0
     for config, alpha, run_dir, resume in runs:
         try:
             metrics = train_one(config, alpha, run_dir, resume, not args.no_progress)

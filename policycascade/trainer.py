@@ -15,10 +15,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from policycascade.agents import ReinforceAgent, expected_return, policy_gradient_variance
+from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from policycascade.config import TrainConfig
-from policycascade.data import DataSplits, load_dataset
+from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
 from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
 from policycascade.models import build_cascade
 from policycascade.runtime import resolve_device, seed_everything
@@ -68,7 +69,9 @@ class Trainer:
         self.show_progress = show_progress
         self.device = resolve_device(config.device)
         seed_everything(config.seed, config.deterministic)
-        self.data: DataSplits = load_dataset(config.dataset, config.seed)
+        self.data: DataSplits = load_dataset(
+            config.dataset, config.seed, config.data_dir, config.download
+        )
         self.cascade: Cascade = build_cascade(
             config.cascade, self.data.input_shape, self.data.num_classes
         ).to(self.device)
@@ -88,6 +91,9 @@ class Trainer:
             np.cumsum(self.costs.stage_costs), dtype=torch.float32, device=self.device
         )
         self.classifier_optimizer = self._classifier_optimizer()
+        self.classifier_schedule = torch.optim.lr_scheduler.MultiStepLR(
+            self.classifier_optimizer, milestones=config.lr_milestones, gamma=0.1
+        )
         if config.policy_optimizer == "adam":
             self.policy_optimizer = torch.optim.Adam(self.agent.parameters(), lr=config.policy_lr)
         else:
@@ -130,6 +136,7 @@ class Trainer:
             "classifier_optimizer": self.classifier_optimizer.state_dict(),
             "policy_optimizer": self.policy_optimizer.state_dict(),
             "policy_schedule": self.policy_schedule.state_dict(),
+            "classifier_schedule": self.classifier_schedule.state_dict(),
             "history": self.history,
             "rng": {
                 "python": random.getstate(),
@@ -146,12 +153,34 @@ class Trainer:
         save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
     def load(self, checkpoint: dict[str, Any]) -> None:
-        """Restore a checkpoint written by :meth:`save` of the same configuration."""
-        self.cascade.load_state_dict(checkpoint["cascade"])
-        self.agent.load_state_dict(checkpoint["agent"])
+        """Restore a checkpoint written by :meth:`save` of the same configuration.
+
+        A checkpoint of another cascade, stopping policy or format raises a
+        ValueError that names what does not match.
+        """
+        missing = [key for key in self.state_dict() if key not in checkpoint]
+        if missing:
+            raise ValueError(
+                f"checkpoint in {self.run_dir} lacks {missing}: it was not written by this "
+                "version of policycascade's REINFORCE trainer"
+            )
+        if checkpoint["classifier_macs"] != self.costs.classifier_macs:
+            raise ValueError(
+                f"checkpoint in {self.run_dir} is of another cascade: its classifiers cost "
+                f"{checkpoint['classifier_macs']} MACs, this config's {self.costs.classifier_macs}"
+            )
+        for name, module in (("cascade", self.cascade), ("agent", self.agent)):
+            try:
+                module.load_state_dict(checkpoint[name])
+            except RuntimeError as error:
+                first = str(error).strip().splitlines()[0]
+                raise ValueError(
+                    f"checkpoint in {self.run_dir} does not fit this config's {name}: {first}"
+                ) from None
         self.classifier_optimizer.load_state_dict(checkpoint["classifier_optimizer"])
         self.policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
         self.policy_schedule.load_state_dict(checkpoint["policy_schedule"])
+        self.classifier_schedule.load_state_dict(checkpoint["classifier_schedule"])
         self.history = list(checkpoint["history"])
         self.epoch = int(checkpoint["epoch"])
         rng = checkpoint["rng"]
@@ -162,14 +191,28 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.shuffle_generator.set_state(rng["shuffle"])
         self.sample_generator.set_state(rng["sample"].to(self.sample_generator.device))
-        if self.epoch > self.config.pretrain_epochs:
-            self._set_joint_lr()
 
     # -- epochs ------------------------------------------------------------------------------
 
     def _set_joint_lr(self) -> None:
+        """Scale the classifiers' lr (and the schedule's base) once, when joint training starts."""
         for group in self.classifier_optimizer.param_groups:
-            group["lr"] = self.config.lr * self.config.joint_lr_scale
+            group["lr"] *= self.config.joint_lr_scale
+        self.classifier_schedule.base_lrs = [
+            lr * self.config.joint_lr_scale for lr in self.classifier_schedule.base_lrs
+        ]
+
+    def _inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Stored images -> model inputs on the device, one batch at a time.
+
+        uint8 images are normalised here; training batches are augmented per image if
+        configured (the data set stays on the device as uint8).
+        """
+        if x.dtype == torch.uint8:
+            x = to_float(x, *NORMALISATION[self.config.dataset])
+        if train and self.config.augment:
+            x = random_crop_flip(x, pad=4, flip=True, generator=self.sample_generator)
+        return x
 
     def _pretrain_epoch(self) -> dict[str, float]:
         x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
@@ -177,7 +220,7 @@ class Trainer:
         total, count = 0.0, 0
         for idx in batches(len(y), self.config.batch_size, self.shuffle_generator):
             idx = idx.to(self.device)
-            loss = cross_entropy_all_stages(self.cascade(x[idx]), y[idx])
+            loss = cross_entropy_all_stages(self.cascade(self._inputs(x[idx], True)), y[idx])
             self._check_finite(loss, "pre-training loss")
             self.classifier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,7 +261,7 @@ class Trainer:
             supervised = x.new_zeros(())
             if joint:
                 self.cascade.train()
-                logits = self.cascade(x[idx])
+                logits = self.cascade(self._inputs(x[idx], True))
                 supervised = cross_entropy_all_stages(logits, y[idx])
                 step = self.agent(logits, y[idx], self.cumulative_costs, self.sample_generator)
                 classifier_loss = c.supervised_weight * supervised + step.loss
@@ -267,7 +310,9 @@ class Trainer:
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         was_training = self.cascade.training
         self.cascade.eval()
-        logits = self.cascade(x)
+        logits = torch.cat(
+            [self.cascade(self._inputs(x[i : i + 1024])) for i in range(0, len(x), 1024)]
+        )
         self.cascade.train(was_training)
         return logits
 
@@ -281,7 +326,7 @@ class Trainer:
     def outputs(self, split: str) -> CascadeOutputs:
         """Cached classifier outputs on a split, with this run's stage costs."""
         data = self.data.split(split)
-        return self.cascade.outputs(data.x, data.y, self.costs)
+        return self.cascade.outputs(data.x, data.y, self.costs, transform=self._inputs)
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """The learned policy on a split, plus its exact expected reward."""
@@ -329,6 +374,8 @@ class Trainer:
                     metrics = self._reinforce_epoch()
                 val = self.evaluate("val")
                 metrics.update(_tagged("val", val))
+                metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
+                self.classifier_schedule.step()
                 self.epoch = epoch + 1
                 self.history.append({"epoch": epoch + 1, **metrics})
                 self.save()

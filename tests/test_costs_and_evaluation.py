@@ -26,7 +26,7 @@ def test_stage_costs_normalise_by_most_expensive_classifier():
     assert costs.stage_costs == pytest.approx([0.15, 0.35, 1.0])
     with pytest.raises(ValueError, match="at least 2"):
         StageCosts([10])
-    with pytest.raises(ValueError, match="more than 0"):
+    with pytest.raises(ValueError, match="finite number > 0"):
         StageCosts([10, 0])
 
 

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from conftest import random_outputs
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import random_outputs
 from policycascade.agents.rules import stop_decisions
 from policycascade.agents.thresholds import (
     CRITERIA,
@@ -38,7 +38,9 @@ def test_temperature_recovers_a_known_scaling():
     overconfident = (logits * 2.5).softmax(-1)  # a model 2.5x too sure
     t = fit_temperature(overconfident, labels)
     assert t == pytest.approx(2.5, rel=0.1)
-    torch.testing.assert_close(apply_temperature(overconfident, t), logits.softmax(-1), atol=0.03, rtol=0)
+    torch.testing.assert_close(
+        apply_temperature(overconfident, t), logits.softmax(-1), atol=0.03, rtol=0
+    )
 
 
 def _search(criterion="max-softmax", seed=0, temperature=False):
@@ -119,15 +121,16 @@ def test_compare_cli_outputs_agree(tmp_path):
         assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
         assert float(line["mean_macs"]) == pytest.approx(row["mean_macs"])
     assert (out / "tradeoff.png").stat().st_size > 10_000
-    # TensorBoard: the oracle run's scalars equal the JSON rows of the oracle
-    oracle_rows = sorted((r for r in rows if r["policy"] == "oracle"), key=lambda r: r["mean_macs"])
-    events = EventAccumulator(str(out / "tensorboard" / "oracle"))
-    events.Reload()
-    logged = events.Scalars("compare/accuracy")
-    assert len(logged) == len(oracle_rows) == 2
-    for event, row in zip(logged, oracle_rows, strict=True):
-        assert event.step == round(row["mean_macs"])
-        assert event.value == pytest.approx(row["accuracy"], abs=1e-6)
+    # TensorBoard: each policy's scalars equal its JSON rows (step = mean MACs)
+    for policy, count in (("oracle", 1), ("single", 4), ("reinforce", 1)):
+        expected = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["mean_macs"])
+        events = EventAccumulator(str(out / "tensorboard" / policy))
+        events.Reload()
+        logged = events.Scalars("compare/accuracy")
+        assert len(logged) == len(expected) == count
+        for event, row in zip(logged, expected, strict=True):
+            assert event.step == round(row["mean_macs"])
+            assert event.value == pytest.approx(row["accuracy"], abs=1e-6)
     summary = EventAccumulator(str(out / "tensorboard" / "summary"))
     summary.Reload()
     assert "compare/tradeoff" in summary.Tags()["images"]

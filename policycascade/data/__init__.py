@@ -1,17 +1,37 @@
 """Data sets by name, each as fixed train/validation/test splits."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 from policycascade.data.digits import load_digits
 from policycascade.data.splits import DataSplits, Split, stratified_split
 from policycascade.data.synthetic import load_synthetic
+from policycascade.data.vision import NORMALISATION, VISION_DATASETS, load_vision_dataset, to_float
 
-DATASETS = {"digits": load_digits, "synthetic": load_synthetic}
-
-
-def load_dataset(name: str, seed: int = 0) -> DataSplits:
-    """Load the data set called ``name`` with its split fixed by ``seed``."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
-    return DATASETS[name](seed=seed)
+# ImageNet (an ImageFolder tree) is read lazily by load_imagenet_folder, not held in memory.
+DATASETS = ("digits", "synthetic", *(d for d in VISION_DATASETS if d != "imagenet"))
 
 
-__all__ = ["DATASETS", "DataSplits", "Split", "load_dataset", "stratified_split"]
+def load_dataset(
+    name: str, seed: int = 0, data_dir: str | Path = "data", download: bool = False
+) -> DataSplits:
+    """Load the data set called ``name`` with its validation split fixed by ``seed``."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "synthetic":
+        return load_synthetic(seed=seed)
+    if name in DATASETS:
+        return load_vision_dataset(name, data_dir, seed=seed, download=download)
+    raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
+
+
+__all__ = [
+    "DATASETS",
+    "NORMALISATION",
+    "DataSplits",
+    "Split",
+    "load_dataset",
+    "stratified_split",
+    "to_float",
+]

@@ -6,17 +6,26 @@ from collections.abc import Sequence
 
 from policycascade.cascade import Cascade
 from policycascade.models.digits import DIGITS_STAGE_NAMES, digits_classifiers
+from policycascade.models.paper import PAPER_CASCADES, cost_table
+
+CASCADES = ["digits", *PAPER_CASCADES]
 
 
 def build_cascade(name: str, input_shape: Sequence[int], num_classes: int) -> Cascade:
-    """The cascade family called ``name`` for inputs of ``input_shape``."""
+    """The cascade family called ``name`` for inputs of ``input_shape`` (random init)."""
     if name == "digits":
         return Cascade(
             digits_classifiers(num_classes), input_shape, num_classes, DIGITS_STAGE_NAMES
         )
-    raise ValueError(f"cascade must be one of ['digits'], got {name!r}")
+    if name in PAPER_CASCADES:
+        spec = PAPER_CASCADES[name]
+        if tuple(input_shape) != tuple(spec.input_shape):
+            raise ValueError(
+                f"cascade {name!r} takes inputs of shape {tuple(spec.input_shape)}, "
+                f"but the data set has {tuple(input_shape)}"
+            )
+        return Cascade(spec.build(num_classes), input_shape, num_classes, spec.stage_names)
+    raise ValueError(f"cascade must be one of {CASCADES}, got {name!r}")
 
 
-CASCADES = ["digits"]
-
-__all__ = ["CASCADES", "build_cascade", "digits_classifiers"]
+__all__ = ["CASCADES", "PAPER_CASCADES", "build_cascade", "cost_table", "digits_classifiers"]

@@ -1,0 +1,630 @@
+"""``python -m policycascade.bench [--json] [--quick]``: what a cascade saves, in seconds.
+
+One run measures four things on this machine and prints a table (``--json``
+prints a JSON object on stdout instead and sends the table to stderr):
+
+1. early-exit inference against the most expensive classifier alone, wall clock
+   next to the speed-up the MACs predict, for the digits cascade and the CIFAR
+   ResNet-8/20/56/110 cascade (random weights, random inputs, max-softmax
+   thresholds set so that about 50/25/15/10% of the inputs exit at stages 0-3);
+2. environment steps per second of ``CascadeStoppingVectorEnv`` against
+   gymnasium's ``SyncVectorEnv`` over single ``CascadeStoppingEnv`` copies;
+3. one joint REINFORCE training step against one cross-entropy step;
+4. wall time and peak memory of the default training job (not with ``--quick``);
+
+and, where CUDA is present, samples per second of the ResNet cascade's training steps
+on the GPU. ``--threads N`` sets torch's CPU threads (1 is steadier on a shared machine).
+
+Timings are medians of repeated runs after a warm-up, with the two contenders
+timed alternately so that a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import SyncVectorEnv
+
+from policycascade.agents import ReinforceAgent
+from policycascade.agents.thresholds import ThresholdRule, confidence
+from policycascade.cascade import Cascade
+from policycascade.config import TrainConfig
+from policycascade.envs import CascadeStoppingEnv, CascadeStoppingVectorEnv
+from policycascade.inference import early_exit_predict
+from policycascade.models import build_cascade
+from policycascade.models.resnet import cifar_resnet
+from policycascade.supervised import cross_entropy_all_stages
+
+EXIT_SHARES = (0.50, 0.25, 0.15, 0.10)  # target share of inputs exiting at each stage
+RESNET_DEPTHS = (8, 20, 56, 110)
+CIFAR_SHAPE = (3, 32, 32)
+DIGITS_SHAPE = (1, 8, 8)
+NUM_CLASSES = 10
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each measurement does: the full run, ``--quick``, or the tests' ``--tiny``."""
+
+    digits_pool: int  # random inputs the digits thresholds are calibrated on
+    digits_batches: dict[int, int]  # batch size -> inputs timed per repetition
+    resnet_pool: int
+    resnet_batches: dict[int, int]
+    reps: int  # timed repetitions of the digits and env measurements (median)
+    resnet_reps: int
+    num_envs: int
+    vector_steps: int  # vector steps per repetition, batched env
+    sync_steps: int  # vector steps per repetition, SyncVectorEnv
+    train_reps: int  # timed steps of each training step kind on digits
+    resnet_train_batch: int | None  # None: leave out the ResNet training step on CPU
+    cuda_train_batch: int
+    train_job: bool
+    note: str = field(default="")
+
+
+PLANS = {
+    "full": Plan(
+        digits_pool=1024,
+        digits_batches={1: 256, 64: 1024, 1024: 1024},
+        resnet_pool=1024,
+        resnet_batches={1: 32, 64: 256, 1024: 1024},
+        reps=5,
+        resnet_reps=3,
+        num_envs=1024,
+        vector_steps=200,
+        sync_steps=20,
+        train_reps=20,
+        resnet_train_batch=128,
+        cuda_train_batch=128,
+        train_job=True,
+    ),
+    "quick": Plan(
+        digits_pool=1024,
+        digits_batches={1: 128, 64: 512, 1024: 1024},
+        resnet_pool=128,
+        resnet_batches={1: 16, 64: 128},
+        reps=3,
+        resnet_reps=3,
+        num_envs=1024,
+        vector_steps=100,
+        sync_steps=10,
+        train_reps=10,
+        resnet_train_batch=None,
+        cuda_train_batch=128,
+        train_job=False,
+        note="--quick: ResNet early exit at batch 1 and 64 only, no ResNet training step on CPU, "
+        "no training job",
+    ),
+    "tiny": Plan(
+        digits_pool=64,
+        digits_batches={1: 8, 16: 64},
+        resnet_pool=4,
+        resnet_batches={1: 1, 2: 2},
+        reps=1,
+        resnet_reps=1,
+        num_envs=64,
+        vector_steps=5,
+        sync_steps=2,
+        train_reps=2,
+        resnet_train_batch=None,
+        cuda_train_batch=8,
+        train_job=False,
+        note="--tiny: smoke-test sizes, the numbers mean nothing",
+    ),
+}
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(
+    first: Callable[[], Any],
+    second: Callable[[], Any],
+    reps: int,
+    device: torch.device = CPU,
+    warmup: bool = True,
+) -> tuple[float, float]:
+    """Median seconds of ``first`` and ``second``, run alternately ``reps`` times, warmed up."""
+    if warmup:
+        first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for rep in range(reps):
+        order = (0, 1) if rep % 2 == 0 else (1, 0)  # neither always runs right after the other
+        for which in order:
+            _sync(device)
+            start = time.perf_counter()
+            (first, second)[which]()
+            _sync(device)
+            times[which].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU model, cores and how busy they already are, torch version and threads, the GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch": str(torch.__version__),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda_device": cuda,
+        "bench_device": "cpu",
+    }
+
+
+# -- (1) early exit ---------------------------------------------------------------------------
+
+
+def digits_cascade() -> Cascade:
+    """The digits cascade with random weights."""
+    return build_cascade("digits", DIGITS_SHAPE, NUM_CLASSES)
+
+
+def resnet_cascade() -> Cascade:
+    """CIFAR ResNet-8/20/56/110 with random weights, cheapest first."""
+    return Cascade(
+        [cifar_resnet(depth, NUM_CLASSES) for depth in RESNET_DEPTHS],
+        CIFAR_SHAPE,
+        NUM_CLASSES,
+        [f"resnet{depth}" for depth in RESNET_DEPTHS],
+    )
+
+
+def settle_batch_norm(cascade: Cascade, x: torch.Tensor) -> None:
+    """Give every batch norm the statistics of ``x`` with one forward pass in train mode.
+
+    Freshly initialised batch norms hold mean 0 and variance 1, so in eval mode a
+    deep random ResNet never normalises: its logits reach 1e6 and every softmax is
+    exactly 1, which leaves no confidence to set thresholds on. A trained network's
+    statistics come from data; one pass over random inputs stands in for that.
+    """
+    norms = [m for m in cascade.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the pass
+    cascade.train()
+    with torch.no_grad():
+        cascade(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    cascade.eval()
+
+
+def calibrate_thresholds(
+    cascade: Cascade, x: torch.Tensor, exit_shares: Sequence[float] = EXIT_SHARES
+) -> ThresholdRule:
+    """Max-softmax thresholds under which about ``exit_shares[t]`` of ``x`` exit at stage t.
+
+    Stage t's threshold is the quantile of its confidence over the inputs still
+    running that stops the wanted share of them; each stage only runs on those
+    inputs, so calibrating costs no more than one early-exit pass.
+    """
+    cascade.eval()
+    thresholds, remaining = [], 1.0
+    with torch.inference_mode():
+        for t, clf in enumerate(list(cascade.classifiers)[:-1]):
+            conf = confidence(clf(x).softmax(-1), "max-softmax").double()
+            stop_fraction = min(1.0, exit_shares[t] / remaining)
+            threshold = float(torch.quantile(conf, 1.0 - stop_fraction)) if len(conf) else 1.0
+            thresholds.append(threshold)
+            x, remaining = x[conf < threshold], remaining - exit_shares[t]
+    return ThresholdRule("max-softmax", thresholds)
+
+
+def bench_early_exit(cascade: Cascade, pool: int, batches: dict[int, int], reps: int) -> dict:
+    """Per-input seconds of early exit and of the most expensive classifier, at each batch size.
+
+    The inputs are ``pool`` random samples; batch norms are settled on the first 64 and
+    the thresholds calibrated on all of them. ``batches`` maps each batch size to how
+    many of the inputs one timed repetition goes through.
+    """
+    x = torch.randn(pool, *cascade.input_shape)
+    settle_batch_norm(cascade, x[:64])
+    rule = calibrate_thresholds(cascade, x)
+    costs = cascade.costs(rule.policy_macs())
+    reference = cascade.classifiers[costs.classifier_macs.index(costs.reference_macs)].eval()
+    rows = []
+    for batch_size, samples in batches.items():
+        chunks = x[:samples].split(batch_size)
+
+        last: dict[str, list] = {}
+
+        def early_exit(chunks=chunks, last=last):
+            last["results"] = [early_exit_predict(cascade, rule, c, costs) for c in chunks]
+
+        def reference_alone(chunks=chunks):
+            with torch.inference_mode():
+                return [reference(chunk) for chunk in chunks]
+
+        early_exit(chunks[:1]), reference_alone(chunks[:1])  # warm-up on one batch
+        ee_s, ref_s = time_side_by_side(early_exit, reference_alone, reps, warmup=False)
+        exit_stage = torch.cat([r.exit_stage for r in last["results"]])
+        macs = torch.cat([r.macs for r in last["results"]]).double()
+        share = torch.bincount(exit_stage, minlength=cascade.num_stages) / len(exit_stage)
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "samples": len(exit_stage),
+                "early_exit_s_per_sample": ee_s / len(exit_stage),
+                "reference_s_per_sample": ref_s / len(exit_stage),
+                "speedup": ref_s / ee_s,
+                "macs_speedup": costs.reference_macs / float(macs.mean()),
+                "exit_share": share.tolist(),
+            }
+        )
+    return {
+        "stage_names": list(cascade.names),
+        "classifier_macs": costs.classifier_macs,
+        "thresholds": rule.thresholds,
+        "rows": rows,
+    }
+
+
+# -- (2) vector env ---------------------------------------------------------------------------
+
+
+def bench_vector_env(cascade: Cascade, plan: Plan) -> dict:
+    """Env steps per second: the batched env against SyncVectorEnv, same outputs, random actions."""
+    x = torch.randn(plan.digits_pool, *cascade.input_shape)
+    y = torch.randint(NUM_CLASSES, (plan.digits_pool,))
+    outputs = cascade.outputs(x, y, cascade.costs())
+    n = plan.num_envs
+    actions = np.random.default_rng(0).integers(
+        0, 2, size=(max(plan.vector_steps, plan.sync_steps), n)
+    )
+    batched = CascadeStoppingVectorEnv(n, outputs, device="cpu")
+    sync = SyncVectorEnv([functools.partial(CascadeStoppingEnv, outputs) for _ in range(n)])
+    batched.reset(seed=0), sync.reset(seed=0)
+    torch_actions = torch.from_numpy(actions)
+
+    def run_batched():
+        for t in range(plan.vector_steps):
+            batched.step(torch_actions[t])
+
+    def run_sync():
+        for t in range(plan.sync_steps):
+            sync.step(actions[t])
+
+    batched_s, sync_s = time_side_by_side(run_batched, run_sync, plan.reps)
+    sync.close()
+    vector_rate = n * plan.vector_steps / batched_s
+    sync_rate = n * plan.sync_steps / sync_s
+    return {
+        "num_envs": n,
+        "vector_env_steps_per_s": vector_rate,
+        "sync_vector_env_steps_per_s": sync_rate,
+        "ratio": vector_rate / sync_rate,
+    }
+
+
+# -- (3) training steps -----------------------------------------------------------------------
+
+
+def training_steps(
+    cascade: Cascade, device: torch.device
+) -> tuple[
+    Callable[[torch.Tensor, torch.Tensor], None], Callable[[torch.Tensor, torch.Tensor], None]
+]:
+    """A joint REINFORCE step and a cross-entropy step on ``cascade``, each on one batch (x, y).
+
+    The REINFORCE step is ``Trainer._reinforce_epoch``'s body with ``policy_split="train"``
+    and the default configuration: every classifier's forward, the agent's loss plus the
+    cross-entropy of all stages, one backward, both optimisers' steps, the logged scalars.
+    """
+    config = TrainConfig()
+    cascade.to(device)
+    agent = ReinforceAgent(
+        cascade.num_stages,
+        cascade.num_classes,
+        1e-3,
+        loss=config.loss,
+        baseline=config.baseline,
+        rollouts=config.rollouts,
+        policy_hidden=config.policy_hidden,
+        label_estimator=config.label_estimator,
+    ).to(device)
+    costs = cascade.costs(agent.policy.policy_macs())
+    cumulative_costs = torch.tensor(
+        np.cumsum(costs.stage_costs), dtype=torch.float32, device=device
+    )
+    joint_optimizer = torch.optim.Adam(
+        cascade.parameters(), lr=config.lr * config.joint_lr_scale, weight_decay=config.weight_decay
+    )
+    policy_optimizer = torch.optim.Adam(agent.parameters(), lr=config.policy_lr)
+    plain_optimizer = torch.optim.Adam(
+        cascade.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def reinforce_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        policy_optimizer.zero_grad(set_to_none=True)
+        joint_optimizer.zero_grad(set_to_none=True)
+        cascade.train()
+        logits = cascade(x)
+        supervised = cross_entropy_all_stages(logits, y)
+        step = agent(logits, y, cumulative_costs, generator)
+        loss = config.supervised_weight * supervised + step.loss + step.baseline_loss
+        loss.backward()
+        policy_optimizer.step()
+        joint_optimizer.step()
+        for value in (step.returns.mean(), step.loss, step.baseline_loss, supervised):
+            float(value.detach())  # the trainer reads these for its logs every step
+
+    def cross_entropy_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        plain_optimizer.zero_grad(set_to_none=True)
+        cascade.train()
+        cross_entropy_all_stages(cascade(x), y).backward()
+        plain_optimizer.step()
+
+    return reinforce_step, cross_entropy_step
+
+
+def bench_training_step(
+    cascade: Cascade, batch_size: int, reps: int, device: torch.device = CPU
+) -> dict:
+    """Median seconds of one joint REINFORCE step and one cross-entropy step on the same batch."""
+    reinforce_step, cross_entropy_step = training_steps(cascade, device)
+
+    def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(size, *cascade.input_shape, device=device)
+        return x, torch.randint(NUM_CLASSES, (size,), device=device)
+
+    small = batch(min(8, batch_size))
+    reinforce_step(*small), cross_entropy_step(*small)  # warm-up: optimiser state, kernels
+    full = batch(batch_size)
+    reinforce_s, cross_entropy_s = time_side_by_side(
+        lambda: reinforce_step(*full), lambda: cross_entropy_step(*full), reps, device, False
+    )
+    return {
+        "batch_size": batch_size,
+        "device": str(device),
+        "reinforce_step_s": reinforce_s,
+        "cross_entropy_step_s": cross_entropy_s,
+        "ratio": reinforce_s / cross_entropy_s,
+        "reinforce_samples_per_s": batch_size / reinforce_s,
+        "cross_entropy_samples_per_s": batch_size / cross_entropy_s,
+    }
+
+
+# -- (4) the training job ---------------------------------------------------------------------
+
+
+def bench_train_job(threads: int | None = None) -> dict:
+    """Wall time and peak resident memory of ``python -m policycascade.train --alpha 1e-3``.
+
+    ``threads`` (``OMP_NUM_THREADS`` of the job) defaults to torch's own choice.
+    """
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as logdir:
+        command = [sys.executable, "-m", "policycascade.train", "--alpha", "1e-3"]
+        command += ["--no-progress", "--logdir", logdir]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        wall_s = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} failed with status {done.returncode}:\n{done.stderr[-2000:]}"
+        )
+    # The largest RSS of any finished child: this job is the only process the bench starts.
+    max_rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"command": " ".join(command[1:]), "wall_s": wall_s, "max_rss_mib": max_rss_kib / 1024}
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def run(plan: Plan, threads: int | None = None) -> dict[str, Any]:
+    """Every measurement of ``plan``, as a JSON-ready dict (``section_s``: seconds each took).
+
+    ``threads`` sets torch's CPU threads for the run and the training job (default: torch's
+    choice); the process's setting is restored afterwards.
+    """
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(plan, threads)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(plan: Plan, threads: int | None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    section_s: dict[str, float] = {}
+
+    def section(name: str, measure: Callable[[], dict]) -> dict:
+        start = time.perf_counter()
+        result = measure()
+        section_s[name] = time.perf_counter() - start
+        return result
+
+    resnet = resnet_cascade()
+    skipped = {"skipped": plan.note}
+    report: dict[str, Any] = {"machine": describe_machine(), "plan": asdict(plan)}
+    report["early_exit"] = {
+        "digits": section(
+            "early_exit/digits",
+            lambda: bench_early_exit(
+                digits_cascade(), plan.digits_pool, plan.digits_batches, plan.reps
+            ),
+        ),
+        "resnet": section(
+            "early_exit/resnet",
+            lambda: bench_early_exit(
+                resnet, plan.resnet_pool, plan.resnet_batches, plan.resnet_reps
+            ),
+        ),
+    }
+    report["vector_env"] = section("vector_env", lambda: bench_vector_env(digits_cascade(), plan))
+    report["training_step"] = {
+        "digits": section(
+            "training_step/digits",
+            lambda: bench_training_step(digits_cascade(), 64, plan.train_reps),
+        ),
+        "resnet": skipped
+        if plan.resnet_train_batch is None
+        else section(
+            "training_step/resnet",
+            lambda: bench_training_step(resnet, plan.resnet_train_batch, plan.resnet_reps),
+        ),
+    }
+    report["cuda"] = None
+    if torch.cuda.is_available():
+        report["cuda"] = section(
+            "cuda",
+            lambda: bench_training_step(
+                resnet, plan.cuda_train_batch, plan.reps, torch.device("cuda")
+            ),
+        )
+    report["train_job"] = (
+        section("train_job", lambda: bench_train_job(threads)) if plan.train_job else skipped
+    )
+    report["section_s"] = section_s
+    report["bench_wall_s"] = time.perf_counter() - started
+    return report
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} us" if seconds < 1e-2 else f"{seconds * 1e3:,.1f} ms"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as aligned text tables."""
+    m = report["machine"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+        f"({m['torch_threads']} threads), benchmarks on cpu"
+        + (f", GPU {m['cuda_device']}" if m["cuda_device"] else ""),
+    ]
+    load = m["load_average_1min"]
+    if load is not None and load >= 1.0:
+        lines.append(
+            f"warning: load average {load:.1f} before the run; other processes share these "
+            "cores, so timings are noisy (--threads 1 suffers least)"
+        )
+    if report["plan"]["note"]:
+        lines.append(report["plan"]["note"])
+    lines += [
+        "",
+        "(1) early exit vs the most expensive classifier alone, per input "
+        "(target exits 50/25/15/10%)",
+        f"{'cascade':<8} {'batch':>5} {'inputs':>6}  {'exits 0/1/2/3 (%)':<18} "
+        f"{'early exit':>11} {'reference':>11} {'speed-up':>8} {'by MACs':>8}",
+    ]
+    for name, result in report["early_exit"].items():
+        for row in result["rows"]:
+            exits = "/".join(f"{100 * s:.0f}" for s in row["exit_share"])
+            lines.append(
+                f"{name:<8} {row['batch_size']:>5} {row['samples']:>6}  {exits:<18} "
+                f"{_us(row['early_exit_s_per_sample']):>11} "
+                f"{_us(row['reference_s_per_sample']):>11} "
+                f"{row['speedup']:>7.2f}x {row['macs_speedup']:>7.2f}x"
+            )
+    v = report["vector_env"]
+    lines += [
+        "",
+        f"(2) env steps per second, {v['num_envs']} envs, uniform random actions",
+        f"CascadeStoppingVectorEnv {v['vector_env_steps_per_s']:>12,.0f}/s   "
+        f"SyncVectorEnv {v['sync_vector_env_steps_per_s']:>10,.0f}/s   ratio {v['ratio']:.0f}x",
+        "",
+        "(3) one training step: joint REINFORCE (policy_split=train) vs cross-entropy only",
+    ]
+    steps = dict(report["training_step"])
+    if report["cuda"] is not None:
+        steps["resnet-cuda"] = report["cuda"]
+    for name, s in steps.items():
+        if "skipped" in s:
+            lines.append(f"{name:<12} skipped: {s['skipped']}")
+            continue
+        lines.append(
+            f"{name:<12} batch {s['batch_size']:>4}  REINFORCE {_us(s['reinforce_step_s']):>10}  "
+            f"cross-entropy {_us(s['cross_entropy_step_s']):>10}  ratio {s['ratio']:.2f}  "
+            f"({s['reinforce_samples_per_s']:,.0f} samples/s)"
+        )
+    job = report["train_job"]
+    lines += ["", "(4) training job"]
+    if "skipped" in job:
+        lines.append(f"skipped: {job['skipped']}")
+    else:
+        lines.append(
+            f"python {job['command']}: {job['wall_s']:.1f} s, "
+            f"peak RSS {job['max_rss_mib']:,.0f} MiB"
+        )
+    sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
+    lines += ["", f"bench wall time {report['bench_wall_s']:.1f} s ({sections})"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark and print it; returns the report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m policycascade.bench",
+        description="Measure early-exit speed-ups, vector-env throughput, training-step cost "
+        "and the training job's time and memory on this machine.",
+    )
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
+    parser.add_argument("--quick", action="store_true", help="smaller run, under a minute")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads, also for the training job (default: torch's choice; 1 is steadier "
+        "on a busy machine)",
+    )
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test suite only
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    report = run(plan, args.threads)
+    table = format_table(report)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Early-exit inference: run a cascade stage by stage on the samples that have not stopped yet.
+
+Training and evaluation run every classifier on every sample and decide exits
+afterwards, on cached outputs. At inference time that would waste the savings
+the cascade exists for, so here classifier t only ever sees the sub-batch of
+samples that continued past stage t - 1.
+
+:func:`export_bundle` writes a cascade and its stopping rule to one file of
+``torch.export`` programs, and :func:`load_bundle` runs it again from that file
+alone: no model classes, no training code (this module imports neither
+``policycascade.trainer`` nor the REINFORCE agent; only the package's own
+``__init__`` still pulls in the agents, for its gym registration).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from policycascade.checkpoint import save_atomic
+
+if TYPE_CHECKING:
+    from policycascade.agents.rules import StoppingRule
+    from policycascade.cascade import Cascade
+    from policycascade.costs import StageCosts
+
+BUNDLE_FORMAT = "policycascade.early-exit-bundle"
+BUNDLE_VERSION = 1
+
+
+@dataclass
+class EarlyExitResult:
+    """Per-sample outcome of early-exit inference, every tensor of shape (N,)."""
+
+    predictions: torch.Tensor  # int64 arg-max class of the exit classifier
+    exit_stage: torch.Tensor  # int64 stage each sample stopped at
+    macs: torch.Tensor  # int64 MACs spent: every stage up to the exit, stopping rule included
+
+
+StopAtStage = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def _run_stages(
+    classifiers: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    stop_at_stage: StopAtStage,
+    cumulative_macs: Sequence[int],
+    x: torch.Tensor,
+) -> EarlyExitResult:
+    """The early-exit loop shared by a live cascade and a loaded bundle."""
+    n, k = len(x), len(classifiers)
+    device = x.device
+    predictions = torch.zeros(n, dtype=torch.int64, device=device)
+    exit_stage = torch.full((n,), k - 1, dtype=torch.int64, device=device)
+    running = torch.arange(n, device=device)  # indices (into x) of the samples still running
+    for t, classifier in enumerate(classifiers):
+        probs = classifier(x).softmax(-1)  # (running, C)
+        if t == k - 1:
+            predictions[running] = probs.argmax(-1)
+            break
+        stop = stop_at_stage(t, probs).to(torch.bool)
+        stopped = running[stop]
+        predictions[stopped] = probs[stop].argmax(-1)
+        exit_stage[stopped] = t
+        running, x = running[~stop], x[~stop]
+        if len(running) == 0:
+            break
+    macs = torch.tensor(list(cumulative_macs), dtype=torch.int64, device=device)[exit_stage]
+    return EarlyExitResult(predictions, exit_stage, macs)
+
+
+def early_exit_predict(
+    cascade: Cascade, rule: StoppingRule, x: torch.Tensor, costs: StageCosts | None = None
+) -> EarlyExitResult:
+    """Predict with ``cascade`` under ``rule``, running each classifier only on unstopped samples.
+
+    Gives the same exits, predictions and MACs as stepping ``CascadeStoppingEnv``
+    with the rule's decisions, without paying for the stages a sample skips.
+    ``costs`` defaults to the cascade's classifiers plus ``rule.policy_macs()``.
+    Runs in eval mode under ``torch.inference_mode()``; training flags are restored.
+    """
+    if costs is None:
+        costs = cascade.costs(rule.policy_macs())
+    if costs.num_stages != cascade.num_stages:
+        raise ValueError(
+            f"costs describe {costs.num_stages} stages but the cascade has {cascade.num_stages}"
+        )
+    roots = [cascade] + ([rule] if isinstance(rule, nn.Module) else [])
+    # Only touch modes when needed: a train()/eval() walk costs more than a small stage.
+    was_training = [m for root in roots for m in root.modules() if m.training]
+    device = next(cascade.parameters()).device
+    try:
+        if was_training:
+            for root in roots:
+                root.eval()
+        with torch.inference_mode():
+            return _run_stages(
+                list(cascade.classifiers), rule.stop_at_stage, costs.cumulative_macs, x.to(device)
+            )
+    finally:
+        for m in was_training:
+            m.training = True
+
+
+class _StageDecision(nn.Module):
+    """One stage of a stopping rule as a module, probs (batch, C) -> stop (batch,), for export."""
+
+    def __init__(self, rule: StoppingRule, stage: int):
+        super().__init__()
+        self.rule, self.stage = rule, stage  # an nn.Module rule is registered, so its weights go
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.rule.stop_at_stage(self.stage, probs).to(torch.bool)
+
+
+def _export_program(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
+    """``torch.export`` a (batch, ...) -> (batch, ...) module with a dynamic batch size."""
+    try:
+        program = torch.export.export(
+            module, (example,), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},)
+        )
+    except Exception as error:
+        raise ValueError(
+            f"could not torch.export {what} ({type(error).__name__}: {error}); export_bundle "
+            "needs classifiers and a stopping rule that torch.export can trace with a dynamic "
+            "batch dimension"
+        ) from error
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def export_bundle(
+    path: str | Path, cascade: Cascade, rule: StoppingRule, meta: dict[str, Any] | None = None
+) -> None:
+    """Write ``cascade`` and ``rule`` to one file that :func:`load_bundle` runs without training.
+
+    The file is ``torch.save`` of a plain dict (loadable with ``weights_only=True``):
+
+    - ``classifiers``: K serialised ``torch.export`` programs, (batch, *input_shape)
+      -> (batch, C) logits, exported on CPU in eval mode with a dynamic batch size;
+    - ``stop_decisions``: K - 1 programs, stage t's softmax (batch, C) -> stop (batch,)
+      bool, traced from ``rule.stop_at_stage(t, .)`` (a learned policy's weights, or a
+      threshold rule's values, end up inside the program); the last stage always stops;
+    - ``stage_names``, ``input_shape``, ``num_classes``, the cost table (``costs``), the
+      rule's class name, ``torch_version`` and the caller's ``meta`` (JSON-ready values).
+
+    Written to a temporary file and renamed into place, so a crash leaves no partial file.
+    """
+    meta = dict(meta or {})
+    try:
+        json.dumps(meta)
+    except TypeError as error:
+        raise ValueError(f"meta must hold JSON-ready values only: {error}") from error
+    costs = cascade.costs(rule.policy_macs())
+    example = torch.randn(2, *cascade.input_shape)
+    classifiers, decisions = [], []
+    cpu_cascade = copy.deepcopy(cascade).cpu().eval()
+    cpu_rule = copy.deepcopy(rule)
+    if isinstance(cpu_rule, nn.Module):
+        cpu_rule = cpu_rule.cpu().eval()
+    with torch.no_grad():
+        for name, clf in zip(cpu_cascade.names, cpu_cascade.classifiers, strict=True):
+            classifiers.append(_export_program(clf, example, f"classifier {name!r}"))
+        example_probs = torch.randn(2, cascade.num_classes).softmax(-1)
+        for t in range(cascade.num_stages - 1):
+            decision = _StageDecision(cpu_rule, t).eval()
+            decisions.append(_export_program(decision, example_probs, f"stopping rule stage {t}"))
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "classifiers": classifiers,
+        "stop_decisions": decisions,
+        "stage_names": list(cascade.names),
+        "input_shape": list(cascade.input_shape),
+        "num_classes": cascade.num_classes,
+        "costs": costs.as_dict(),
+        "rule": type(rule).__name__,
+        "torch_version": str(torch.__version__),
+        "meta": meta,
+    }
+    save_atomic(bundle, path)
+
+
+class BundlePredictor:
+    """A cascade and stopping rule loaded from a bundle: ``predict(x)`` runs early exit on CPU."""
+
+    def __init__(self, bundle: dict[str, Any]):
+        if bundle.get("format") != BUNDLE_FORMAT or bundle.get("version") != BUNDLE_VERSION:
+            raise ValueError(
+                f"not a version-{BUNDLE_VERSION} early-exit bundle (format "
+                f"{bundle.get('format')!r}, version {bundle.get('version')!r}); write it with "
+                "policycascade.inference.export_bundle"
+            )
+        self.classifiers = [_load_program(b) for b in bundle["classifiers"]]
+        self.stop_decisions = [_load_program(b) for b in bundle["stop_decisions"]]
+        self.stage_names: list[str] = bundle["stage_names"]
+        self.input_shape = tuple(bundle["input_shape"])
+        self.num_classes: int = bundle["num_classes"]
+        self.costs: dict[str, list] = bundle["costs"]
+        self.rule_name: str = bundle["rule"]
+        self.meta: dict[str, Any] = bundle["meta"]
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages K."""
+        return len(self.classifiers)
+
+    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
+        """The exported rule's decisions (batch,) at ``stage``; the last stage always stops."""
+        if stage >= self.num_stages - 1:
+            return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
+        return self.stop_decisions[stage](probs)
+
+    def predict(self, x: torch.Tensor) -> EarlyExitResult:
+        """Early-exit predictions, exit stages and MACs for a batch ``x`` (N, *input_shape)."""
+        with torch.inference_mode():
+            return _run_stages(
+                self.classifiers, self.stop_at_stage, self.costs["cumulative_macs"], x.cpu()
+            )
+
+    __call__ = predict
+
+
+def _load_program(data: bytes) -> nn.Module:
+    return torch.export.load(io.BytesIO(data)).module()
+
+
+def load_bundle(path: str | Path) -> BundlePredictor:
+    """Load a file written by :func:`export_bundle` (plain data only: ``weights_only=True``)."""
+    return BundlePredictor(torch.load(path, map_location="cpu", weights_only=True))
+
+
+__all__ = [
+    "BundlePredictor",
+    "EarlyExitResult",
+    "early_exit_predict",
+    "export_bundle",
+    "load_bundle",
+]

@@ -1,0 +1,130 @@
+"""``--agent ltc``: train a Learning-to-Cascade cascade, fit thresholds on validation, test it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from policycascade.agents.ltc import (
+    LtcThresholdRule,
+    MultiExitNet,
+    fit_ltc_thresholds,
+    train_ltc_cascade,
+    train_ltc_multi_exit,
+)
+from policycascade.agents.rules import stop_decisions
+from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.checkpoint import CHECKPOINT_NAME, save_atomic
+from policycascade.config import TrainConfig
+from policycascade.data import NORMALISATION, DataSplits, Split, load_dataset, to_float
+from policycascade.evaluation import evaluate_exits, first_stop
+from policycascade.models import build_cascade
+from policycascade.runtime import resolve_device, seed_everything
+from policycascade.trainer import single_classifier_metrics
+
+
+class LtcRun:
+    """The cascade, data and fitted thresholds of one LtC run (trained or loaded)."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed, config.deterministic)
+        data = load_dataset(config.dataset, config.seed, config.data_dir, config.download)
+        self.data = _as_float(data)
+        if config.ltc_form == "multi-exit":
+            self.net = MultiExitNet(data.num_classes, in_channels=data.input_shape[0])
+            self.cascade: Cascade = self.net.as_cascade()
+        else:
+            self.net = None
+            self.cascade = build_cascade(config.cascade, data.input_shape, data.num_classes)
+        self.cascade.to(self.device)
+        self.costs = self.cascade.costs()  # a max-softmax threshold costs no MACs
+        self.rule: LtcThresholdRule | None = None
+
+    def train(self) -> None:
+        """Eq. (5) for separate models or eq. (6) for the multi-exit net, then fit thresholds."""
+        c = self.config
+        args = (self.data.train, c.ltc_cost, c.ltc_weight, c.pretrain_epochs, c.lr, c.batch_size)
+        if self.net is not None:
+            train_ltc_multi_exit(self.net, *args, seed=c.seed)
+        else:
+            train_ltc_cascade(self.cascade, *args, seed=c.seed)
+        val = self.outputs("val")
+        self.rule = fit_ltc_thresholds(val.probs, val.labels, c.ltc_epsilon, self.costs)
+
+    def outputs(self, split: str) -> CascadeOutputs:
+        """Cached softmaxes of every exit on a split."""
+        part = self.data.split(split)
+        return self.cascade.outputs(part.x, part.y, self.costs)
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """The thresholded cascade on a split."""
+        outputs = self.outputs(split)
+        return evaluate_exits(outputs, first_stop(stop_decisions(self.rule, outputs.probs)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint: config, weights and thresholds."""
+        return {
+            "config": self.config.to_dict(),
+            "alpha": None,
+            "agent": "ltc",
+            "cascade": self.cascade.state_dict(),
+            "thresholds": self.rule.thresholds,
+        }
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Restore weights and thresholds of a finished run."""
+        self.cascade.load_state_dict(checkpoint["cascade"])
+        self.rule = LtcThresholdRule(checkpoint["thresholds"])
+
+
+def _as_float(data: DataSplits) -> DataSplits:
+    """LtC trains on whole tensors: normalise uint8 images once."""
+    if data.train.x.dtype != torch.uint8:
+        return data
+    stats = NORMALISATION[data.name]
+    return DataSplits(
+        data.name,
+        *(Split(to_float(s.x, *stats), s.y) for s in (data.train, data.val, data.test)),
+        num_classes=data.num_classes,
+    )
+
+
+def train_ltc(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, fit, evaluate and write the run directory; returns the test metrics."""
+    run = LtcRun(config)
+    run.train()
+    save_atomic(run.state_dict(), run_dir / CHECKPOINT_NAME)
+    test = run.evaluate("test")
+    metrics = {
+        "alpha": None,
+        "agent": "ltc",
+        **test,
+        "thresholds": run.rule.thresholds,
+        "single_classifiers": single_classifier_metrics(run.outputs("test"), run.cascade.names),
+        "val": run.evaluate("val"),
+        "costs": run.costs.as_dict(),
+        "stage_names": run.cascade.names,
+    }
+    writer = SummaryWriter(str(run_dir))
+    for split, values in (("val", metrics["val"]), ("test", test)):
+        for key in ("accuracy", "mean_macs", "macs_share"):
+            writer.add_scalar(f"{split}/{key}", values[key], config.pretrain_epochs)
+    writer.add_hparams(
+        {
+            "agent": "ltc",
+            "ltc_cost": config.ltc_cost,
+            "ltc_weight": config.ltc_weight,
+            "ltc_epsilon": config.ltc_epsilon,
+            "ltc_form": config.ltc_form,
+            "seed": config.seed,
+        },
+        {"hparam/accuracy": test["accuracy"], "hparam/macs_share": test["macs_share"]},
+        run_name=".",
+    )
+    writer.close()
+    return metrics

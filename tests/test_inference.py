@@ -1,0 +1,219 @@
+"""Early-exit inference equals the stopping MDP, runs later stages only on unstopped samples,
+and survives export to a bundle loaded without the training code."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from policycascade.agents.rules import stop_decisions
+from policycascade.agents.stopping_policy import StoppingPolicy, policy_features
+from policycascade.envs import STOP, CascadeStoppingEnv
+from policycascade.evaluation import first_stop
+from policycascade.inference import early_exit_predict, export_bundle, load_bundle
+from policycascade.models import build_cascade
+
+N = 96  # even, so that median thresholds fall between two samples' confidences
+
+
+class MaxSoftmaxThresholds:
+    """Stop at stage t when the top softmax probability reaches tau[t]."""
+
+    def __init__(self, tau: list[float]):
+        self.tau, self.num_stages = tau, len(tau) + 1
+
+    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
+        if stage >= len(self.tau):
+            return torch.ones(len(probs), dtype=torch.bool)
+        return probs.max(-1).values >= self.tau[stage]
+
+    def policy_macs(self) -> list[int]:
+        return [0] * self.num_stages
+
+
+def digits_setup():
+    torch.manual_seed(0)
+    cascade = build_cascade("digits", (1, 8, 8), 10)
+    x = torch.randn(N, 1, 8, 8)
+    y = torch.randint(10, (N,))
+    return cascade, x, y
+
+
+def make_rule(kind: str, cascade, x, y):
+    """A deterministic rule whose stops are spread over the stages on these inputs."""
+    probs = cascade.outputs(x, y, cascade.costs()).probs  # (sample, stage, class)
+    if kind == "threshold":
+        return MaxSoftmaxThresholds([float(probs[:, t].max(-1).values.median()) for t in range(3)])
+    policy = StoppingPolicy(cascade.num_stages, cascade.num_classes, hidden=16)
+    with torch.no_grad():  # centre each random module so that about half the samples stop
+        for t, module in enumerate(policy.modules_per_stage):
+            logits = module(policy_features(probs[:, t])).squeeze(-1)
+            module[-1].bias -= logits.sort().values[N // 2 - 1 : N // 2 + 1].mean()
+    return policy.eval()
+
+
+@pytest.fixture(params=["policy", "threshold"])
+def setup(request):
+    cascade, x, y = digits_setup()
+    rule = make_rule(request.param, cascade, x, y)
+    costs = cascade.costs(rule.policy_macs())
+    return cascade, rule, costs, x, y
+
+
+def test_early_exit_matches_env_stepped_sample_by_sample(setup):
+    cascade, rule, costs, x, y = setup
+    result = early_exit_predict(cascade, rule, x, costs)
+    env = CascadeStoppingEnv(cascade.outputs(x, y, costs))
+    c = cascade.num_classes
+    for i in range(N):
+        obs, info = env.reset(options={"sample_index": i})
+        terminated = False
+        while not terminated:
+            probs = torch.from_numpy(obs[:c]).unsqueeze(0)
+            action = STOP if bool(rule.stop_at_stage(info["stage"], probs)) else 1 - STOP
+            obs, _, terminated, _, info = env.step(action)
+        assert int(result.exit_stage[i]) == info["exit_stage"], i
+        assert int(result.predictions[i]) == info["prediction"], i
+        assert int(result.macs[i]) == info["macs"], i
+    assert len(result.exit_stage.unique()) >= 3  # the comparison covers several exits
+
+
+def test_early_exit_matches_first_stop_on_cached_outputs(setup):
+    cascade, rule, costs, x, y = setup
+    outputs = cascade.outputs(x, y, costs)
+    exit_stage = first_stop(stop_decisions(rule, outputs.probs))
+    predictions = outputs.probs[torch.arange(N), exit_stage].argmax(-1)
+    cumulative = torch.tensor(costs.cumulative_macs)
+    result = early_exit_predict(cascade, rule, x)  # costs from rule.policy_macs()
+    assert torch.equal(result.exit_stage, exit_stage)
+    assert torch.equal(result.predictions, predictions)
+    assert torch.equal(result.macs, cumulative[exit_stage])
+
+
+class BatchSizeRecorder(nn.Module):
+    def __init__(self, inner: nn.Module, log: list[int]):
+        super().__init__()
+        self.inner, self.log = inner, log
+
+    def forward(self, x):
+        self.log.append(len(x))
+        return self.inner(x)
+
+
+def test_later_stages_run_only_on_samples_that_have_not_stopped(setup):
+    cascade, rule, costs, x, _ = setup
+    logs = [[] for _ in range(cascade.num_stages)]
+    cascade.classifiers = nn.ModuleList(
+        BatchSizeRecorder(clf, log) for clf, log in zip(cascade.classifiers, logs, strict=True)
+    )
+    cascade.train()
+    result = early_exit_predict(cascade, rule, x, costs)
+    reached = [int((result.exit_stage >= t).sum()) for t in range(cascade.num_stages)]
+    assert [log[-1] for log in logs] == reached
+    assert all(len(log) == 1 for log in logs)  # one batched call per stage
+    assert reached[0] == N and reached[-1] < reached[1] < N
+    assert cascade.training  # the training flag is restored
+
+
+def test_early_exit_skips_stages_nobody_reaches():
+    cascade, x, _ = digits_setup()
+    rule = MaxSoftmaxThresholds([0.0, 0.0, 0.0])  # everyone stops at stage 0
+    logs = [[] for _ in range(cascade.num_stages)]
+    cascade.classifiers = nn.ModuleList(
+        BatchSizeRecorder(clf, log) for clf, log in zip(cascade.classifiers, logs, strict=True)
+    )
+    costs = cascade.costs(rule.policy_macs())
+    for log in logs:
+        log.clear()  # measuring the MACs ran every classifier on one sample
+    result = early_exit_predict(cascade, rule, x, costs)
+    assert [len(log) for log in logs] == [1, 0, 0, 0]
+    assert bool((result.exit_stage == 0).all())
+    assert bool((result.macs == costs.cumulative_macs[0]).all())
+
+
+LOAD_IN_FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from policycascade.inference import load_bundle
+
+    predictor = load_bundle("bundle.pt")
+    torch.save(predictor.predict(torch.load("x.pt")).__dict__, "out.pt")
+    assert "policycascade.trainer" not in sys.modules, "the training code was imported"
+    print(predictor.meta["kind"], predictor.rule_name, predictor.stage_names[-1])
+    """
+)
+
+
+def test_exported_policy_predicts_identically_in_a_fresh_process(tmp_path):
+    cascade, x, y = digits_setup()
+    policy = make_rule("policy", cascade, x, y)
+    export_bundle(tmp_path / "bundle.pt", cascade, policy, {"kind": "policy"})
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle.pt"]  # no temporary file left
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_FRESH_PROCESS],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["policy", "StoppingPolicy", "cnn"]
+    expected = early_exit_predict(cascade, policy, x)
+    got = torch.load(tmp_path / "out.pt")
+    for key in ("predictions", "exit_stage", "macs"):
+        assert torch.equal(got[key], getattr(expected, key)), key
+
+
+def test_exported_threshold_rule_predicts_identically_also_one_sample_at_a_time(tmp_path):
+    cascade, x, y = digits_setup()
+    rule = make_rule("threshold", cascade, x, y)
+    export_bundle(tmp_path / "bundle.pt", cascade, rule)
+    loaded = load_bundle(tmp_path / "bundle.pt")
+    expected = early_exit_predict(cascade, rule, x)
+    got = loaded.predict(x)
+    for key in ("predictions", "exit_stage", "macs"):
+        assert torch.equal(getattr(got, key), getattr(expected, key)), key
+    # A batch of one is not specialised away by the export's dynamic batch dimension.
+    one_by_one = torch.cat([loaded.predict(x[i : i + 1]).exit_stage for i in range(8)])
+    assert torch.equal(one_by_one, expected.exit_stage[:8])
+
+
+def test_export_bundle_rejects_meta_that_is_not_plain_data(tmp_path):
+    cascade, x, y = digits_setup()
+    with pytest.raises(ValueError, match="meta"):
+        export_bundle(tmp_path / "b.pt", cascade, make_rule("threshold", cascade, x, y), {"x": x})
+
+
+def test_bench_quick_json_smoke(capsys):
+    from policycascade.bench import main
+
+    main(["--quick", "--json", "--tiny", "--threads", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {
+        "machine",
+        "early_exit",
+        "vector_env",
+        "training_step",
+        "train_job",
+        "cuda",
+    }
+    assert {"cpu", "cores", "torch"} <= set(report["machine"])
+    row = report["early_exit"]["digits"]["rows"][0]
+    assert {"early_exit_s_per_sample", "reference_s_per_sample", "speedup", "macs_speedup"} <= set(
+        row
+    )
+    assert report["early_exit"]["resnet"]["stage_names"] == [
+        "resnet8",
+        "resnet20",
+        "resnet56",
+        "resnet110",
+    ]
+    assert report["vector_env"]["ratio"] > 0
+    assert report["training_step"]["digits"]["ratio"] > 0
+    assert "skipped" in report["train_job"]
