@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from policycascade.checkpoint import CheckpointError, load_checkpoint
@@ -20,6 +21,7 @@ from policycascade.config import (
     config_from_args,
     config_from_dict,
 )
+from policycascade.distributed import init_from_environment
 from policycascade.ltc_run import train_ltc
 from policycascade.trainer import NonFiniteError, Trainer, TrainingInterrupted, write_metrics
 
@@ -70,12 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_name(config: TrainConfig, alpha: float | None) -> str:
     """``<dataset>__<agent>[-frozen]__<baseline>__a<alpha>__s<seed>__<time>`` (LtC: C, w, eps)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = _shared_timestamp()
     if config.agent == "ltc":
         detail = f"{config.ltc_form}__C{config.ltc_cost:g}__w{config.ltc_weight:g}"
         return f"{config.dataset}__ltc__{detail}__e{config.ltc_epsilon:g}__s{config.seed}__{stamp}"
     agent = config.agent + ("-frozen" if config.freeze_classifiers else "")
     return f"{config.dataset}__{agent}__{config.baseline}__a{alpha:g}__s{config.seed}__{stamp}"
+
+
+def _shared_timestamp() -> str:
+    """The current time, taken on rank 0 so that every process names the same run directory."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if init_from_environment().enabled:
+        torch.distributed.broadcast_object_list(stamp, src=0)
+    return stamp[0]
 
 
 def dry_run_table(config: TrainConfig) -> dict[str, Any]:
@@ -146,11 +156,14 @@ def train_one(
 ) -> dict[str, Any]:
     """Train (or resume) one run and write its metrics; returns them."""
     trainer = Trainer(config, alpha, run_dir, show_progress=show_progress)
+    main_process = trainer.dist.is_main
     if resume:
         trainer.load(load_checkpoint(run_dir, map_location=trainer.device))
-    else:
+    elif main_process:
         run_dir.mkdir(parents=True, exist_ok=False)
         (run_dir / "config.yaml").write_text(_dump_yaml({**config.to_dict(), "alpha": [alpha]}))
+    if not main_process:  # in a distributed run only rank 0 logs and writes files
+        return trainer.run(None)
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir), purge_step=trainer.epoch + 1 if resume else None)
     try:
@@ -234,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(metrics))
         print(f"run directory: {run_dir}")
         return 0
+    main_process = init_from_environment().is_main
     for config, alpha, run_dir, resume in runs:
         try:
             metrics = train_one(config, alpha, run_dir, resume, not args.no_progress)
@@ -246,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return USAGE_ERROR
-        print(format_table(metrics))
-        print(f"run directory: {run_dir}\n")
+        if main_process:
+            print(format_table(metrics))
+            print(f"run directory: {run_dir}\n")
     return 0
 
 

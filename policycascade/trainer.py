@@ -20,6 +20,7 @@ from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from policycascade.config import TrainConfig
 from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
+from policycascade.distributed import broadcast_buffers, current_context
 from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
 from policycascade.models import build_cascade
 from policycascade.runtime import resolve_device, seed_everything
@@ -66,8 +67,11 @@ class Trainer:
         self, config: TrainConfig, alpha: float, run_dir: Path, show_progress: bool = True
     ):
         self.config, self.alpha, self.run_dir = config, float(alpha), Path(run_dir)
-        self.show_progress = show_progress
+        self.dist = current_context()
+        self.show_progress = show_progress and self.dist.is_main
         self.device = resolve_device(config.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
         seed_everything(config.seed, config.deterministic)
         self.data: DataSplits = load_dataset(
             config.dataset, config.seed, config.data_dir, config.download
@@ -87,6 +91,10 @@ class Trainer:
             label_estimator=config.label_estimator,
         ).to(self.device)
         self.costs = self.cascade.costs(self.agent.policy.policy_macs())
+        # Training forwards go through DDP when several processes train together.
+        self.train_cascade: torch.nn.Module = self.cascade
+        if self.dist.enabled:
+            self.train_cascade = torch.nn.parallel.DistributedDataParallel(self.cascade)
         self.cumulative_costs = torch.tensor(
             np.cumsum(self.costs.stage_costs), dtype=torch.float32, device=self.device
         )
@@ -149,8 +157,9 @@ class Trainer:
         }
 
     def save(self) -> None:
-        """Write the checkpoint atomically."""
-        save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
+        """Write the checkpoint atomically (main process only)."""
+        if self.dist.is_main:
+            save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         """Restore a checkpoint written by :meth:`save` of the same configuration.
@@ -219,8 +228,8 @@ class Trainer:
         self.cascade.train()
         total, count = 0.0, 0
         for idx in batches(len(y), self.config.batch_size, self.shuffle_generator):
-            idx = idx.to(self.device)
-            loss = cross_entropy_all_stages(self.cascade(self._inputs(x[idx], True)), y[idx])
+            idx = self.dist.shard(idx).to(self.device)
+            loss = cross_entropy_all_stages(self.train_cascade(self._inputs(x[idx], True)), y[idx])
             self._check_finite(loss, "pre-training loss")
             self.classifier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -255,13 +264,14 @@ class Trainer:
         count = 0
         last_step = None
         for idx, policy_idx in zip(train_batches, policy_batches, strict=False):
-            idx, policy_idx = idx.to(self.device), policy_idx.to(self.device)
+            idx = self.dist.shard(idx).to(self.device)
+            policy_idx = self.dist.shard(policy_idx).to(self.device)
             self.policy_optimizer.zero_grad(set_to_none=True)
             self.classifier_optimizer.zero_grad(set_to_none=True)
             supervised = x.new_zeros(())
             if joint:
                 self.cascade.train()
-                logits = self.cascade(self._inputs(x[idx], True))
+                logits = self.train_cascade(self._inputs(x[idx], True))
                 supervised = cross_entropy_all_stages(logits, y[idx])
                 step = self.agent(logits, y[idx], self.cumulative_costs, self.sample_generator)
                 classifier_loss = c.supervised_weight * supervised + step.loss
@@ -281,6 +291,7 @@ class Trainer:
                 policy_loss = step.loss + step.baseline_loss
                 self._check_finite(policy_loss, "REINFORCE loss")
                 policy_loss.backward()
+            self.dist.average_gradients(self.agent)
             self.policy_optimizer.step()
             if joint:
                 self.classifier_optimizer.step()
@@ -348,8 +359,11 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
 
-    def run(self, writer: SummaryWriter) -> dict[str, Any]:
-        """Train from ``self.epoch`` to the end, checkpointing after every epoch."""
+    def run(self, writer: SummaryWriter | None) -> dict[str, Any]:
+        """Train from ``self.epoch`` to the end, checkpointing after every epoch.
+
+        ``writer`` is None on every process but the main one of a distributed run.
+        """
         interrupted = {"signal": None}
 
         def on_signal(signum, frame):
@@ -372,6 +386,8 @@ class Trainer:
                     metrics = self._pretrain_epoch()
                 else:
                     metrics = self._reinforce_epoch()
+                broadcast_buffers(self.dist, self.cascade)
+                broadcast_buffers(self.dist, self.agent)
                 val = self.evaluate("val")
                 metrics.update(_tagged("val", val))
                 metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
@@ -379,9 +395,10 @@ class Trainer:
                 self.epoch = epoch + 1
                 self.history.append({"epoch": epoch + 1, **metrics})
                 self.save()
-                for tag, value in metrics.items():
-                    writer.add_scalar(tag, value, epoch + 1)
-                writer.flush()
+                if writer is not None:
+                    for tag, value in metrics.items():
+                        writer.add_scalar(tag, value, epoch + 1)
+                    writer.flush()
                 progress.set_postfix(acc=f"{val['accuracy']:.3f}", share=f"{val['macs_share']:.3f}")
                 if interrupted["signal"] is not None:
                     raise TrainingInterrupted(
