@@ -13,6 +13,7 @@ validation split: the cheapest cascade whose accuracy is at least
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,16 @@ def multi_exit_ltc_loss(
     return cross_entropy_all_stages(logits, labels) + weight * (k - 1) * pairs
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How each LtC model is optimised: Adam (default) or SGD with momentum, step schedule."""
+
+    name: str = "adam"
+    weight_decay: float = WEIGHT_DECAY
+    milestones: tuple[int, ...] = ()  # epochs after which the lr is multiplied by ``gamma``
+    gamma: float = 0.1
+
+
 def _fit(
     module: nn.Module,
     loss_of_batch: Callable[[torch.Tensor], torch.Tensor],
@@ -106,16 +117,25 @@ def _fit(
     lr: float,
     batch_size: int,
     seed: int,
+    spec: OptimizerSpec | None = None,
 ) -> None:
-    """Adam on ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``."""
+    """Optimise ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``."""
+    spec = spec or OptimizerSpec()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    if spec.name == "sgd":
+        optimizer = torch.optim.SGD(
+            module.parameters(), lr=lr, momentum=0.9, weight_decay=spec.weight_decay
+        )
+    else:
+        optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=spec.weight_decay)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.milestones), spec.gamma)
     module.train()
     for _ in range(epochs):
         for idx in batches(num_samples, batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss_of_batch(idx).backward()
             optimizer.step()
+        schedule.step()
     module.eval()
 
 
@@ -138,6 +158,8 @@ def train_ltc_cascade(
     lr: float = 3e-3,
     batch_size: int = 64,
     seed: int = 0,
+    spec: OptimizerSpec | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Cascade:
     """Train separate classifiers sequentially by eq. (5); returns the cascade in eval mode.
 
@@ -150,25 +172,27 @@ def train_ltc_cascade(
     """
     device = next(cascade.parameters()).device
     x, y = train.x.to(device), train.y.to(device)
+    aug = augment or (lambda batch: batch)  # per-batch training augmentation
     k = cascade.num_stages
     last = cascade.classifiers[k - 1]
     _fit(
         last,
-        lambda i: F.cross_entropy(last(x[i]), y[i]),
+        lambda i: F.cross_entropy(last(aug(x[i])), y[i]),
         len(y),
         epochs,
         lr,
         batch_size,
         seed + k - 1,
+        spec,
     )
     for m in reversed(range(k - 1)):
         fast = cascade.classifiers[m]
         expensive_correct = _correct(cascade.classifiers[m + 1], x, y)
 
         def loss_of_batch(i: torch.Tensor, fast=fast, expensive_correct=expensive_correct):
-            return ltc_loss(fast(x[i]), y[i], expensive_correct[i], cost, weight)
+            return ltc_loss(fast(aug(x[i])), y[i], expensive_correct[i], cost, weight)
 
-        _fit(fast, loss_of_batch, len(y), epochs, lr, batch_size, seed + m)
+        _fit(fast, loss_of_batch, len(y), epochs, lr, batch_size, seed + m, spec)
     return cascade.eval()
 
 
@@ -290,18 +314,22 @@ def train_ltc_multi_exit(
     lr: float = 3e-3,
     batch_size: int = 64,
     seed: int = 0,
+    spec: OptimizerSpec | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MultiExitNet:
     """Train every exit at once with the summed loss of eq. (6); returns the net in eval mode."""
     device = next(net.parameters()).device
     x, y = train.x.to(device), train.y.to(device)
+    aug = augment or (lambda batch: batch)
     _fit(
         net,
-        lambda i: multi_exit_ltc_loss(net(x[i]), y[i], cost, weight),
+        lambda i: multi_exit_ltc_loss(net(aug(x[i])), y[i], cost, weight),
         len(y),
         epochs,
         lr,
         batch_size,
         seed,
+        spec,
     )
     return net
 

@@ -78,8 +78,9 @@ class TrainConfig:
     optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
     lr: float = _opt(3e-3, "learning rate of the classifiers")
     lr_milestones: list[int] = _opt(
-        [], "epochs (pre-training included) after which the classifiers' lr is multiplied by 0.1"
+        [], "epochs (pre-training included) after which the classifiers' lr is multiplied by ..."
     )
+    lr_gamma: float = _opt(0.1, "... this factor")
     weight_decay: float = _opt(1e-4, "L2 weight decay of the classifiers")
     policy_optimizer: str = _opt(
         "adam",
@@ -141,7 +142,7 @@ class TrainConfig:
             raise ConfigError("nothing to train: pretrain_epochs and epochs are both 0")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        for name in ("lr", "policy_lr", "policy_lr_decay", "joint_lr_scale"):
+        for name in ("lr", "lr_gamma", "policy_lr", "policy_lr_decay", "joint_lr_scale"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")

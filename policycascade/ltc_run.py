@@ -11,11 +11,13 @@ from torch.utils.tensorboard import SummaryWriter
 from policycascade.agents.ltc import (
     LtcThresholdRule,
     MultiExitNet,
+    OptimizerSpec,
     fit_ltc_thresholds,
     train_ltc_cascade,
     train_ltc_multi_exit,
 )
 from policycascade.agents.rules import stop_decisions
+from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, save_atomic
 from policycascade.config import TrainConfig
@@ -49,10 +51,17 @@ class LtcRun:
         """Eq. (5) for separate models or eq. (6) for the multi-exit net, then fit thresholds."""
         c = self.config
         args = (self.data.train, c.ltc_cost, c.ltc_weight, c.pretrain_epochs, c.lr, c.batch_size)
+        spec = OptimizerSpec(c.optimizer, c.weight_decay, tuple(c.lr_milestones), c.lr_gamma)
+        generator = torch.Generator(device=self.device).manual_seed(c.seed)
+
+        def augment(batch: torch.Tensor) -> torch.Tensor:
+            return random_crop_flip(batch, pad=4, flip=True, generator=generator)
+
+        kwargs = {"seed": c.seed, "spec": spec, "augment": augment if c.augment else None}
         if self.net is not None:
-            train_ltc_multi_exit(self.net, *args, seed=c.seed)
+            train_ltc_multi_exit(self.net, *args, **kwargs)
         else:
-            train_ltc_cascade(self.cascade, *args, seed=c.seed)
+            train_ltc_cascade(self.cascade, *args, **kwargs)
         val = self.outputs("val")
         self.rule = fit_ltc_thresholds(val.probs, val.labels, c.ltc_epsilon, self.costs)
 

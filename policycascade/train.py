@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
-        except ValueError as error:
+        except (ValueError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return USAGE_ERROR
         if main_process:

@@ -100,7 +100,7 @@ class Trainer:
         )
         self.classifier_optimizer = self._classifier_optimizer()
         self.classifier_schedule = torch.optim.lr_scheduler.MultiStepLR(
-            self.classifier_optimizer, milestones=config.lr_milestones, gamma=0.1
+            self.classifier_optimizer, milestones=config.lr_milestones, gamma=config.lr_gamma
         )
         if config.policy_optimizer == "adam":
             self.policy_optimizer = torch.optim.Adam(self.agent.parameters(), lr=config.policy_lr)

@@ -10,7 +10,7 @@ from policycascade.data.synthetic import load_synthetic
 from policycascade.data.vision import NORMALISATION, VISION_DATASETS, load_vision_dataset, to_float
 
 # ImageNet (an ImageFolder tree) is read lazily by load_imagenet_folder, not held in memory.
-DATASETS = ("digits", "synthetic", *(d for d in VISION_DATASETS if d != "imagenet"))
+DATASETS = ("digits", "synthetic", *VISION_DATASETS)
 
 
 def load_dataset(
@@ -21,6 +21,13 @@ def load_dataset(
         return load_digits(seed=seed)
     if name == "synthetic":
         return load_synthetic(seed=seed)
+    if name == "imagenet":
+        raise ValueError(
+            "dataset 'imagenet' (an ImageFolder tree) is read lazily with "
+            "policycascade.data.vision.load_imagenet_folder; training on it is not supported "
+            "here: use its config for --dry-run cost tables and compare pretrained cascades "
+            "with policycascade.compare.compare_outputs"
+        )
     if name in DATASETS:
         return load_vision_dataset(name, data_dir, seed=seed, download=download)
     raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
