@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -36,6 +34,7 @@ from policycascade.cascade import CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from policycascade.config import ConfigError, config_from_dict
 from policycascade.evaluation import evaluate_exits, first_stop
+from policycascade.jsonio import write_json
 from policycascade.ltc_run import LtcRun
 from policycascade.plots import accuracy_by_exit_figure, tradeoff_figure
 from policycascade.trainer import Trainer, evaluate_learned_policy
@@ -524,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     learned_rows = [r for r in rows if r["point"].startswith("a=")]
     write_tensorboard(out, rows, summary_rows, figures, learned_rows)
     payload = {"rows": rows, "aggregated": aggregated, "savings": summary_rows}
-    (out / "comparison.json").write_text(json.dumps(_finite(payload), indent=1))
+    write_json(out / "comparison.json", payload, indent=1)
     write_csv(out / "comparison.csv", rows)
     print(format_summary(aggregated, summary_rows))
     print(
@@ -532,16 +531,6 @@ def main(argv: list[str] | None = None) -> int:
         f"(tensorboard --logdir {out}/tensorboard)"
     )
     return 0
-
-
-def _finite(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import signal
 from pathlib import Path
@@ -22,6 +20,7 @@ from policycascade.config import TrainConfig
 from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
 from policycascade.distributed import broadcast_buffers, current_context
 from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
+from policycascade.jsonio import write_json
 from policycascade.models import build_cascade
 from policycascade.runtime import resolve_device, seed_everything
 from policycascade.supervised import batches, cross_entropy_all_stages
@@ -227,10 +226,11 @@ class Trainer:
         x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
         self.cascade.train()
         total, count = 0.0, 0
-        for idx in batches(len(y), self.config.batch_size, self.shuffle_generator):
+        for step, idx in enumerate(batches(len(y), self.config.batch_size, self.shuffle_generator)):
             idx = self.dist.shard(idx).to(self.device)
-            loss = cross_entropy_all_stages(self.train_cascade(self._inputs(x[idx], True)), y[idx])
-            self._check_finite(loss, "pre-training loss")
+            logits = self.train_cascade(self._inputs(x[idx], True))
+            loss = cross_entropy_all_stages(logits, y[idx])
+            self._check_finite(loss, "pre-training loss", step, logits)
             self.classifier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.classifier_optimizer.step()
@@ -263,7 +263,9 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         last_step = None
-        for idx, policy_idx in zip(train_batches, policy_batches, strict=False):
+        for step_index, (idx, policy_idx) in enumerate(
+            zip(train_batches, policy_batches, strict=False)
+        ):
             idx = self.dist.shard(idx).to(self.device)
             policy_idx = self.dist.shard(policy_idx).to(self.device)
             self.policy_optimizer.zero_grad(set_to_none=True)
@@ -277,7 +279,7 @@ class Trainer:
                 classifier_loss = c.supervised_weight * supervised + step.loss
                 if not held_out:
                     classifier_loss = classifier_loss + step.baseline_loss
-                self._check_finite(classifier_loss, "joint training loss")
+                self._check_finite(classifier_loss, "joint training loss", step_index, logits)
                 classifier_loss.backward()
             if held_out or not joint:
                 if joint:  # the policy's gradient comes from held-out outputs only
@@ -289,7 +291,7 @@ class Trainer:
                     policy_logits, py[policy_idx], self.cumulative_costs, self.sample_generator
                 )
                 policy_loss = step.loss + step.baseline_loss
-                self._check_finite(policy_loss, "REINFORCE loss")
+                self._check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
                 policy_loss.backward()
             self.dist.average_gradients(self.agent)
             self.policy_optimizer.step()
@@ -327,12 +329,22 @@ class Trainer:
         self.cascade.train(was_training)
         return logits
 
-    def _check_finite(self, value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
-            raise NonFiniteError(
-                f"{what} became {float(value)} in epoch {self.epoch + 1}; the last good "
-                f"checkpoint in {self.run_dir} is kept"
-            )
+    def _check_finite(
+        self, value: torch.Tensor, what: str, step: int, logits: torch.Tensor
+    ) -> None:
+        """Stop with a message naming the epoch, the step and the first stage gone non-finite."""
+        if torch.isfinite(value).all():
+            return
+        bad = [t for t in range(logits.shape[1]) if not torch.isfinite(logits[:, t]).all()]
+        where = (
+            f"classifier stage {bad[0]} ({self.cascade.names[bad[0]]!r}) produced non-finite logits"
+            if bad
+            else "all logits were finite"
+        )
+        raise NonFiniteError(
+            f"{what} became {float(value.detach())} in epoch {self.epoch + 1}, step {step + 1}: {where}. "
+            f"The last good checkpoint in {self.run_dir} is kept."
+        )
 
     def outputs(self, split: str) -> CascadeOutputs:
         """Cached classifier outputs on a split, with this run's stage costs."""
@@ -438,20 +450,7 @@ def _tagged(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics.json`` (NaN becomes null so the file stays valid JSON)."""
-
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    path = run_dir / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(metrics), indent=2))
-    tmp.replace(path)
+    write_json(run_dir / "metrics.json", metrics)
 
 
 __all__ = [

@@ -122,3 +122,25 @@ def test_works_with_standard_wrappers():
     while not terminated:
         _, _, terminated, _, info = env.step(CONTINUE)
     assert info["episode"]["l"] == 3
+
+
+def test_flatten_observation_and_async_vectorisation():
+    import torch
+
+    import policycascade
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    env_id = policycascade.register_cascade(
+        "AsyncTest", [torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)], x, y, policy_hidden=4
+    )
+    flat = gym.wrappers.FlattenObservation(gym.make(env_id))
+    obs, _ = flat.reset(seed=0)
+    assert obs.shape == (5,)
+    vec = gym.make_vec(env_id, num_envs=2, vectorization_mode="async", alpha=0.1)
+    try:
+        obs, _ = vec.reset(seed=0)
+        obs, rewards, terminated, _, _ = vec.step(np.array([1, 1]))
+        assert obs.shape == (2, 5) and terminated.all()
+    finally:
+        vec.close()

@@ -40,3 +40,34 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     c = json.loads((short / "metrics.json").read_text())
     assert a == b  # same seed, same config: identical metrics
     assert c == a  # stopped after 3 of 6 epochs and resumed: identical too
+
+
+def test_non_finite_loss_stops_naming_epoch_step_and_stage_and_keeps_last_checkpoint(tmp_path):
+    import math
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from policycascade.trainer import NonFiniteError
+
+    config = dataclasses.replace(TrainConfig(), pretrain_epochs=3, epochs=0)
+    trainer = Trainer(config, alpha=0.01, run_dir=tmp_path, show_progress=False)
+    original = trainer._pretrain_epoch
+
+    def poisoned_second_epoch():
+        if trainer.epoch == 1:
+            with torch.no_grad():
+                trainer.cascade.classifiers[2][1].weight.fill_(float("nan"))
+        return original()
+
+    trainer._pretrain_epoch = poisoned_second_epoch
+    writer = SummaryWriter(str(tmp_path))
+    with pytest.raises(NonFiniteError, match=r"epoch 2, step 1: classifier stage 2 \('mlp-256'\)"):
+        trainer.run(writer)
+    writer.close()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["cascade"].values() if v.is_floating_point())
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/accuracy")] == [1]
+    assert not math.isnan(events.Scalars("val/accuracy")[0].value)
