@@ -342,7 +342,8 @@ class Trainer:
             else "all logits were finite"
         )
         raise NonFiniteError(
-            f"{what} became {float(value.detach())} in epoch {self.epoch + 1}, step {step + 1}: {where}. "
+            f"{what} became {float(value.detach())} in epoch {self.epoch + 1}, "
+            f"step {step + 1}: {where}. "
             f"The last good checkpoint in {self.run_dir} is kept."
         )
 
