@@ -351,7 +351,7 @@ def write_tensorboard(out: Path, rows, summary_rows, figures, learned_rows) -> N
         save = next((s for s in summary_rows if s["run"] == row["run"]), None)
         writer = SummaryWriter(str(tb / "hparams" / _safe(row["run"])))
         metrics = {"hparam/accuracy": row["accuracy"], "hparam/macs_share": row["macs_share"]}
-        if save is not None:
+        if save is not None and save["macs_saved_vs_threshold"] is not None:
             metrics["hparam/macs_saved_vs_threshold"] = save["macs_saved_vs_threshold"]
         writer.add_hparams(
             {"alpha": float(row["alpha"]), "seed": int(row["seed"]), "policy": row["policy"]},
@@ -520,11 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     figures["compare/tradeoff"].savefig(out / "tradeoff.png", dpi=120)
     if "compare/accuracy_by_exit" in figures:
         figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=120)
-    learned_rows = [r for r in rows if r["point"].startswith("a=")]
-    write_tensorboard(out, rows, summary_rows, figures, learned_rows)
     payload = {"rows": rows, "aggregated": aggregated, "savings": summary_rows}
     write_json(out / "comparison.json", payload, indent=1)
     write_csv(out / "comparison.csv", rows)
+    learned_rows = [r for r in rows if r["point"].startswith("a=")]
+    write_tensorboard(out, rows, summary_rows, figures, learned_rows)
     print(format_summary(aggregated, summary_rows))
     print(
         f"\nwrote {out}/comparison.json, comparison.csv, tradeoff.png, tensorboard/ "
