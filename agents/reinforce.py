@@ -144,6 +144,7 @@ class ReinforceAgent(nn.Module):
         policy_hidden: int = 64,
         train_classifiers: bool = True,
         label_estimator: str = "sample",
+        entropy_weight: float = 0.0,
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
@@ -164,6 +165,7 @@ class ReinforceAgent(nn.Module):
         self.rollouts = rollouts
         self.train_classifiers = train_classifiers
         self.label_estimator = label_estimator
+        self.entropy_weight = float(entropy_weight)
 
     @property
     def sample_prediction(self) -> bool:
@@ -221,6 +223,12 @@ class ReinforceAgent(nn.Module):
         advantages = (returns_mb.detach() - baseline).reshape(-1)
         # Score-function term, plus the pathwise term when the return is differentiable.
         surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
+        if self.entropy_weight > 0:
+            # Exploration bonus: keeps stop probabilities away from 0 and 1 early on, so that
+            # a stage whose module was pushed to "never stop" can still learn when to stop.
+            stop = torch.sigmoid(stop_logits)
+            entropy = -(stop * F.logsigmoid(stop_logits) + (1 - stop) * F.logsigmoid(-stop_logits))
+            surrogate = surrogate - self.entropy_weight * entropy.mean()
         return ReinforceStep(
             loss=surrogate,
             baseline_loss=baseline_loss,

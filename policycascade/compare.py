@@ -147,6 +147,7 @@ def compare_run(run_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]
         "seed": config.seed,
         "alpha": trainer.alpha,
         "dataset": config.dataset,
+        "trained_by": agent_name,
     }
     learned_val = evaluate_learned_policy(trainer.agent, val, config.ensemble)
     learned_test = evaluate_learned_policy(trainer.agent, test, config.ensemble)
@@ -180,7 +181,13 @@ def compare_ltc_run(run_dir: Path, checkpoint, config, args) -> list[dict[str, A
     run = LtcRun(config)
     run.load(checkpoint)
     label = f"C={config.ltc_cost:g} w={config.ltc_weight:g} eps={config.ltc_epsilon:g}"
-    meta = {"run": run_dir.name, "seed": config.seed, "alpha": None, "dataset": config.dataset}
+    meta = {
+        "run": run_dir.name,
+        "seed": config.seed,
+        "alpha": None,
+        "dataset": config.dataset,
+        "trained_by": "ltc",
+    }
     rows = [_row("ltc", label, run.evaluate("test"), run.evaluate("val"), **meta)]
     rows += compare_outputs(
         run.outputs("val"),
@@ -200,14 +207,16 @@ def compare_ltc_run(run_dir: Path, checkpoint, config, args) -> list[dict[str, A
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of each (dataset, policy, point, alpha) group."""
+    """Mean and standard deviation over seeds per (dataset, classifiers' trainer, policy, point)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         alpha = row["alpha"] if row["point"].startswith(("a=", "match", "matched")) else None
-        groups[(row["dataset"], row["policy"], row["point"], alpha)].append(row)
+        key = (row["dataset"], row.get("trained_by"), row["policy"], row["point"], alpha)
+        groups[key].append(row)
     out = []
-    for (dataset, policy, point, alpha), members in groups.items():
+    for (dataset, trained_by, policy, point, alpha), members in groups.items():
         entry = {
+            "trained_by": trained_by,
             "dataset": dataset,
             "policy": policy,
             "point": point,
@@ -411,29 +420,36 @@ def make_figures(rows, aggregated) -> dict[str, Any]:
 
 def format_summary(aggregated, summary_rows) -> str:
     """Printed table (mean ± std over seeds) and the key numbers."""
-    lines = [f"{'policy':<18}{'point':<26}{'accuracy':>17}{'MAC share':>19}{'runs':>6}"]
+    lines = [
+        f"{'classifiers of':<18}{'policy':<32}{'point':<24}{'accuracy':>17}{'MAC share':>19}"
+        f"{'runs':>6}"
+    ]
     keep = [a for a in aggregated if not a["point"].startswith("sweep")]
     order = {"single": 3, "oracle": 2, "random": 1}
-    for a in sorted(keep, key=lambda a: (order.get(a["policy"], 0), a["policy"], a["point"])):
+
+    def sort_key(a):
+        return (str(a["trained_by"]), order.get(a["policy"], 0), a["policy"], a["point"])
+
+    for a in sorted(keep, key=sort_key):
         lines.append(
-            f"{a['policy']:<18}{a['point'][:25]:<26}"
+            f"{str(a['trained_by']):<18}{a['policy'][:31]:<32}{a['point'][:23]:<24}"
             f"{a['accuracy']:>9.2%} ± {a['accuracy_std']:5.2%}"
             f"{a['macs_share']:>11.2%} ± {a['macs_share_std']:5.2%}{a['runs']:>6}"
         )
     if summary_rows:
         by_alpha = defaultdict(list)
         for s in summary_rows:
-            by_alpha[s["alpha"]].append(s)
+            by_alpha[(s["policy"], s["alpha"])].append(s)
         lines.append("")
         lines.append("MACs saved by the learned policy at equal test accuracy (mean over seeds):")
-        for alpha, members in sorted(by_alpha.items()):
+        for (policy, alpha), members in sorted(by_alpha.items()):
 
             def mean(key, members=members):
                 values = [m[key] for m in members if m[key] is not None]
                 return float(np.mean(values)) if values else float("nan")
 
             lines.append(
-                f"  alpha={alpha:g}: accuracy {mean('accuracy'):.2%}, "
+                f"  {policy} alpha={alpha:g}: accuracy {mean('accuracy'):.2%}, "
                 f"vs the best threshold rule's curve {mean('macs_saved_vs_threshold'):+.1%} "
                 f"({sum(m['macs_saved_vs_threshold'] is not None for m in members)}/"
                 f"{len(members)} runs where a threshold curve reaches that accuracy), "

@@ -65,6 +65,9 @@ class TrainConfig:
     rollouts: int = _opt(
         1, "stopping rollouts sampled per training input (leave-one-out needs >= 2)"
     )
+    entropy_weight: float = _opt(
+        0.0, "weight of an entropy bonus on the stop decisions (exploration; 0 = the paper's)"
+    )
     label_estimator: str = _opt(
         "sample",
         "joint training under the 0/1 loss: 'sample' a label and use its score function "
@@ -150,7 +153,13 @@ class TrainConfig:
             raise ConfigError(f"ltc_epsilon must be in [0, 1), got {self.ltc_epsilon}")
         if any(m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
-        for name in ("weight_decay", "supervised_weight", "ltc_cost", "ltc_weight"):
+        for name in (
+            "weight_decay",
+            "supervised_weight",
+            "ltc_cost",
+            "ltc_weight",
+            "entropy_weight",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")

@@ -88,6 +88,7 @@ class Trainer:
             policy_hidden=config.policy_hidden,
             train_classifiers=not config.freeze_classifiers,
             label_estimator=config.label_estimator,
+            entropy_weight=config.entropy_weight,
         ).to(self.device)
         self.costs = self.cascade.costs(self.agent.policy.policy_macs())
         # Training forwards go through DDP when several processes train together.
