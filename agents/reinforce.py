@@ -28,6 +28,7 @@ from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.rewards import check_alpha, check_loss_name, episode_return, prediction_loss
 
 LABEL_ESTIMATORS = ("sample", "expected")
+POLICY_GRADIENTS = ("score-function", "exact", "backward-induction")
 
 
 def exit_probabilities(stop_probs: torch.Tensor) -> torch.Tensor:
@@ -113,6 +114,50 @@ def expected_return(
     return (exit_p * stage_return).sum(1)
 
 
+def stage_returns(
+    log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    cumulative_costs: torch.Tensor,
+    alpha: float,
+    loss: str = "zero-one",
+    sample_prediction: bool = True,
+) -> torch.Tensor:
+    """Expected return of stopping at each stage, (batch, K): -E[loss_k] - alpha * cost up to k."""
+    stage_loss = expected_loss_per_stage(log_probs, labels, loss, sample_prediction)
+    return -stage_loss - alpha * cumulative_costs.to(stage_loss.dtype).unsqueeze(0)
+
+
+def backward_induction_loss(stop_logits: torch.Tensor, stage_return: torch.Tensor) -> torch.Tensor:
+    """Each stage's stop decision as cost-sensitive classification against its continuation value.
+
+    Working back from the last stage, the value of continuing past stage t is what
+    the current policy earns from stage t + 1 on (exactly, by enumeration; no
+    gradient). Stopping is right where ``A_t = R_stop(t) - V_continue(t) > 0``, and
+    the module is fitted to that label by binary cross-entropy weighted by ``|A_t|``.
+    Its fixed point is the same as the expected return's (stop iff A_t > 0), but
+    the gradient in the logit, ``|A_t| (pi_t - 1{A_t > 0})``, does not vanish when
+    pi_t saturates at 0 or 1, where the expected return's ``A_t pi_t (1 - pi_t)``
+    does. Every sample trains every stage, as in backward induction, whether or
+    not the current policy reaches it.
+    """
+    stop = torch.sigmoid(stop_logits.detach())
+    value = stage_return[:, -1]
+    total = stop_logits.new_zeros(())
+    for t in reversed(range(stop_logits.shape[1])):
+        advantage = (stage_return[:, t] - value).detach()
+        total = (
+            total
+            + (
+                advantage.abs()
+                * F.binary_cross_entropy_with_logits(
+                    stop_logits[:, t], (advantage > 0).to(stop_logits.dtype), reduction="none"
+                )
+            ).mean()
+        )
+        value = stop[:, t] * stage_return[:, t] + (1 - stop[:, t]) * value
+    return total
+
+
 @dataclass
 class ReinforceStep:
     """One REINFORCE evaluation on a batch: the loss to minimise and what to log."""
@@ -145,11 +190,13 @@ class ReinforceAgent(nn.Module):
         train_classifiers: bool = True,
         label_estimator: str = "sample",
         entropy_weight: float = 0.0,
+        policy_gradient: str = "score-function",
+        policy_inputs: str = "log-probs",
     ):
         super().__init__()
         self.alpha = check_alpha(alpha)
         self.loss_name = check_loss_name(loss)
-        self.policy = StoppingPolicy(num_stages, num_classes, policy_hidden)
+        self.policy = StoppingPolicy(num_stages, num_classes, policy_hidden, policy_inputs)
         self.baseline: Baseline = make_baseline(baseline, num_classes)
         if rollouts < self.baseline.min_rollouts:
             raise ValueError(
@@ -162,6 +209,11 @@ class ReinforceAgent(nn.Module):
             raise ValueError(
                 f"label_estimator must be one of {list(LABEL_ESTIMATORS)}, got {label_estimator!r}"
             )
+        if policy_gradient not in POLICY_GRADIENTS:
+            raise ValueError(
+                f"policy_gradient must be one of {list(POLICY_GRADIENTS)}, got {policy_gradient!r}"
+            )
+        self.policy_gradient = policy_gradient
         self.rollouts = rollouts
         self.train_classifiers = train_classifiers
         self.label_estimator = label_estimator
@@ -221,8 +273,40 @@ class ReinforceAgent(nn.Module):
         returns_mb = returns.view(m, -1)
         baseline, baseline_loss = self.baseline(returns_mb, score_sq.view(m, -1), probs[:, 0])
         advantages = (returns_mb.detach() - baseline).reshape(-1)
-        # Score-function term, plus the pathwise term when the return is differentiable.
-        surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
+        if self.policy_gradient == "exact":
+            # Enumerate the K exits instead of sampling one: the gradient of the exact
+            # expected return, which every baseline only approximates (variance 0 in the
+            # stop decisions; the sampled episode above is kept for the logs).
+            full_stop = torch.cat(
+                [torch.sigmoid(stop_logits), torch.ones_like(stop_logits[:, :1])], 1
+            )
+            surrogate = -expected_return(
+                log_probs_m,
+                full_stop,
+                labels_m,
+                cumulative_costs,
+                self.alpha,
+                self.loss_name,
+                self.sample_prediction,
+            ).mean()
+        elif self.policy_gradient == "backward-induction":
+            stage_return = stage_returns(
+                log_probs_m,
+                labels_m,
+                cumulative_costs,
+                self.alpha,
+                self.loss_name,
+                self.sample_prediction,
+            )
+            # The classifiers still follow the expected return where the policy sends samples.
+            full_stop = torch.cat(
+                [torch.sigmoid(stop_logits.detach()), torch.ones_like(stop_logits[:, :1])], 1
+            )
+            classifier_term = (exit_probabilities(full_stop) * stage_return).sum(1).mean()
+            surrogate = backward_induction_loss(stop_logits, stage_return) - classifier_term
+        else:
+            # Score-function term, plus the pathwise term when the return is differentiable.
+            surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
         if self.entropy_weight > 0:
             # Exploration bonus: keeps stop probabilities away from 0 and 1 early on, so that
             # a stage whose module was pushed to "never stop" can still learn when to stop.

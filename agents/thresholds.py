@@ -180,7 +180,8 @@ class ThresholdSearch:
         """Cheapest thresholds whose validation accuracy is at least ``reference - epsilon``.
 
         ``epsilon`` is in accuracy units (0.005 = half a point); the reference is the
-        last classifier's validation accuracy unless given.
+        last classifier's validation accuracy unless given. Where no thresholds reach
+        the target, the most accurate ones found are returned.
         """
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
@@ -189,18 +190,24 @@ class ThresholdSearch:
         ) - epsilon
 
         def score(acc, macs):
-            return ((acc >= target - 1e-12).double(), -macs, acc)
+            feasible = acc >= target - 1e-12
+            # feasible: cheaper is better; not (yet) feasible: closer to the target is better
+            return (feasible.double(), torch.where(feasible, -macs, acc), acc)
 
         start = [float("inf")] * len(self.candidates)
         return self.rule(self._coordinate_search(start, score))
 
     def for_budget(self, macs_budget: float):
-        """Most accurate thresholds whose mean validation MACs per sample stay within the budget."""
+        """Most accurate thresholds whose mean validation MACs per sample stay within the budget.
+
+        Where no thresholds fit the budget, the cheapest ones found are returned.
+        """
         if not macs_budget > 0:
             raise ValueError(f"macs_budget must be > 0, got {macs_budget}")
 
         def score(acc, macs):
-            return ((macs <= macs_budget + 1e-9).double(), acc, -macs)
+            feasible = macs <= macs_budget + 1e-9
+            return (feasible.double(), torch.where(feasible, acc, -macs), -macs)
 
         start = [float("-inf")] * len(self.candidates)
         return self.rule(self._coordinate_search(start, score))

@@ -524,12 +524,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"comparisons/{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for run_dir in run_dirs:
         print(f"evaluating {run_dir.name}", file=sys.stderr)
-        rows += compare_run(run_dir, args)
+        try:
+            rows += compare_run(run_dir, args)
+        except (ValueError, ConfigError, FileNotFoundError) as error:
+            # e.g. a run written by an older version whose checkpoint no longer fits
+            print(f"error: run {run_dir}: {error}", file=sys.stderr)
+            return 2
+    out = Path(args.out or f"comparisons/{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
     aggregated = aggregate(rows)
     summary_rows = savings(rows)
     figures = make_figures(rows, aggregated)

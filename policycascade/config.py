@@ -74,6 +74,14 @@ class TrainConfig:
         "(Guan et al.) or use the 'expected' 0/1 loss 1 - p(y) (same objective, no label noise)",
         ("sample", "expected"),
     )
+    policy_gradient: str = _opt(
+        "score-function",
+        "how the stop decisions learn: REINFORCE's sampled 'score-function' estimator; "
+        "'exact' (gradient of the expected return enumerated over the K exits, no sampling "
+        "noise); or 'backward-induction' (each stage fitted to stop where stopping beats the "
+        "continuation value, by cost-weighted cross-entropy; does not saturate)",
+        ("score-function", "exact", "backward-induction"),
+    )
     loss: str = _opt("zero-one", "prediction loss in the reward", ("zero-one", "cross-entropy"))
     pretrain_epochs: int = _opt(40, "epochs of cross-entropy pre-training of the classifiers")
     epochs: int = _opt(100, "epochs of REINFORCE training after pre-training")
@@ -103,6 +111,13 @@ class TrainConfig:
     )
     policy_hidden: int = _opt(
         16, "hidden units of each stopping module (paper: 64 on CIFAR, 256 on ImageNet)"
+    )
+    policy_inputs: str = _opt(
+        "log-probs",
+        "what each stopping module reads: the stage's softmax as log-probabilities, "
+        "'sorted-log-probs' in descending order (the confidence profile) or 'log-probs' in "
+        "class order",
+        ("sorted-log-probs", "log-probs"),
     )
     ltc_cost: float = _opt(0.5, "LtC: cost parameter C of the cascade loss (Enomoto & Eda eq. 3)")
     ltc_weight: float = _opt(1.0, "LtC: weight w of the cascade loss term")

@@ -89,6 +89,8 @@ class Trainer:
             train_classifiers=not config.freeze_classifiers,
             label_estimator=config.label_estimator,
             entropy_weight=config.entropy_weight,
+            policy_gradient=config.policy_gradient,
+            policy_inputs=config.policy_inputs,
         ).to(self.device)
         self.costs = self.cascade.costs(self.agent.policy.policy_macs())
         # Training forwards go through DDP when several processes train together.
@@ -182,9 +184,13 @@ class Trainer:
             try:
                 module.load_state_dict(checkpoint[name])
             except RuntimeError as error:
-                first = str(error).strip().splitlines()[0]
+                lines = [line.strip() for line in str(error).strip().splitlines()]
+                detail = " ".join(lines[1:3] or lines[:1])  # missing / unexpected keys
+                if len(detail) > 300:
+                    detail = detail[:300] + " ..."
                 raise ValueError(
-                    f"checkpoint in {self.run_dir} does not fit this config's {name}: {first}"
+                    f"checkpoint in {self.run_dir} does not fit this config's {name} (written "
+                    f"by another version or configuration?): {detail}"
                 ) from None
         self.classifier_optimizer.load_state_dict(checkpoint["classifier_optimizer"])
         self.policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])

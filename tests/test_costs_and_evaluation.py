@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from conftest import hand_outputs
-from policycascade.agents import StoppingPolicy
+from policycascade.agents import StoppingModule, StoppingPolicy
+from policycascade.agents.stopping_policy import policy_features
 from policycascade.cascade import Cascade
 from policycascade.costs import StageCosts, count_macs
 from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
@@ -71,3 +72,41 @@ def test_first_stop_and_ensemble():
     assert ensemble_predictions(probs, torch.tensor([[0.5, 1.0]]), torch.tensor([1])).item() == 1
     # a confident first stage outweighs the second
     assert ensemble_predictions(probs, torch.tensor([[3.0, 1.0]]), torch.tensor([1])).item() == 0
+
+
+def test_stacked_stopping_policy_equals_separate_modules():
+    """The batched forward computes what K - 1 separate StoppingModules with the same weights do."""
+    torch.manual_seed(0)
+    policy = StoppingPolicy(num_stages=4, num_classes=5, hidden=7)
+    probs = torch.randn(9, 4, 5).softmax(-1)
+    for t in range(3):
+        module = StoppingModule(5, 7)
+        with torch.no_grad():
+            for linear, name in zip(
+                [module[0], module[2], module[4]], StoppingPolicy.LAYERS, strict=True
+            ):
+                linear.weight.copy_(getattr(policy, f"{name}_weight")[t].T)
+                linear.bias.copy_(getattr(policy, f"{name}_bias")[t, 0])
+        expected = module(policy_features(probs[:, t])).squeeze(-1)
+        torch.testing.assert_close(policy(probs)[:, t], expected)
+        torch.testing.assert_close(policy.stage_logits(t, probs[:, t]), expected)
+        assert policy.stop_at_stage(t, probs[:, t]).tolist() == (expected >= 0).tolist()
+    assert policy.stop_at_stage(3, probs[:, 3]).all()
+    assert sum(p.numel() for p in policy.parameters()) == 3 * sum(
+        p.numel() for p in StoppingModule(5, 7).parameters()
+    )
+
+
+def test_sorted_inputs_make_the_policy_blind_to_class_order():
+    torch.manual_seed(0)
+    probs = torch.randn(6, 3, 5).softmax(-1)
+    shuffled = probs[..., torch.tensor([3, 0, 4, 1, 2])]
+    sorted_policy = StoppingPolicy(num_stages=3, num_classes=5, hidden=8, inputs="sorted-log-probs")
+    torch.testing.assert_close(sorted_policy(shuffled), sorted_policy(probs))
+    plain = StoppingPolicy(num_stages=3, num_classes=5, hidden=8)
+    plain.load_state_dict(sorted_policy.state_dict())
+    assert not torch.allclose(plain(shuffled), plain(probs))  # class order matters without sorting
+    descending = probs.sort(-1, descending=True).values
+    torch.testing.assert_close(sorted_policy(probs), plain(descending))
+    with pytest.raises(ValueError, match="policy_inputs must be one of"):
+        StoppingPolicy(num_stages=3, num_classes=5, inputs="probs")

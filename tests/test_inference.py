@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from policycascade.agents.rules import stop_decisions
-from policycascade.agents.stopping_policy import StoppingPolicy, policy_features
+from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.envs import STOP, CascadeStoppingEnv
 from policycascade.evaluation import first_stop
 from policycascade.inference import early_exit_predict, export_bundle, load_bundle
@@ -50,9 +50,9 @@ def make_rule(kind: str, cascade, x, y):
         return MaxSoftmaxThresholds([float(probs[:, t].max(-1).values.median()) for t in range(3)])
     policy = StoppingPolicy(cascade.num_stages, cascade.num_classes, hidden=16)
     with torch.no_grad():  # centre each random module so that about half the samples stop
-        for t, module in enumerate(policy.modules_per_stage):
-            logits = module(policy_features(probs[:, t])).squeeze(-1)
-            module[-1].bias -= logits.sort().values[N // 2 - 1 : N // 2 + 1].mean()
+        for t in range(cascade.num_stages - 1):
+            logits = policy.stage_logits(t, probs[:, t])
+            policy.layer3_bias[t] -= logits.sort().values[N // 2 - 1 : N // 2 + 1].mean()
     return policy.eval()
 
 

@@ -171,3 +171,69 @@ def test_baselines_reduce_variance(baseline, rollouts):
 def test_leave_one_out_needs_two_rollouts():
     with pytest.raises(ValueError, match="rollouts >= 2"):
         _make_agent("leave-one-out", rollouts=1)
+
+
+@pytest.mark.parametrize(
+    "train, loss, rollouts",
+    [(False, "zero-one", 1), (True, "zero-one", 1), (True, "cross-entropy", 2)],
+)
+def test_exact_policy_gradient_is_the_enumerated_gradient(train, loss, rollouts):
+    """``policy_gradient="exact"`` differentiates the K-exit expectation, with no sampling noise."""
+    logits, labels = _setup()
+    agent = _make_agent("optimal-constant", rollouts, train, "sample", loss)
+    agent.policy_gradient = "exact"
+    params = list(agent.policy.parameters())
+    lg = logits.clone().requires_grad_(True)
+    step = agent(lg, labels, CUMULATIVE, torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(
+        -step.loss, params + [lg], allow_unused=True, materialize_grads=True
+    )
+    got = torch.cat([g.reshape(-1) for g in grads])
+    torch.testing.assert_close(got, _exact_gradient(agent, logits, labels))
+    again = agent(lg, labels, CUMULATIVE, torch.Generator().manual_seed(4)).loss
+    assert float(again.detach()) == float(step.loss.detach())  # other exits drawn, same loss
+
+
+def test_unknown_policy_gradient_is_rejected():
+    with pytest.raises(ValueError, match="policy_gradient must be one of"):
+        ReinforceAgent(K, C, ALPHA, policy_gradient="pathwise")
+
+
+def test_backward_induction_loss_by_hand():
+    from policycascade.agents.reinforce import backward_induction_loss
+
+    # one sample, K = 3: stopping returns -0.5, -0.2, -0.4; stop probabilities 0.5, 0.25
+    stage_return = torch.tensor([[-0.5, -0.2, -0.4]])
+    stop_logits = torch.logit(torch.tensor([[0.5, 0.25]])).requires_grad_(True)
+    loss = backward_induction_loss(stop_logits, stage_return)
+    # stage 1: A = -0.2 - (-0.4) = 0.2 > 0 -> label 1; V_1 = 0.25 * -0.2 + 0.75 * -0.4 = -0.35
+    # stage 0: A = -0.5 - (-0.35) = -0.15 < 0 -> label 0
+    expected = 0.2 * -torch.tensor(0.25).log() + 0.15 * -torch.tensor(0.5).log()
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, stop_logits)
+    torch.testing.assert_close(grad, torch.tensor([[0.15 * 0.5, 0.2 * (0.25 - 1)]]))
+
+
+def test_backward_induction_finds_the_best_stopping_rule():
+    """Free per-sample stop logits trained by the loss reach the optimal deterministic policy."""
+    from policycascade.agents.reinforce import backward_induction_loss
+
+    g = torch.Generator().manual_seed(0)
+    stage_return = -torch.rand(64, 4, generator=g)
+    logits = torch.full((64, 3), -8.0, requires_grad=True)  # start saturated at "never stop"
+    opt = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(1500):
+        opt.zero_grad()
+        backward_induction_loss(logits, stage_return).backward()
+        opt.step()
+    exits = sample_exits(logits.detach() * 1e6)  # the deterministic policy
+    achieved = stage_return.gather(1, exits.unsqueeze(1)).squeeze(1)
+    # the best of the 2^(K-1) stop/continue rules for each sample exits at its best stage
+    torch.testing.assert_close(achieved, stage_return.max(1).values)
+    # From that saturated start the expected return's own gradient is ~p (1 - p) = 3e-4 as large.
+    start = torch.full((64, 3), -8.0, requires_grad=True)
+    (g_induction,) = torch.autograd.grad(backward_induction_loss(start, stage_return), start)
+    stop = torch.cat([torch.sigmoid(start), torch.ones(64, 1)], 1)
+    expected = -(exit_probabilities(stop) * stage_return).sum(1).mean()
+    (g_expected,) = torch.autograd.grad(expected, start)
+    assert g_induction.norm() > 1000 * g_expected.norm() > 0

@@ -71,6 +71,22 @@ def test_budget_is_met_and_more_budget_never_hurts(criterion):
         previous = metrics["accuracy"]
 
 
+def test_unreachable_targets_give_the_nearest_rule_not_the_opposite_extreme():
+    out, search = _search()
+    best_accuracy = max(
+        evaluate_exits(out, first_stop(stop_decisions(r, out.probs)))["accuracy"]
+        for r in search.sweep(40)
+    )
+    # an accuracy no thresholds reach (a policy trained on this split can report one)
+    rule = search.for_accuracy_drop(0.0, reference_accuracy=1.01)
+    metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+    assert metrics["accuracy"] >= best_accuracy - 1e-12
+    # a budget below the first stage's cost: the cheapest rule, everything stops at stage 0
+    rule = search.for_budget(1.0)
+    metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+    assert metrics["mean_macs"] == out.costs.cumulative_macs[0]
+
+
 def test_rule_decisions_follow_thresholds():
     rule = ThresholdRule("max-softmax", [0.6, float("inf")])
     probs = torch.tensor([[0.7, 0.3], [0.55, 0.45]])
@@ -103,7 +119,7 @@ def test_macs_at_accuracy_interpolates_the_upper_envelope():
     assert macs_at_accuracy(points, 0.95) is None
 
 
-def test_compare_cli_outputs_agree(tmp_path):
+def test_compare_cli_outputs_agree(tmp_path, capsys):
     runs = tmp_path / "runs"
     fast = ["--pretrain-epochs", "3", "--epochs", "3", "--no-progress", "--logdir", str(runs)]
     assert train_main(["--alpha", "0.01", *fast]) == 0
@@ -135,6 +151,15 @@ def test_compare_cli_outputs_agree(tmp_path):
     summary.Reload()
     assert "compare/tradeoff" in summary.Tags()["images"]
     assert len(payload["savings"]) == 1 and payload["aggregated"]
+    # a run whose checkpoint no longer fits (another version's layout): one line, status 2
+    (checkpoint,) = runs.glob("*/checkpoint.pt")
+    state = torch.load(checkpoint, weights_only=False)
+    state["agent"] = {f"old.{key}": value for key, value in state["agent"].items()}
+    torch.save(state, checkpoint)
+    assert compare_main([str(runs), "--out", str(tmp_path / "cmp2")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this config's agent" in err and "Traceback" not in err
+    assert not (tmp_path / "cmp2").exists()
 
 
 def test_compare_rejects_a_directory_without_runs(tmp_path, capsys):
