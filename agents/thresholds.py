@@ -112,6 +112,7 @@ class ThresholdSearch:
         temperature_scaling: bool = False,
         num_candidates: int = 100,
     ):
+        probs, labels = probs.cpu(), labels.cpu()  # a small float64 search: CPU is enough
         k = probs.shape[1]
         temps = None
         if temperature_scaling:
@@ -122,6 +123,7 @@ class ThresholdSearch:
         )  # (sample, stage)
         self.correct = (probs.argmax(-1) == labels.unsqueeze(1)).to(torch.float64)
         self.cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64)
+        self.reference_macs = float(costs.reference_macs)
         quantiles = torch.linspace(0, 1, num_candidates, dtype=torch.float64)
         self.candidates = [
             torch.cat(
@@ -210,6 +212,22 @@ class ThresholdSearch:
             return (feasible.double(), torch.where(feasible, acc, -macs), -macs)
 
         start = [float("-inf")] * len(self.candidates)
+        return self.rule(self._coordinate_search(start, score))
+
+    def for_reward(self, alpha: float):
+        """Thresholds with the best mean validation reward ``accuracy - alpha * MACs / reference``.
+
+        The objective a stopping policy trained at cost weight ``alpha`` maximises (0/1
+        loss, costs normalised to the most expensive classifier), so the rule and the
+        policy can be compared, or the rule used to start the policy.
+        """
+        if not (alpha >= 0 and alpha < float("inf")):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+
+        def score(acc, macs):
+            return (acc - alpha * macs / self.reference_macs, -macs)
+
+        start = [float("inf")] * len(self.candidates)
         return self.rule(self._coordinate_search(start, score))
 
     def sweep(self, points: int = 25) -> list[ThresholdRule]:

@@ -98,7 +98,7 @@ class Cascade(nn.Module):
             )
         finally:
             self.train(was_training)
-        return CascadeOutputs(probs=logits.softmax(-1), labels=y.to(device), costs=costs)
+        return CascadeOutputs(probs=logits.float().softmax(-1), labels=y.to(device), costs=costs)
 
 
 def _check_logits(

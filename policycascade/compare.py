@@ -73,9 +73,10 @@ def compare_outputs(
     trade-off curve), one rule per accuracy drop ``epsilon`` from the last
     classifier, one per MACs budget (given as a share of the most expensive
     classifier), and, for each entry of ``matched`` (a learned policy's
-    ``label``, ``val_accuracy``, ``val_mean_macs`` and ``exit_distribution``),
-    the cheapest rule reaching its validation accuracy, the most accurate rule
-    within its validation MACs, and random stopping with its exit distribution.
+    ``label``, ``val_accuracy``, ``val_mean_macs``, ``exit_distribution`` and
+    optionally ``alpha``), the cheapest rule reaching its validation accuracy, the
+    most accurate rule within its validation MACs, the rule with the best validation
+    reward at its alpha, and random stopping with its exit distribution.
     Threshold rules cost no MACs of their own, so stages cost their classifiers only.
     """
     k = test.num_stages
@@ -95,6 +96,8 @@ def compare_outputs(
             reference = search.for_accuracy_drop(0.0, reference_accuracy=m["val_accuracy"])
             fitted.append((f"match-accuracy {m['label']}", reference))
             fitted.append((f"match-macs {m['label']}", search.for_budget(m["val_mean_macs"])))
+            if m.get("alpha") is not None:  # the rule with the best reward at the policy's alpha
+                fitted.append((f"reward {m['label']}", search.for_reward(m["alpha"])))
         for point, rule in fitted:
             rows.append(
                 _row(name, point, _rule_metrics(rule, test), _rule_metrics(rule, val), **meta)
@@ -156,6 +159,7 @@ def compare_run(run_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]
     matched = [
         {
             "label": label,
+            "alpha": trainer.alpha,
             "val_accuracy": learned_val["accuracy"],
             "val_mean_macs": learned_val["mean_macs"],
             "exit_distribution": learned_test["exit_distribution"],

@@ -112,6 +112,12 @@ class TrainConfig:
     policy_hidden: int = _opt(
         16, "hidden units of each stopping module (paper: 64 on CIFAR, 256 on ImageNet)"
     )
+    policy_init: str = _opt(
+        "random",
+        "start of the stopping modules: 'random', or 'max-softmax' (imitate the max-softmax "
+        "threshold rule with the best reward at this alpha on the policy split, then learn)",
+        ("random", "max-softmax"),
+    )
     policy_inputs: str = _opt(
         "log-probs",
         "what each stopping module reads: the stage's softmax as log-probabilities, "
@@ -137,6 +143,15 @@ class TrainConfig:
     device: str = _opt("auto", "'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'")
     logdir: str = _opt("runs", "directory that receives one sub-directory per run")
     deterministic: bool = _opt(False, "use PyTorch's deterministic algorithms (for CUDA)")
+    precision: str = _opt(
+        "fp32",
+        "arithmetic of the classifiers' forward and backward passes: 'fp32', or 'bf16' "
+        "(autocast to bfloat16; the stopping policy, losses and optimiser stay in fp32)",
+        ("fp32", "bf16"),
+    )
+    channels_last: bool = _opt(
+        False, "keep image batches and convolution weights in channels-last memory layout"
+    )
 
     def validate(self) -> TrainConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad field."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 from pathlib import Path
@@ -13,6 +14,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from policycascade.agents import ReinforceAgent, expected_return, policy_gradient_variance
+from policycascade.agents.rules import stop_decisions
+from policycascade.agents.thresholds import ThresholdSearch
 from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -59,6 +62,10 @@ def single_classifier_metrics(outputs: CascadeOutputs, names: list[str]) -> list
     ]
 
 
+WARM_START_STEPS = 500  # full-batch Adam steps imitating the threshold rule (about 1 s on digits)
+WARM_START_LR = 1e-2
+
+
 class Trainer:
     """Trains one (config, alpha) pair into ``run_dir``; ``resume=True`` continues it."""
 
@@ -78,6 +85,8 @@ class Trainer:
         self.cascade: Cascade = build_cascade(
             config.cascade, self.data.input_shape, self.data.num_classes
         ).to(self.device)
+        if config.channels_last:
+            self.cascade.to(memory_format=torch.channels_last)
         self.agent = ReinforceAgent(
             self.cascade.num_stages,
             self.data.num_classes,
@@ -119,6 +128,7 @@ class Trainer:
         self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.epoch = 0  # finished epochs, pre-training included
         self.history: list[dict[str, float]] = []
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _classifier_optimizer(self) -> torch.optim.Optimizer:
         params, c = self.cascade.parameters(), self.config
@@ -201,11 +211,13 @@ class Trainer:
         rng = checkpoint["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        # Generator states are CPU byte tensors whatever the device (a checkpoint loaded
+        # with map_location="cuda" has moved them there).
+        torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.shuffle_generator.set_state(rng["shuffle"])
-        self.sample_generator.set_state(rng["sample"].to(self.sample_generator.device))
+            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+        self.shuffle_generator.set_state(rng["shuffle"].cpu())
+        self.sample_generator.set_state(rng["sample"].cpu())
 
     # -- epochs ------------------------------------------------------------------------------
 
@@ -217,6 +229,13 @@ class Trainer:
             lr * self.config.joint_lr_scale for lr in self.classifier_schedule.base_lrs
         ]
 
+    def _split_on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A split's images and labels on the device, copied there once per run."""
+        if split not in self._on_device:
+            data = self.data.split(split)
+            self._on_device[split] = (data.x.to(self.device), data.y.to(self.device))
+        return self._on_device[split]
+
     def _inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Stored images -> model inputs on the device, one batch at a time.
 
@@ -227,15 +246,28 @@ class Trainer:
             x = to_float(x, *NORMALISATION[self.config.dataset])
         if train and self.config.augment:
             x = random_crop_flip(x, pad=4, flip=True, generator=self.sample_generator)
+        if self.config.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast of the classifiers' passes when ``precision`` is ``bf16``."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _classify(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(batch, stage, class) logits in fp32, the forward pass at the configured precision."""
+        with self._autocast():
+            return module(x).float()
+
     def _pretrain_epoch(self) -> dict[str, float]:
-        x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
+        x, y = self._split_on_device("train")
         self.cascade.train()
         total, count = 0.0, 0
         for step, idx in enumerate(batches(len(y), self.config.batch_size, self.shuffle_generator)):
             idx = self.dist.shard(idx).to(self.device)
-            logits = self.train_cascade(self._inputs(x[idx], True))
+            logits = self._classify(self.train_cascade, self._inputs(x[idx], True))
             loss = cross_entropy_all_stages(logits, y[idx])
             self._check_finite(loss, "pre-training loss", step, logits)
             self.classifier_optimizer.zero_grad(set_to_none=True)
@@ -254,10 +286,9 @@ class Trainer:
         classifiers' outputs on held-out batches, which they never train on.
         """
         c = self.config
-        x, y = self.data.train.x.to(self.device), self.data.train.y.to(self.device)
+        x, y = self._split_on_device("train")
         held_out = c.policy_split != "train"
-        policy_data = self.data.split(c.policy_split)
-        px, py = policy_data.x.to(self.device), policy_data.y.to(self.device)
+        px, py = self._split_on_device(c.policy_split)
         joint = not c.freeze_classifiers
         train_batches = batches(len(y), c.batch_size, self.shuffle_generator)
         policy_batches = train_batches
@@ -280,7 +311,7 @@ class Trainer:
             supervised = x.new_zeros(())
             if joint:
                 self.cascade.train()
-                logits = self.train_cascade(self._inputs(x[idx], True))
+                logits = self._classify(self.train_cascade, self._inputs(x[idx], True))
                 supervised = cross_entropy_all_stages(logits, y[idx])
                 step = self.agent(logits, y[idx], self.cumulative_costs, self.sample_generator)
                 classifier_loss = c.supervised_weight * supervised + step.loss
@@ -326,12 +357,40 @@ class Trainer:
         self.policy_schedule.step()
         return metrics
 
+    def _warm_start_policy(self) -> dict[str, float]:
+        """Fit the stopping modules to the max-softmax rule with the best reward at this alpha.
+
+        The rule is fitted on the policy split's outputs of the current classifiers
+        (``ThresholdSearch.for_reward``); the modules then imitate its decisions by
+        cross-entropy, so REINFORCE starts from the threshold rule instead of from a
+        random policy. Returns how often the modules agree with the rule afterwards.
+        """
+        x, y = self._split_on_device(self.config.policy_split)
+        probs = self._eval_logits(x).softmax(-1)
+        rule = ThresholdSearch(probs, y, self.costs, "max-softmax").for_reward(self.alpha)
+        target = stop_decisions(rule, probs.cpu())[:, :-1].to(self.device, probs.dtype)
+        policy = self.agent.policy
+        optimizer = torch.optim.Adam(policy.parameters(), lr=WARM_START_LR)
+        for _ in range(WARM_START_STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.binary_cross_entropy_with_logits(policy(probs), target).backward()
+            optimizer.step()
+        with torch.no_grad():
+            agreement = ((policy(probs) >= 0).to(probs.dtype) == target).to(probs.dtype).mean()
+        return {
+            "policy/warm_start_agreement": float(agreement),
+            "policy/warm_start_stop_share": float(target.mean()),
+        }
+
     @torch.no_grad()
     def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         was_training = self.cascade.training
         self.cascade.eval()
         logits = torch.cat(
-            [self.cascade(self._inputs(x[i : i + 1024])) for i in range(0, len(x), 1024)]
+            [
+                self._classify(self.cascade, self._inputs(x[i : i + 1024]))
+                for i in range(0, len(x), 1024)
+            ]
         )
         self.cascade.train(was_training)
         return logits
@@ -356,8 +415,9 @@ class Trainer:
 
     def outputs(self, split: str) -> CascadeOutputs:
         """Cached classifier outputs on a split, with this run's stage costs."""
-        data = self.data.split(split)
-        return self.cascade.outputs(data.x, data.y, self.costs, transform=self._inputs)
+        x, y = self._split_on_device(split)
+        with self._autocast():
+            return self.cascade.outputs(x, y, self.costs, transform=self._inputs)
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """The learned policy on a split, plus its exact expected reward."""
@@ -402,10 +462,13 @@ class Trainer:
             for epoch in progress:
                 if epoch == self.config.pretrain_epochs:
                     self._set_joint_lr()
+                warm_start = {}
+                if epoch == self.config.pretrain_epochs and self.config.policy_init != "random":
+                    warm_start = self._warm_start_policy()
                 if epoch < self.config.pretrain_epochs:
                     metrics = self._pretrain_epoch()
                 else:
-                    metrics = self._reinforce_epoch()
+                    metrics = {**warm_start, **self._reinforce_epoch()}
                 broadcast_buffers(self.dist, self.cascade)
                 broadcast_buffers(self.dist, self.agent)
                 val = self.evaluate("val")

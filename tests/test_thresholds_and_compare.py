@@ -165,3 +165,19 @@ def test_compare_cli_outputs_agree(tmp_path, capsys):
 def test_compare_rejects_a_directory_without_runs(tmp_path, capsys):
     assert compare_main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_reward_fit_beats_every_swept_rule_on_its_own_objective():
+    out, search = _search(seed=2)
+    for alpha in (0.0, 0.05, 0.5):
+
+        def reward(rule, alpha=alpha):
+            m = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+            return m["accuracy"] - alpha * m["mean_macs"] / out.costs.reference_macs
+
+        best = reward(search.for_reward(alpha))
+        assert all(best >= reward(r) - 1e-12 for r in search.sweep(30))
+    # a huge cost weight sends everything out at stage 0
+    rule = search.for_reward(1e6)
+    cheapest = out.costs.cumulative_macs[0]
+    assert evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))["mean_macs"] == cheapest
