@@ -217,3 +217,29 @@ def test_bench_quick_json_smoke(capsys):
     assert report["vector_env"]["ratio"] > 0
     assert report["training_step"]["digits"]["ratio"] > 0
     assert "skipped" in report["train_job"]
+
+
+def test_bench_epoch_times_the_trainer_and_a_dataloader_on_fake_cifar(capsys):
+    from policycascade.bench_epoch import main
+
+    argv = ["--fake", "--train-images", "10", "--batch-size", "8", "--workers", "0"]
+    argv += ["--device", "cpu", "--variants", "device-fp32", "dataloader-fp32", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train_images"] == 9  # 10% carved out for validation
+    device, loader = report["variants"]["device-fp32"], report["variants"]["dataloader-fp32"]
+    assert device["pretrain_images_per_s"] == pytest.approx(9 / device["pretrain_epoch_s"])
+    expected = 164 * (device["pretrain_epoch_s"] + device["validation_s"]) + 40 * (
+        device["joint_epoch_s"] + device["validation_s"]
+    )
+    assert device["estimated_run_s"] == pytest.approx(expected)
+    assert loader["workers"] == 0 and loader["pretrain_epoch_s"] > 0
+
+
+def test_bench_epoch_fake_needs_cifar10(capsys, tmp_path):
+    from policycascade.bench_epoch import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: digits\n")
+    assert main(["--config", str(config), "--fake", "--device", "cpu"]) == 2
+    assert "cifar10" in capsys.readouterr().err

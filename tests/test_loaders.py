@@ -1,7 +1,6 @@
 """The image loaders read each data set's published on-disk format, written here in miniature."""
 
 import gzip
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from policycascade.data.vision import (
     load_imagenet_folder,
     load_vision_dataset,
     to_float,
+    write_cifar_batch,
 )
 
 IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet32")
@@ -43,14 +43,6 @@ def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
         path.write_bytes(gzip.compress(payload))
     else:
         path.write_bytes(payload)
-
-
-def write_pickle(path: Path, images: np.ndarray, labels: np.ndarray, label_key: bytes) -> None:
-    """A CIFAR python batch: bytes keys, data uint8 (N, 3072) channel-major, labels a list."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batch = {b"data": images.reshape(len(images), -1), label_key: labels.tolist()}
-    with open(path, "wb") as f:
-        pickle.dump(batch, f)
 
 
 def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -80,11 +72,11 @@ def fake_dataset(name: str, root: Path, seed: int = 0):
         for i in range(5):
             part = slice(4 * i, 4 * i + 4)
             path = root / "cifar-10-batches-py" / f"data_batch_{i + 1}"
-            write_pickle(path, train_x[part], train_y[part], b"labels")
-        write_pickle(root / "cifar-10-batches-py" / "test_batch", test_x, test_y, b"labels")
+            write_cifar_batch(path, train_x[part], train_y[part], b"labels")
+        write_cifar_batch(root / "cifar-10-batches-py" / "test_batch", test_x, test_y, b"labels")
     elif name == "cifar100":
-        write_pickle(root / "cifar-100-python" / "train", train_x, train_y, b"fine_labels")
-        write_pickle(root / "cifar-100-python" / "test", test_x, test_y, b"fine_labels")
+        write_cifar_batch(root / "cifar-100-python" / "train", train_x, train_y, b"fine_labels")
+        write_cifar_batch(root / "cifar-100-python" / "test", test_x, test_y, b"fine_labels")
     elif name == "imagenet32":
         for i in range(10):
             part = slice(2 * i, 2 * i + 2)
@@ -207,10 +199,10 @@ def test_wrong_pickle_keys_and_label_range_are_reported(tmp_path):
     fake_dataset("cifar10", tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
     images = np.zeros((4, 3, 32, 32), dtype=np.uint8)
-    write_pickle(folder / "data_batch_1", images, np.zeros(4, np.int64), b"fine_labels")
+    write_cifar_batch(folder / "data_batch_1", images, np.zeros(4, np.int64), b"fine_labels")
     with pytest.raises(ValueError, match="data_batch_1.*b'labels'"):
         load_cifar10(tmp_path)
-    write_pickle(folder / "data_batch_1", images, np.array([0, 1, 2, 10]), b"labels")
+    write_cifar_batch(folder / "data_batch_1", images, np.array([0, 1, 2, 10]), b"labels")
     with pytest.raises(ValueError, match=r"data_batch_1: labels must lie in \[0, 9\]"):
         load_cifar10(tmp_path)
 

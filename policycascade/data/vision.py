@@ -242,6 +242,18 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: bytes) -> None:
+    """Write one CIFAR python batch as published (the inverse of the reader above).
+
+    Bytes keys, uint8 ``data`` of shape (N, 3072) channel-major, labels as a list;
+    for tests and benchmarks that need the on-disk format without a download.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {b"data": images.reshape(len(images), -1), label_key: labels.tolist()}
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+
+
 def _load_cifar_set(
     key: str, data_dir: str | Path, seed: int, download: bool, val_fraction: float
 ) -> DataSplits:
