@@ -32,7 +32,7 @@ from policycascade.agents.thresholds import (
 )
 from policycascade.cascade import CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from policycascade.config import ConfigError, config_from_dict
+from policycascade.config import ConfigError, HelpFormatter, config_from_dict
 from policycascade.evaluation import evaluate_exits, first_stop
 from policycascade.jsonio import write_json
 from policycascade.ltc_run import LtcRun
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m policycascade.compare",
         description="Evaluate trained runs under every stopping policy on the test split and "
         "write comparison.json/.csv, tradeoff.png and TensorBoard runs to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "runs",

@@ -276,6 +276,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default to its help, except where there is none to show.
+
+    Config options default to None on the command line (so that a config file can
+    set them) and state their real default in their help text already.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One CLI option per config field, with the field's help; defaults stay unset (None)."""
     hints = _field_types()

@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from policycascade.checkpoint import CheckpointError, load_checkpoint
 from policycascade.config import (
     ConfigError,
+    HelpFormatter,
     TrainConfig,
     add_config_arguments,
     config_from_args,
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             "per alpha under --logdir holds TensorBoard events, checkpoint.pt, config.yaml and "
             "metrics.json."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--config",

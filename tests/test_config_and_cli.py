@@ -39,6 +39,9 @@ def test_help_explains_every_option(capsys):
         assert "--" + name.replace("_", "-") in text
     for flag in ("--config", "--resume", "--device", "--logdir"):
         assert flag in text
+    # each config option states its own default once; the CLI's None placeholder never shows
+    assert "default: None" not in text
+    assert "(default: digits)" in " ".join(text.split())
 
 
 @pytest.mark.parametrize(
