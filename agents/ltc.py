@@ -24,6 +24,7 @@ from policycascade.cascade import Cascade
 from policycascade.costs import StageCosts, count_macs
 from policycascade.data import Split
 from policycascade.evaluation import first_stop
+from policycascade.optimizers import build_optimizer
 from policycascade.supervised import batches, cross_entropy_all_stages
 
 WEIGHT_DECAY = 1e-4  # Adam weight decay, the same as cross-entropy pre-training's default
@@ -122,12 +123,7 @@ def _fit(
     """Optimise ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``."""
     spec = spec or OptimizerSpec()
     generator = torch.Generator().manual_seed(seed)
-    if spec.name == "sgd":
-        optimizer = torch.optim.SGD(
-            module.parameters(), lr=lr, momentum=0.9, weight_decay=spec.weight_decay
-        )
-    else:
-        optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=spec.weight_decay)
+    optimizer = build_optimizer(spec.name, module.parameters(), lr, spec.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.milestones), spec.gamma)
     module.train()
     for _ in range(epochs):

@@ -48,6 +48,7 @@ from policycascade.envs import CascadeStoppingEnv, CascadeStoppingVectorEnv
 from policycascade.inference import early_exit_predict
 from policycascade.models import build_cascade
 from policycascade.models.resnet import cifar_resnet
+from policycascade.optimizers import build_optimizer
 from policycascade.supervised import cross_entropy_all_stages
 
 EXIT_SHARES = (0.50, 0.25, 0.15, 0.10)  # target share of inputs exiting at each stage
@@ -364,13 +365,11 @@ def training_steps(
     cumulative_costs = torch.tensor(
         np.cumsum(costs.stage_costs), dtype=torch.float32, device=device
     )
-    joint_optimizer = torch.optim.Adam(
-        cascade.parameters(), lr=config.lr * config.joint_lr_scale, weight_decay=config.weight_decay
+    joint_optimizer = build_optimizer(
+        "adam", cascade.parameters(), config.lr * config.joint_lr_scale, config.weight_decay
     )
-    policy_optimizer = torch.optim.Adam(agent.parameters(), lr=config.policy_lr)
-    plain_optimizer = torch.optim.Adam(
-        cascade.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    policy_optimizer = build_optimizer("adam", agent.parameters(), config.policy_lr)
+    plain_optimizer = build_optimizer("adam", cascade.parameters(), config.lr, config.weight_decay)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def reinforce_step(x: torch.Tensor, y: torch.Tensor) -> None:

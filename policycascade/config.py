@@ -14,6 +14,7 @@ import yaml
 
 from policycascade.data import DATASETS
 from policycascade.models import CASCADES
+from policycascade.optimizers import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,6 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 
 AGENTS = ("reinforce", "ltc")
-OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass

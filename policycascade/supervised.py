@@ -8,6 +8,7 @@ from einops import rearrange
 
 from policycascade.cascade import Cascade
 from policycascade.data import Split
+from policycascade.optimizers import build_optimizer
 
 
 def cross_entropy_all_stages(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def fit_classifiers(
     """Train every stage of ``cascade`` with Adam on cross-entropy; returns it in eval mode."""
     device = next(cascade.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(cascade.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer("adam", cascade.parameters(), lr, weight_decay)
     x, y = train.x.to(device), train.y.to(device)
     cascade.train()
     for _ in range(epochs):

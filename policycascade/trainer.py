@@ -25,6 +25,7 @@ from policycascade.distributed import broadcast_buffers, current_context
 from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
 from policycascade.jsonio import write_json
 from policycascade.models import build_cascade
+from policycascade.optimizers import build_optimizer
 from policycascade.runtime import resolve_device, seed_everything
 from policycascade.supervised import batches, cross_entropy_all_stages
 
@@ -113,12 +114,9 @@ class Trainer:
         self.classifier_schedule = torch.optim.lr_scheduler.MultiStepLR(
             self.classifier_optimizer, milestones=config.lr_milestones, gamma=config.lr_gamma
         )
-        if config.policy_optimizer == "adam":
-            self.policy_optimizer = torch.optim.Adam(self.agent.parameters(), lr=config.policy_lr)
-        else:
-            self.policy_optimizer = torch.optim.SGD(
-                self.agent.parameters(), lr=config.policy_lr, momentum=0.9
-            )
+        self.policy_optimizer = build_optimizer(
+            config.policy_optimizer, self.agent.parameters(), config.policy_lr
+        )
         self.policy_schedule = torch.optim.lr_scheduler.StepLR(
             self.policy_optimizer,
             step_size=config.policy_lr_decay_every,
@@ -131,10 +129,8 @@ class Trainer:
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _classifier_optimizer(self) -> torch.optim.Optimizer:
-        params, c = self.cascade.parameters(), self.config
-        if c.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=c.lr, momentum=0.9, weight_decay=c.weight_decay)
-        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        c = self.config
+        return build_optimizer(c.optimizer, self.cascade.parameters(), c.lr, c.weight_decay)
 
     @property
     def total_epochs(self) -> int:
@@ -370,7 +366,7 @@ class Trainer:
         rule = ThresholdSearch(probs, y, self.costs, "max-softmax").for_reward(self.alpha)
         target = stop_decisions(rule, probs.cpu())[:, :-1].to(self.device, probs.dtype)
         policy = self.agent.policy
-        optimizer = torch.optim.Adam(policy.parameters(), lr=WARM_START_LR)
+        optimizer = build_optimizer("adam", policy.parameters(), WARM_START_LR)
         for _ in range(WARM_START_STEPS):
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.binary_cross_entropy_with_logits(policy(probs), target).backward()

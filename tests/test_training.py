@@ -119,3 +119,28 @@ def test_bf16_autocast_and_channels_last_reach_the_classifiers(tmp_path):
     x, y = bf16._split_on_device("train")
     cross_entropy_all_stages(bf16._classify(bf16.cascade, bf16._inputs(x[:64])), y[:64]).backward()
     assert all(torch.isfinite(p.grad).all() for p in bf16.cascade.parameters())
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_optimizer_takes_the_same_step_as_the_default_one(name):
+    from policycascade.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    b.load_state_dict(a.state_dict())
+    fused = build_optimizer(name, a.parameters(), 0.05, weight_decay=1e-3)
+    assert fused.defaults["fused"]  # this torch has the kernel on the CPU
+    cls = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    plain = cls(b.parameters(), lr=0.05, weight_decay=1e-3, **extra)
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        for model, optimizer in ((a, fused), (b, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        build_optimizer("rmsprop", a.parameters(), 0.1)
