@@ -610,7 +610,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"skipped: {job['skipped']}")
     else:
         lines.append(
-            f"python {job['command']}: {job['wall_s']:.1f} s, "
+            f"{job['command']}: {job['wall_s']:.1f} s, "
             f"peak RSS {job['max_rss_mib']:,.0f} MiB"
         )
     sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
