@@ -283,9 +283,9 @@ class MultiExitCascade(Cascade):
     """A ``Cascade`` over the exits of a ``MultiExitNet``, priced by incremental MACs.
 
     ``classifier_macs()[t]`` is block t plus head t, so ``StageCosts``'
-    cumulative MACs are what a sample exiting at t really spends. Its
-    ``reference_macs`` (and so ``macs_share``) is the largest single increment,
-    not the full network: compare multi-exit cascades by ``mean_macs``.
+    cumulative MACs are what a sample exiting at t really spends. Each exit used
+    alone (``alone_macs``) runs the trunk up to it plus its head, and the last
+    exit alone is the reference of ``macs_share``.
     """
 
     def __init__(self, net: MultiExitNet):
@@ -295,6 +295,10 @@ class MultiExitCascade(Cascade):
     def classifier_macs(self) -> list[int]:
         """Incremental MACs of each stage (earlier blocks are reused, not re-run)."""
         return self.net.incremental_macs()
+
+    def alone_macs(self) -> list[int]:
+        """MACs of each exit as a stand-alone classifier: its blocks and its head."""
+        return super().classifier_macs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every exit (batch, stage, class), running the trunk once."""
@@ -438,7 +442,7 @@ def fit_ltc_thresholds(
     val_probs, val_labels = val_probs.cpu(), val_labels.cpu()
     conf = val_probs.max(-1).values  # (sample, stage)
     correct = (val_probs.argmax(-1) == val_labels.unsqueeze(1)).to(torch.int64)  # (sample, stage)
-    cumulative = torch.tensor(StageCosts(costs.classifier_macs).cumulative_macs)
+    cumulative = torch.tensor(costs.with_policy_macs([0] * k).cumulative_macs)
     required_correct = (1.0 - epsilon) * int(correct[:, -1].sum())
     rows = torch.arange(n)
 

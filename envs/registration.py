@@ -43,7 +43,7 @@ def _make_env(source, alpha=1e-3, loss="zero-one", render_mode=None) -> CascadeS
     return CascadeStoppingEnv(source(), alpha=alpha, loss=loss, render_mode=render_mode)
 
 
-def _make_vector_env(source, num_envs=1, alpha=1e-3, loss="zero-one", device="auto", **ignored):
+def _make_vector_env(source, num_envs=1, alpha=1e-3, loss="zero-one", device="auto"):
     check_alpha(alpha), check_loss_name(loss)  # before the outputs, which may take a while
     return CascadeStoppingVectorEnv(num_envs, source(), alpha=alpha, loss=loss, device=device)
 
@@ -115,8 +115,15 @@ def digits_outputs(
         from policycascade.checkpoint import load_checkpoint
 
         state = load_checkpoint(Path(checkpoint))
-        cascade.load_state_dict(state["cascade"])
-        hidden = state["config"]["policy_hidden"]
+        try:
+            cascade.load_state_dict(state["cascade"])
+            hidden = state["config"]["policy_hidden"]
+        except (KeyError, RuntimeError, TypeError) as error:
+            first_line = str(error).strip().splitlines()[0][:200]
+            raise ValueError(
+                f"checkpoint {checkpoint} does not hold the digits cascade's classifiers "
+                f"(a run of another cascade or program?): {first_line}"
+            ) from None
     else:
         fit_classifiers(
             cascade,
@@ -157,7 +164,6 @@ def make_digits_vector_env(
     seed: int = 0,
     checkpoint: str | None = None,
     device: str = "auto",
-    **ignored,
 ) -> CascadeStoppingVectorEnv:
     """Batched ``policycascade/DigitsCascade-v0``."""
     source = _digits_source(split, seed, checkpoint)

@@ -217,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run from it.",
     )
     parser.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)"
+        "--config",
+        default=str(DEFAULT_CONFIG),
+        help="config file (default: configs/cifar10-resnet.yaml of this package)",
     )
     parser.add_argument("--data-dir", help="where the data set lies (default: the config's)")
     parser.add_argument(

@@ -57,9 +57,17 @@ class Cascade(nn.Module):
             self._classifier_macs = macs
         return self._classifier_macs
 
+    def alone_macs(self) -> list[int]:
+        """MACs per sample of each classifier used on its own (here: ``classifier_macs``)."""
+        return self.classifier_macs()
+
     def costs(self, policy_macs: Sequence[int] | None = None) -> StageCosts:
         """Per-stage costs with the given stopping rule's MACs per stage."""
-        return StageCosts(self.classifier_macs(), list(policy_macs) if policy_macs else None)
+        return StageCosts(
+            self.classifier_macs(),
+            list(policy_macs) if policy_macs else None,
+            self.alone_macs(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every classifier, shape (batch, stage, class)."""

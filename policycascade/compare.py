@@ -112,8 +112,8 @@ def compare_outputs(
     rows.append(_row("oracle", "bound", oracle, None, **meta))
     for t, name in enumerate(stage_names):
         single = evaluate_exits(test, torch.full((test.num_samples,), t, dtype=torch.int64))
-        single["mean_macs"] = float(free.classifier_macs[t])  # alone: no earlier stage runs
-        single["macs_share"] = free.classifier_macs[t] / free.reference_macs
+        single["mean_macs"] = float(free.alone_macs[t])  # alone: no earlier stage runs
+        single["macs_share"] = free.alone_macs[t] / free.reference_macs
         single["accuracy"] = single["stage_accuracy"][t]
         single["exit_distribution"] = [float(s == t) for s in range(k)]
         rows.append(_row("single", name, single, None, **meta))
@@ -323,8 +323,11 @@ CSV_COLUMNS = (
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One line per (run, policy, operating point); list metrics become one column per stage."""
-    k = len(rows[0]["exit_distribution"])
+    """One line per (run, policy, operating point); list metrics become one column per stage.
+
+    Runs of cascades with fewer stages leave the extra stage columns empty.
+    """
+    k = max(len(row["exit_distribution"]) for row in rows)
     columns = list(CSV_COLUMNS) + [f"exit_share_stage{t}" for t in range(k)]
     columns += [f"stage_accuracy_stage{t}" for t in range(k)]
     with open(path, "w", newline="") as handle:

@@ -83,8 +83,14 @@ class TrainConfig:
         ("score-function", "exact", "backward-induction"),
     )
     loss: str = _opt("zero-one", "prediction loss in the reward", ("zero-one", "cross-entropy"))
-    pretrain_epochs: int = _opt(40, "epochs of cross-entropy pre-training of the classifiers")
-    epochs: int = _opt(100, "epochs of REINFORCE training after pre-training")
+    pretrain_epochs: int = _opt(
+        40,
+        "epochs of cross-entropy pre-training of the classifiers (with --agent ltc: the "
+        "epochs of LtC training of each classifier)",
+    )
+    epochs: int = _opt(
+        100, "epochs of REINFORCE training after pre-training (not used by --agent ltc)"
+    )
     batch_size: int = _opt(64, "training mini-batch size")
     optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
     lr: float = _opt(3e-3, "learning rate of the classifiers")

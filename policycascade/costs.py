@@ -40,9 +40,18 @@ class StageCosts:
     module: reaching it always ends the episode. Normalised costs divide by the
     MACs of the most expensive *classifier*, so that running that classifier
     alone costs 1 and ``alpha`` reads as "reward lost per full-size model run".
+
+    ``alone_macs`` is what each classifier costs used on its own; it differs from
+    ``classifier_macs`` only where stages share computation (the exits of one
+    network, where stage t adds its increment but exit t alone runs the trunk up to t).
     """
 
-    def __init__(self, classifier_macs: list[int], policy_macs: list[int] | None = None):
+    def __init__(
+        self,
+        classifier_macs: list[int],
+        policy_macs: list[int] | None = None,
+        alone_macs: list[int] | None = None,
+    ):
         k = len(classifier_macs)
         if k < 2:
             raise ValueError(f"a cascade needs at least 2 stages, got K={k}")
@@ -57,8 +66,12 @@ class StageCosts:
             )
         if not all(math.isfinite(m) and m >= 0 for m in policy_macs):
             raise ValueError(f"policy_macs must be >= 0, got {policy_macs}")
+        alone_macs = list(alone_macs) if alone_macs is not None else list(classifier_macs)
+        if len(alone_macs) != k or not all(math.isfinite(m) and m > 0 for m in alone_macs):
+            raise ValueError(f"alone_macs needs {k} finite entries > 0, got {alone_macs}")
         self.classifier_macs = [int(m) for m in classifier_macs]
         self.policy_macs = [int(m) for m in policy_macs[:-1]] + [0]
+        self.alone_macs = [int(m) for m in alone_macs]
 
     @property
     def num_stages(self) -> int:
@@ -81,8 +94,8 @@ class StageCosts:
 
     @property
     def reference_macs(self) -> int:
-        """MACs of the most expensive classifier: the unit of normalised cost."""
-        return max(self.classifier_macs)
+        """MACs of the most expensive classifier used alone: the unit of normalised cost."""
+        return max(self.alone_macs)
 
     @property
     def stage_costs(self) -> list[float]:
@@ -91,7 +104,7 @@ class StageCosts:
 
     def with_policy_macs(self, policy_macs: list[int]) -> StageCosts:
         """The same classifiers with another stopping rule's per-stage cost."""
-        return StageCosts(self.classifier_macs, policy_macs)
+        return StageCosts(self.classifier_macs, policy_macs, self.alone_macs)
 
     def as_dict(self) -> dict[str, list]:
         """JSON-ready table: MACs per stage and as a share of the reference classifier."""
@@ -100,7 +113,8 @@ class StageCosts:
             "policy_macs": self.policy_macs,
             "stage_macs": self.stage_macs,
             "cumulative_macs": self.cumulative_macs,
-            "classifier_macs_share": [m / self.reference_macs for m in self.classifier_macs],
+            "alone_macs": self.alone_macs,
+            "classifier_macs_share": [m / self.reference_macs for m in self.alone_macs],
             "stage_costs": self.stage_costs,
         }
 

@@ -56,8 +56,8 @@ def single_classifier_metrics(outputs: CascadeOutputs, names: list[str]) -> list
         {
             "name": name,
             "accuracy": float(correct[t]),
-            "mean_macs": float(costs.classifier_macs[t]),
-            "macs_share": costs.classifier_macs[t] / costs.reference_macs,
+            "mean_macs": float(costs.alone_macs[t]),
+            "macs_share": costs.alone_macs[t] / costs.reference_macs,
         }
         for t, name in enumerate(names)
     ]
@@ -268,6 +268,7 @@ class Trainer:
             self._check_finite(loss, "pre-training loss", step, logits)
             self.classifier_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self._check_finite_gradients(step)
             self.classifier_optimizer.step()
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         return {"pretrain/loss": total / count}
@@ -328,6 +329,7 @@ class Trainer:
                 self._check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
                 policy_loss.backward()
             self.dist.average_gradients(self.agent)
+            self._check_finite_gradients(step_index)
             self.policy_optimizer.step()
             if joint:
                 self.classifier_optimizer.step()
@@ -390,6 +392,30 @@ class Trainer:
         )
         self.cascade.train(was_training)
         return logits
+
+    def _check_finite_gradients(self, step: int) -> None:
+        """Stop before an optimiser step writes NaN/inf into the weights; name the module."""
+        modules = [
+            (f"classifier stage {t} ({name!r})", classifier)
+            for t, (name, classifier) in enumerate(
+                zip(self.cascade.names, self.cascade.classifiers, strict=True)
+            )
+        ] + [("stopping policy", self.agent)]
+        grads = [p.grad for _, m in modules for p in m.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(_total_norm(grads))):
+            return
+        bad = next(
+            name
+            for name, module in modules
+            if any(
+                p.grad is not None and not torch.isfinite(p.grad).all() for p in module.parameters()
+            )
+        )
+        raise NonFiniteError(
+            f"gradients of the {bad} became non-finite in epoch {self.epoch + 1}, "
+            f"step {step + 1}, with a finite loss; no optimiser step was taken. "
+            f"The last good checkpoint in {self.run_dir} is kept."
+        )
 
     def _check_finite(
         self, value: torch.Tensor, what: str, step: int, logits: torch.Tensor
@@ -503,6 +529,13 @@ class Trainer:
             "stage_names": self.cascade.names,
             "epochs_trained": self.epoch,
         }
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """2-norm over all ``tensors``: non-finite as soon as any element is."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused call
+        return torch.nn.utils.get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 def _tagged(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:

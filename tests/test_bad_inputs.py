@@ -482,3 +482,21 @@ def test_digits_env_rejects_bad_arguments_before_training(kwargs, fragments, mon
             make(DIGITS_ID, seed=12345, **kwargs)
         for fragment in fragments:
             assert fragment in str(raised.value)
+
+
+def test_make_vec_rejects_a_misspelled_argument_by_name():
+    with pytest.raises(TypeError, match="alhpa"):
+        gym.make_vec(DIGITS_ID, num_envs=2, alhpa=0.1)
+
+
+def test_digits_env_rejects_a_checkpoint_of_another_cascade(tmp_path, monkeypatch):
+    def no_training(*args, **kw):
+        raise AssertionError("trained instead of loading the checkpoint")
+
+    monkeypatch.setattr(policycascade.supervised, "fit_classifiers", no_training)
+    other = Cascade([nn.Linear(64, 10), nn.Linear(64, 10)], (64,), 10, ["a", "b"])
+    path = tmp_path / CHECKPOINT_NAME
+    torch.save({"cascade": other.state_dict(), "config": {"policy_hidden": 16}}, path)
+    with pytest.raises(ValueError, match="does not hold the digits cascade") as raised:
+        gym.make(DIGITS_ID, checkpoint=str(path), seed=999)
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)

@@ -244,6 +244,9 @@ def test_multi_exit_net_exits_and_incremental_macs():
     assert costs.classifier_macs == incremental
     for t in (1, 2):  # reusing earlier blocks is cheaper than running separate models
         assert costs.cumulative_macs[t] < sum(separate[: t + 1])
+    # an exit used alone runs its trunk: the last one alone is the reference (share 1)
+    assert costs.alone_macs == separate and costs.reference_macs == separate[-1]
+    assert costs.cumulative_macs[-1] / costs.reference_macs > 1  # every head ran on the way
     assert cascade.outputs(x, torch.zeros(5, dtype=torch.int64), costs).probs.shape == (5, 3, 10)
 
 

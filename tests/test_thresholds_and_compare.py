@@ -181,3 +181,24 @@ def test_reward_fit_beats_every_swept_rule_on_its_own_objective():
     rule = search.for_reward(1e6)
     cheapest = out.costs.cumulative_macs[0]
     assert evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))["mean_macs"] == cheapest
+
+
+def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    fast = ["--pretrain-epochs", "2", "--no-progress", "--logdir", str(runs)]
+    assert train_main(["--alpha", "0.01", "--epochs", "1", *fast]) == 0
+    assert train_main(["--agent", "ltc", "--ltc-form", "multi-exit", *fast]) == 0
+    out = tmp_path / "cmp"
+    args = ["--out", str(out), "--criteria", "max-softmax", "--sweep-points", "4"]
+    assert compare_main([str(runs), *args]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["rows"]
+    assert {"reinforce", "ltc"} <= {r["policy"] for r in rows}
+    stages = {len(r["exit_distribution"]) for r in rows}
+    assert stages == {3, 4}  # the multi-exit net has three exits, the digits cascade four
+    with open(out / "comparison.csv") as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == len(rows)
+    for row, line in zip(rows, lines, strict=True):
+        assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
+        assert (line["exit_share_stage3"] == "") == (len(row["exit_distribution"]) == 3)
+    assert (out / "tensorboard" / "ltc").is_dir()
