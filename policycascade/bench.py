@@ -610,8 +610,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"skipped: {job['skipped']}")
     else:
         lines.append(
-            f"{job['command']}: {job['wall_s']:.1f} s, "
-            f"peak RSS {job['max_rss_mib']:,.0f} MiB"
+            f"{job['command']}: {job['wall_s']:.1f} s, peak RSS {job['max_rss_mib']:,.0f} MiB"
         )
     sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
     lines += ["", f"bench wall time {report['bench_wall_s']:.1f} s ({sections})"]

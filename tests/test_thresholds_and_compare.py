@@ -137,9 +137,14 @@ def test_compare_cli_outputs_agree(tmp_path, capsys):
         assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
         assert float(line["mean_macs"]) == pytest.approx(row["mean_macs"])
     assert (out / "tradeoff.png").stat().st_size > 10_000
-    # TensorBoard: each policy's scalars equal its JSON rows (step = mean MACs)
-    for policy, count in (("oracle", 1), ("single", 4), ("reinforce", 1)):
-        expected = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["mean_macs"])
+    # TensorBoard: each policy's scalars equal its JSON points, means over seeds (one seed
+    # here, so they equal the rows too); step = mean MACs
+    assert {(a["policy"], a["point"], a["accuracy"]) for a in payload["aggregated"]} == {
+        (r["policy"], r["point"], r["accuracy"]) for r in rows
+    }
+    for policy, count in (("oracle", 1), ("single", 4), ("reinforce", 1), ("max-softmax", 17)):
+        points = (a for a in payload["aggregated"] if a["policy"] == policy)
+        expected = sorted(points, key=lambda r: r["mean_macs"])
         events = EventAccumulator(str(out / "tensorboard" / policy))
         events.Reload()
         logged = events.Scalars("compare/accuracy")
@@ -201,4 +206,6 @@ def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tmp_path, capsys):
     for row, line in zip(rows, lines, strict=True):
         assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
         assert (line["exit_share_stage3"] == "") == (len(row["exit_distribution"]) == 3)
-    assert (out / "tensorboard" / "ltc").is_dir()
+    # two classifier sets (trained by REINFORCE and by LtC): their runs are kept apart
+    for policy in ("ltc", "max-softmax", "max-softmax__LtC_classifiers_"):
+        assert (out / "tensorboard" / policy).is_dir()
