@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def register_cascade(
     batched :class:`CascadeStoppingVectorEnv`. Costs are measured on one sample of ``x``,
     with a stopping module of ``policy_hidden`` units per stage.
     """
-    if not isinstance(name, str) or not name or "/" in name or "-v" in name:
+    if not isinstance(name, str) or not re.fullmatch(r"[\w:.-]+", name) or "-v" in name:
         raise ValueError(
-            f"name must be a plain name like 'MyCascade' (no '/' or '-v'), got {name!r}"
+            "name must be a plain name like 'MyCascade' (letters, digits, '_', ':', '.', '-'; "
+            f"no spaces, '/' or '-v'), got {name!r}"
         )
     if len(x) != len(y):
         raise ValueError(f"x and y must hold the same number of samples, got {len(x)} and {len(y)}")
@@ -119,10 +121,11 @@ def digits_outputs(
             cascade.load_state_dict(state["cascade"])
             hidden = state["config"]["policy_hidden"]
         except (KeyError, RuntimeError, TypeError) as error:
-            first_line = str(error).strip().splitlines()[0][:200]
+            lines = [line.strip() for line in str(error).strip().splitlines()]
+            detail = " ".join(lines[1:3] or lines[:1])[:300]  # missing / unexpected keys
             raise ValueError(
                 f"checkpoint {checkpoint} does not hold the digits cascade's classifiers "
-                f"(a run of another cascade or program?): {first_line}"
+                f"(a run of another cascade or program?): {detail}"
             ) from None
     else:
         fit_classifiers(

@@ -143,6 +143,8 @@ class CascadeStoppingEnv(gym.Env):
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Stop (1) or continue (0) at the current stage."""
         if self._done:
+            if self._sample is None:
+                raise ResetNeeded("no episode has started: call reset() before step()")
             raise ResetNeeded("the episode has ended: call reset() before step()")
         if not self.action_space.contains(action):
             raise InvalidAction(f"action must be 0 (continue) or 1 (stop), got {action!r}")

@@ -393,6 +393,12 @@ class Trainer:
         self.cascade.train(was_training)
         return logits
 
+    def _kept_checkpoint(self) -> str:
+        """What a failed run leaves behind, for the non-finite errors."""
+        if self.epoch == 0:
+            return f"No checkpoint was written: the run failed in its first epoch ({self.run_dir})."
+        return f"The last good checkpoint (epoch {self.epoch}) in {self.run_dir} is kept."
+
     def _check_finite_gradients(self, step: int) -> None:
         """Stop before an optimiser step writes NaN/inf into the weights; name the module."""
         modules = [
@@ -414,7 +420,7 @@ class Trainer:
         raise NonFiniteError(
             f"gradients of the {bad} became non-finite in epoch {self.epoch + 1}, "
             f"step {step + 1}, with a finite loss; no optimiser step was taken. "
-            f"The last good checkpoint in {self.run_dir} is kept."
+            f"{self._kept_checkpoint()}"
         )
 
     def _check_finite(
@@ -432,7 +438,7 @@ class Trainer:
         raise NonFiniteError(
             f"{what} became {float(value.detach())} in epoch {self.epoch + 1}, "
             f"step {step + 1}: {where}. "
-            f"The last good checkpoint in {self.run_dir} is kept."
+            f"{self._kept_checkpoint()}"
         )
 
     def outputs(self, split: str) -> CascadeOutputs:

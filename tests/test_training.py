@@ -63,7 +63,10 @@ def test_non_finite_loss_stops_naming_epoch_step_and_stage_and_keeps_last_checkp
 
     trainer._pretrain_epoch = poisoned_second_epoch
     writer = SummaryWriter(str(tmp_path))
-    with pytest.raises(NonFiniteError, match=r"epoch 2, step 1: classifier stage 2 \('mlp-256'\)"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"epoch 2, step 1: classifier stage 2 \('mlp-256'\).*checkpoint \(epoch 1\)",
+    ):
         trainer.run(writer)
     writer.close()
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
@@ -153,6 +156,7 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
     weight = trainer.cascade.classifiers[1][2].weight
     before = weight.detach().clone()
     weight.register_hook(lambda grad: grad * float("inf"))
-    with pytest.raises(NonFiniteError, match=r"classifier stage 1 \('mlp-4x4'\).*step 1"):
+    with pytest.raises(NonFiniteError, match=r"classifier stage 1 \('mlp-4x4'\).*step 1") as error:
         trainer._pretrain_epoch()
+    assert "No checkpoint was written: the run failed in its first epoch" in str(error.value)
     assert torch.equal(weight.detach(), before)  # the optimiser never stepped
