@@ -639,13 +639,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     report = run(plan, args.threads)
-    table = format_table(report)
-    if args.json:
+    print_report(report, format_table(report), args.json)
+    return report
+
+
+def print_report(report: dict[str, Any], table: str, as_json: bool) -> None:
+    """The table on stdout, or with ``as_json`` the JSON on stdout and the table on stderr."""
+    if as_json:
         print(table, file=sys.stderr)
         print(json.dumps(report, indent=2))
     else:
         print(table)
-    return report
 
 
 if __name__ == "__main__":

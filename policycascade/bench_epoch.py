@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from policycascade.bench import print_report
 from policycascade.config import ConfigError, TrainConfig, config_from_dict, load_config_file
 from policycascade.data import NORMALISATION
 from policycascade.data.vision import write_cifar_batch
@@ -273,12 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = format_table(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, format_table(report), args.json)
     return 0
 
 
