@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,10 @@ class OptimizerSpec:
     gamma: float = 0.1
 
 
+# Called after every epoch of every model with the state to resume from (see ``_fit``).
+AfterEpoch = Callable[[dict[str, Any]], None]
+
+
 def _fit(
     module: nn.Module,
     loss_of_batch: Callable[[torch.Tensor], torch.Tensor],
@@ -119,20 +124,54 @@ def _fit(
     batch_size: int,
     seed: int,
     spec: OptimizerSpec | None = None,
+    resume: dict[str, Any] | None = None,
+    after_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Optimise ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``."""
+    """Optimise ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``.
+
+    ``after_epoch`` receives ``{"epoch", "optimizer", "schedule", "generator"}`` after
+    each epoch; passing that dict back as ``resume`` (with the module's weights
+    restored) continues exactly where it was taken.
+    """
     spec = spec or OptimizerSpec()
     generator = torch.Generator().manual_seed(seed)
     optimizer = build_optimizer(spec.name, module.parameters(), lr, spec.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.milestones), spec.gamma)
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        generator.set_state(resume["generator"].cpu())
+        start = int(resume["epoch"])
     module.train()
-    for _ in range(epochs):
+    for epoch in range(start, epochs):
         for idx in batches(num_samples, batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss_of_batch(idx).backward()
             optimizer.step()
         schedule.step()
+        if after_epoch is not None:
+            module.eval()
+            after_epoch(
+                {
+                    "epoch": epoch + 1,
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(),
+                }
+            )
+            module.train()
     module.eval()
+
+
+def _resume_point(resume: dict[str, Any] | None, epochs: int) -> tuple[int, dict | None]:
+    """(first part still to train, its fit state) from a progress dict ``{"part", "fit"}``."""
+    if resume is None:
+        return 0, None
+    part, fit = int(resume["part"]), resume["fit"]
+    if fit is not None and int(fit["epoch"]) >= epochs:  # that part had finished
+        return part + 1, None
+    return part, fit
 
 
 @torch.no_grad()
@@ -156,6 +195,8 @@ def train_ltc_cascade(
     seed: int = 0,
     spec: OptimizerSpec | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    resume: dict[str, Any] | None = None,
+    after_epoch: AfterEpoch | None = None,
 ) -> Cascade:
     """Train separate classifiers sequentially by eq. (5); returns the cascade in eval mode.
 
@@ -165,31 +206,41 @@ def train_ltc_cascade(
     expensive model; that model's correctness on each training sample is fixed
     and computed once. Only the classifier being trained is updated. Stage m
     draws its batches from ``seed + m`` (Adam, weight decay ``WEIGHT_DECAY``).
+
+    Progress is in parts (part 0: the last classifier, part p: classifier k - 1 - p);
+    ``after_epoch`` gets ``{"part", "fit"}`` after each epoch, and the same dict as
+    ``resume`` (with the weights restored) continues from there.
     """
     device = next(cascade.parameters()).device
     x, y = train.x.to(device), train.y.to(device)
     aug = augment or (lambda batch: batch)  # per-batch training augmentation
     k = cascade.num_stages
-    last = cascade.classifiers[k - 1]
-    _fit(
-        last,
-        lambda i: F.cross_entropy(last(aug(x[i])), y[i]),
-        len(y),
-        epochs,
-        lr,
-        batch_size,
-        seed + k - 1,
-        spec,
-    )
-    for m in reversed(range(k - 1)):
-        fast = cascade.classifiers[m]
-        expensive_correct = _correct(cascade.classifiers[m + 1], x, y)
+    first_part, fit_state = _resume_point(resume, epochs)
+    for part, m in enumerate(reversed(range(k))):
+        if part < first_part:
+            continue
+        model = cascade.classifiers[m]
+        if m == k - 1:  # the most expensive model: plain cross-entropy
 
-        def loss_of_batch(i: torch.Tensor, fast=fast, expensive_correct=expensive_correct):
-            return ltc_loss(fast(aug(x[i])), y[i], expensive_correct[i], cost, weight)
+            def loss_of_batch(i: torch.Tensor, model=model):
+                return F.cross_entropy(model(aug(x[i])), y[i])
 
-        _fit(fast, loss_of_batch, len(y), epochs, lr, batch_size, seed + m, spec)
+        else:
+            expensive_correct = _correct(cascade.classifiers[m + 1], x, y)
+
+            def loss_of_batch(i: torch.Tensor, model=model, expensive_correct=expensive_correct):
+                return ltc_loss(model(aug(x[i])), y[i], expensive_correct[i], cost, weight)
+
+        report = None if after_epoch is None else _report_part(after_epoch, part)
+        _fit(
+            model, loss_of_batch, len(y), epochs, lr, batch_size, seed + m, spec, fit_state, report
+        )
+        fit_state = None
     return cascade.eval()
+
+
+def _report_part(after_epoch: AfterEpoch, part: int) -> Callable[[dict[str, Any]], None]:
+    return lambda fit: after_epoch({"part": part, "fit": fit})
 
 
 class ExitClassifier(nn.Module):
@@ -316,22 +367,31 @@ def train_ltc_multi_exit(
     seed: int = 0,
     spec: OptimizerSpec | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    resume: dict[str, Any] | None = None,
+    after_epoch: AfterEpoch | None = None,
 ) -> MultiExitNet:
-    """Train every exit at once with the summed loss of eq. (6); returns the net in eval mode."""
+    """Train every exit at once with the summed loss of eq. (6); returns the net in eval mode.
+
+    One part (0); ``resume`` and ``after_epoch`` as in :func:`train_ltc_cascade`.
+    """
     device = next(net.parameters()).device
     x, y = train.x.to(device), train.y.to(device)
     aug = augment or (lambda batch: batch)
-    _fit(
-        net,
-        lambda i: multi_exit_ltc_loss(net(aug(x[i])), y[i], cost, weight),
-        len(y),
-        epochs,
-        lr,
-        batch_size,
-        seed,
-        spec,
-    )
-    return net
+    first_part, fit_state = _resume_point(resume, epochs)
+    if first_part == 0:
+        _fit(
+            net,
+            lambda i: multi_exit_ltc_loss(net(aug(x[i])), y[i], cost, weight),
+            len(y),
+            epochs,
+            lr,
+            batch_size,
+            seed,
+            spec,
+            fit_state,
+            None if after_epoch is None else _report_part(after_epoch, 0),
+        )
+    return net.eval()
 
 
 class LtcThresholdRule:

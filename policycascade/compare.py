@@ -184,6 +184,11 @@ def compare_ltc_run(run_dir: Path, checkpoint, config, args) -> list[dict[str, A
     """An LtC run: its own thresholds, plus every rule on its (LtC-trained) classifiers."""
     run = LtcRun(config)
     run.load(checkpoint)
+    if not run.finished:
+        raise ValueError(
+            "this LtC run has not finished training; continue it with "
+            f"python -m policycascade.train --resume {run_dir}"
+        )
     label = f"C={config.ltc_cost:g} w={config.ltc_weight:g} eps={config.ltc_epsilon:g}"
     meta = {
         "run": run_dir.name,

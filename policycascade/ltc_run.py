@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from policycascade.agents.ltc import (
     LtcThresholdRule,
@@ -19,13 +22,13 @@ from policycascade.agents.ltc import (
 from policycascade.agents.rules import stop_decisions
 from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
-from policycascade.checkpoint import CHECKPOINT_NAME, save_atomic
+from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
 from policycascade.config import TrainConfig
 from policycascade.data import NORMALISATION, DataSplits, Split, load_dataset, to_float
 from policycascade.evaluation import evaluate_exits, first_stop
 from policycascade.models import build_cascade
 from policycascade.runtime import resolve_device, seed_everything
-from policycascade.trainer import single_classifier_metrics
+from policycascade.trainer import TrainingInterrupted, single_classifier_metrics
 
 
 class LtcRun:
@@ -46,18 +49,34 @@ class LtcRun:
         self.cascade.to(self.device)
         self.costs = self.cascade.costs()  # a max-softmax threshold costs no MACs
         self.rule: LtcThresholdRule | None = None
+        self.augment_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.progress: dict[str, Any] | None = None  # {"part", "fit"} of the last epoch
 
-    def train(self) -> None:
-        """Eq. (5) for separate models or eq. (6) for the multi-exit net, then fit thresholds."""
+    def train(self, after_epoch: Callable[[], None] | None = None) -> None:
+        """Eq. (5) for separate models or eq. (6) for the multi-exit net, then fit thresholds.
+
+        Continues from ``self.progress`` (set by :meth:`load`); ``after_epoch`` is called
+        after every epoch of every model, with ``self.progress`` updated (to checkpoint).
+        """
         c = self.config
         args = (self.data.train, c.ltc_cost, c.ltc_weight, c.pretrain_epochs, c.lr, c.batch_size)
         spec = OptimizerSpec(c.optimizer, c.weight_decay, tuple(c.lr_milestones), c.lr_gamma)
-        generator = torch.Generator(device=self.device).manual_seed(c.seed)
 
         def augment(batch: torch.Tensor) -> torch.Tensor:
-            return random_crop_flip(batch, pad=4, flip=True, generator=generator)
+            return random_crop_flip(batch, pad=4, flip=True, generator=self.augment_generator)
 
-        kwargs = {"seed": c.seed, "spec": spec, "augment": augment if c.augment else None}
+        def record(progress: dict[str, Any]) -> None:
+            self.progress = progress
+            if after_epoch is not None:
+                after_epoch()
+
+        kwargs = {
+            "seed": c.seed,
+            "spec": spec,
+            "augment": augment if c.augment else None,
+            "resume": self.progress,
+            "after_epoch": record,
+        }
         if self.net is not None:
             train_ltc_multi_exit(self.net, *args, **kwargs)
         else:
@@ -76,19 +95,30 @@ class LtcRun:
         return evaluate_exits(outputs, first_stop(stop_decisions(self.rule, outputs.probs)))
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpoint: config, weights and thresholds."""
+        """Checkpoint: config, weights, training progress and (once fitted) thresholds."""
         return {
             "config": self.config.to_dict(),
             "alpha": None,
             "agent": "ltc",
             "cascade": self.cascade.state_dict(),
-            "thresholds": self.rule.thresholds,
+            "progress": self.progress,
+            "augment_generator": self.augment_generator.get_state(),
+            "thresholds": None if self.rule is None else self.rule.thresholds,
         }
 
+    @property
+    def finished(self) -> bool:
+        """Whether training and the threshold fit are done."""
+        return self.rule is not None
+
     def load(self, checkpoint: dict[str, Any]) -> None:
-        """Restore weights and thresholds of a finished run."""
+        """Restore a run: a finished one's weights and thresholds, or where training stopped."""
         self.cascade.load_state_dict(checkpoint["cascade"])
-        self.rule = LtcThresholdRule(checkpoint["thresholds"])
+        self.progress = checkpoint.get("progress")
+        if checkpoint.get("augment_generator") is not None:
+            self.augment_generator.set_state(checkpoint["augment_generator"].cpu())
+        thresholds = checkpoint.get("thresholds")
+        self.rule = None if thresholds is None else LtcThresholdRule(thresholds)
 
 
 def _as_float(data: DataSplits) -> DataSplits:
@@ -103,11 +133,54 @@ def _as_float(data: DataSplits) -> DataSplits:
     )
 
 
-def train_ltc(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, fit, evaluate and write the run directory; returns the test metrics."""
+def train_ltc(
+    config: TrainConfig, run_dir: Path, resume: bool = False, show_progress: bool = False
+) -> dict[str, Any]:
+    """Train (or continue), fit, evaluate and write the run directory; returns the test metrics.
+
+    The checkpoint is written atomically after every epoch of every model. SIGINT or
+    SIGTERM stop the run after the current epoch is saved (``TrainingInterrupted``);
+    ``resume=True`` continues it from ``run_dir``.
+    """
     run = LtcRun(config)
-    run.train()
-    save_atomic(run.state_dict(), run_dir / CHECKPOINT_NAME)
+    if resume:
+        run.load(load_checkpoint(run_dir, map_location=run.device))
+    interrupted = {"signal": None}
+
+    def on_signal(signum, frame):
+        interrupted["signal"] = signum
+
+    epochs = config.pretrain_epochs
+    parts = 1 if run.net is not None else run.cascade.num_stages
+    done = (
+        0 if run.progress is None else run.progress["part"] * epochs + run.progress["fit"]["epoch"]
+    )
+    progress = tqdm(
+        total=parts * epochs,
+        initial=done,
+        desc="LtC epochs (all models)",
+        disable=not show_progress or run.finished,
+        leave=False,
+    )
+
+    def save_epoch() -> None:
+        save_atomic(run.state_dict(), run_dir / CHECKPOINT_NAME)
+        progress.update(1)
+        if interrupted["signal"] is not None:
+            raise TrainingInterrupted(
+                f"stopped by signal {interrupted['signal']} after a saved epoch; "
+                f"continue with --resume {run_dir}"
+            )
+
+    if not run.finished:
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            run.train(after_epoch=save_epoch)
+        finally:
+            progress.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        save_atomic(run.state_dict(), run_dir / CHECKPOINT_NAME)
     test = run.evaluate("test")
     metrics = {
         "alpha": None,

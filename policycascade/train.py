@@ -217,14 +217,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"pass {str(run_dir.parent)!r}"
                 )
             checkpoint = load_checkpoint(run_dir)
-            missing = [k for k in ("config", "alpha", "epoch") if k not in checkpoint]
+            is_ltc = checkpoint.get("agent") == "ltc"
+            needed = ("config", "progress") if is_ltc else ("config", "alpha", "epoch")
+            missing = [k for k in needed if k not in checkpoint]
             if missing:
                 raise ConfigError(
-                    f"--resume {run_dir}: its checkpoint was not written by the REINFORCE "
-                    f"trainer (missing {missing})"
+                    f"--resume {run_dir}: its checkpoint was not written by this version's "
+                    f"{'LtC' if is_ltc else 'REINFORCE'} trainer (missing {missing})"
                 )
             config = config_from_dict(checkpoint["config"])
-            runs = [(config, float(checkpoint["alpha"]), run_dir, True)]
+            alpha = None if is_ltc else float(checkpoint["alpha"])
+            runs = [(config, alpha, run_dir, True)]
         else:
             config = config_from_args(args)
             logdir = Path(config.logdir)
@@ -238,12 +241,20 @@ def main(argv: list[str] | None = None) -> int:
         table = dry_run_table(runs[0][0])
         print(json.dumps(table, indent=2) if args.json else format_cost_table(table))
         return 0
-    if runs[0][0].agent == "ltc" and not args.resume:
-        config = runs[0][0]
-        run_dir = Path(config.logdir) / run_name(config, None)
-        run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.yaml").write_text(_dump_yaml(config.to_dict()))
-        metrics = train_ltc(config, run_dir)
+    if runs[0][0].agent == "ltc":
+        config, _, run_dir, resume = runs[0]
+        if not resume:
+            run_dir = Path(config.logdir) / run_name(config, None)
+            run_dir.mkdir(parents=True, exist_ok=False)
+            (run_dir / "config.yaml").write_text(_dump_yaml(config.to_dict()))
+        try:
+            metrics = train_ltc(config, run_dir, resume, not args.no_progress)
+        except TrainingInterrupted as error:
+            print(f"interrupted: {error}", file=sys.stderr)
+            return 130
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return USAGE_ERROR
         write_metrics(run_dir, metrics)
         print(format_table(metrics))
         print(f"run directory: {run_dir}")

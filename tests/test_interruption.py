@@ -1,5 +1,6 @@
 """Runs that die or are stopped mid-way leave a loadable checkpoint and resume cleanly."""
 
+import json
 import multiprocessing
 import os
 import random
@@ -146,3 +147,32 @@ def test_sigterm_stops_after_a_saved_epoch_and_resume_finishes(tmp_path):
     assert len(files) >= 2
     steps = [step for f in files for step in _scalar_steps(f, "val/accuracy")]
     assert sorted(steps) == list(range(1, total + 1))
+
+
+def test_ltc_run_interrupted_after_a_saved_epoch_resumes_to_the_same_result(tmp_path, monkeypatch):
+    import policycascade.ltc_run as ltc_run
+
+    fast = ["--agent", "ltc", "--pretrain-epochs", "3", "--no-progress", "--device", "cpu"]
+    assert main([*fast, "--logdir", str(tmp_path / "a")]) == 0
+    saves = {"count": 0}
+    real_save = ltc_run.save_atomic
+
+    def save_then_signal(state, path):
+        real_save(state, path)
+        saves["count"] += 1
+        if saves["count"] == 5:  # part 1 (the MLP-256), epoch 2 of 3
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(ltc_run, "save_atomic", save_then_signal)
+    assert main([*fast, "--logdir", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(ltc_run, "save_atomic", real_save)
+    (run_b,) = (tmp_path / "b").iterdir()
+    state = torch.load(run_b / "checkpoint.pt", weights_only=False)
+    assert state["thresholds"] is None and state["progress"]["part"] == 1
+    assert state["progress"]["fit"]["epoch"] == 2
+    assert not (run_b / "metrics.json").exists()
+    assert main(["--resume", str(run_b), "--no-progress"]) == 0
+    (run_a,) = (tmp_path / "a").iterdir()
+    a = json.loads((run_a / "metrics.json").read_text())
+    b = json.loads((run_b / "metrics.json").read_text())
+    assert a == b  # bit for bit on the CPU
