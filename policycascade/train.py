@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,21 @@ def _dump_yaml(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False)
 
 
+def _train_or_status(train: Callable[[], dict[str, Any]]) -> dict[str, Any] | int:
+    """``train()``'s metrics, or the exit status of its failure with one line on stderr."""
+    try:
+        return train()
+    except TrainingInterrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        return 130
+    except NonFiniteError as error:  # the run failed; the user's input was not malformed
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status (2 for a usage error)."""
     parser = build_parser()
@@ -247,31 +263,22 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = Path(config.logdir) / run_name(config, None)
             run_dir.mkdir(parents=True, exist_ok=False)
             (run_dir / "config.yaml").write_text(_dump_yaml(config.to_dict()))
-        try:
-            metrics = train_ltc(config, run_dir, resume, not args.no_progress)
-        except TrainingInterrupted as error:
-            print(f"interrupted: {error}", file=sys.stderr)
-            return 130
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return USAGE_ERROR
+        metrics = _train_or_status(lambda: train_ltc(config, run_dir, resume, not args.no_progress))
+        if isinstance(metrics, int):
+            return metrics
         write_metrics(run_dir, metrics)
         print(format_table(metrics))
         print(f"run directory: {run_dir}")
         return 0
     main_process = init_from_environment().is_main
     for config, alpha, run_dir, resume in runs:
-        try:
-            metrics = train_one(config, alpha, run_dir, resume, not args.no_progress)
-        except TrainingInterrupted as error:
-            print(f"interrupted: {error}", file=sys.stderr)
-            return 130
-        except NonFiniteError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return USAGE_ERROR
+        metrics = _train_or_status(
+            lambda c=config, a=alpha, d=run_dir, r=resume: train_one(
+                c, a, d, r, not args.no_progress
+            )
+        )
+        if isinstance(metrics, int):
+            return metrics
         if main_process:
             print(format_table(metrics))
             print(f"run directory: {run_dir}\n")
