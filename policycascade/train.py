@@ -165,13 +165,13 @@ def train_one(
         run_dir.mkdir(parents=True, exist_ok=False)
         (run_dir / "config.yaml").write_text(_dump_yaml({**config.to_dict(), "alpha": [alpha]}))
     if not main_process:  # in a distributed run only rank 0 logs and writes files
-        return trainer.run(None)
+        return _run_as_bug_if_value_error(trainer, None)
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir), purge_step=trainer.epoch + 1 if resume else None)
     try:
         if not resume:
             writer.add_text("hyperparameters", _hparams_table(config, alpha), 0)
-        metrics = trainer.run(writer)
+        metrics = _run_as_bug_if_value_error(trainer, writer)
         write_metrics(run_dir, metrics)
         writer.add_hparams(
             {
@@ -187,6 +187,19 @@ def train_one(
     finally:
         writer.close()
     return metrics
+
+
+def _run_as_bug_if_value_error(trainer: Trainer, writer: SummaryWriter | None) -> dict[str, Any]:
+    """``trainer.run``, with a ValueError raised while training shown as the bug it is.
+
+    Every user input has been validated once the trainer is built, so a ValueError
+    from inside the training loop is not a usage error: it surfaces as a RuntimeError
+    with its traceback instead of the one-line exit status 2.
+    """
+    try:
+        return trainer.run(writer)
+    except ValueError as error:
+        raise RuntimeError(f"training failed unexpectedly: {error}") from error
 
 
 def _dump_yaml(values: dict[str, Any]) -> str:

@@ -98,3 +98,17 @@ def test_module_entry_point_runs(tmp_path):
         [sys.executable, "-m", "policycascade.train", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--alpha" in result.stdout
+
+
+def test_a_value_error_inside_training_is_a_bug_with_a_traceback_not_a_usage_error(
+    tmp_path, monkeypatch
+):
+    from policycascade.trainer import Trainer
+
+    def broken_epoch(self):
+        raise ValueError("shapes do not line up")
+
+    monkeypatch.setattr(Trainer, "_pretrain_epoch", broken_epoch)
+    argv = ["--pretrain-epochs", "1", "--epochs", "0", "--no-progress", "--logdir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="training failed unexpectedly: shapes do not line up"):
+        main(argv)
