@@ -125,7 +125,7 @@ def _fit(
     seed: int,
     spec: OptimizerSpec | None = None,
     resume: dict[str, Any] | None = None,
-    after_epoch: Callable[[dict[str, Any]], None] | None = None,
+    after_epoch: AfterEpoch | None = None,
 ) -> None:
     """Optimise ``loss_of_batch(indices)`` over shuffled epochs drawn from ``seed``.
 
@@ -239,7 +239,7 @@ def train_ltc_cascade(
     return cascade.eval()
 
 
-def _report_part(after_epoch: AfterEpoch, part: int) -> Callable[[dict[str, Any]], None]:
+def _report_part(after_epoch: AfterEpoch, part: int) -> AfterEpoch:
     return lambda fit: after_epoch({"part": part, "fit": fit})
 
 

@@ -15,6 +15,7 @@ import torch
 
 from policycascade.costs import StageCosts
 from policycascade.evaluation import first_stop
+from policycascade.rewards import check_alpha
 
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin")
 _EPS = 1e-12
@@ -221,8 +222,7 @@ class ThresholdSearch:
         loss, costs normalised to the most expensive classifier), so the rule and the
         policy can be compared, or the rule used to start the policy.
         """
-        if not (alpha >= 0 and alpha < float("inf")):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+        alpha = check_alpha(alpha)
 
         def score(acc, macs):
             return (acc - alpha * macs / self.reference_macs, -macs)

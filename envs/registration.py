@@ -114,18 +114,16 @@ def digits_outputs(
     cascade = build_cascade("digits", data.input_shape, data.num_classes)
     hidden = defaults.policy_hidden
     if checkpoint is not None:
-        from policycascade.checkpoint import load_checkpoint
+        from policycascade.checkpoint import load_checkpoint, state_dict_mismatch
 
         state = load_checkpoint(Path(checkpoint))
         try:
             cascade.load_state_dict(state["cascade"])
             hidden = state["config"]["policy_hidden"]
         except (KeyError, RuntimeError, TypeError) as error:
-            lines = [line.strip() for line in str(error).strip().splitlines()]
-            detail = " ".join(lines[1:3] or lines[:1])[:300]  # missing / unexpected keys
             raise ValueError(
                 f"checkpoint {checkpoint} does not hold the digits cascade's classifiers "
-                f"(a run of another cascade or program?): {detail}"
+                f"(a run of another cascade or program?): {state_dict_mismatch(error)}"
             ) from None
     else:
         fit_classifiers(

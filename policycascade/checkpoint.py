@@ -30,6 +30,13 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def state_dict_mismatch(error: Exception, limit: int = 300) -> str:
+    """One line from a ``load_state_dict`` error: its missing or unexpected keys, cut short."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    detail = " ".join(lines[1:3] or lines[:1])
+    return detail if len(detail) <= limit else detail[:limit] + " ..."
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_atomic`, with a clear error if it is missing."""
     path = Path(path)

@@ -18,7 +18,12 @@ from policycascade.agents.rules import stop_decisions
 from policycascade.agents.thresholds import ThresholdSearch
 from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
-from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
+from policycascade.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    save_atomic,
+    state_dict_mismatch,
+)
 from policycascade.config import TrainConfig
 from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
 from policycascade.distributed import broadcast_buffers, current_context
@@ -190,13 +195,9 @@ class Trainer:
             try:
                 module.load_state_dict(checkpoint[name])
             except RuntimeError as error:
-                lines = [line.strip() for line in str(error).strip().splitlines()]
-                detail = " ".join(lines[1:3] or lines[:1])  # missing / unexpected keys
-                if len(detail) > 300:
-                    detail = detail[:300] + " ..."
                 raise ValueError(
                     f"checkpoint in {self.run_dir} does not fit this config's {name} (written "
-                    f"by another version or configuration?): {detail}"
+                    f"by another version or configuration?): {state_dict_mismatch(error)}"
                 ) from None
         self.classifier_optimizer.load_state_dict(checkpoint["classifier_optimizer"])
         self.policy_optimizer.load_state_dict(checkpoint["policy_optimizer"])
