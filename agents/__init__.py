@@ -10,14 +10,14 @@ from policycascade.agents.reinforce import (
     policy_gradient_variance,
     sample_exits,
 )
-from policycascade.agents.stopping_policy import StoppingModule, StoppingPolicy
+from policycascade.agents.stopping_policy import LearnedRule, StoppingPolicy
 
 __all__ = [
     "BASELINES",
     "Baseline",
     "ReinforceAgent",
     "ReinforceStep",
-    "StoppingModule",
+    "LearnedRule",
     "StoppingPolicy",
     "decision_log_prob",
     "exit_probabilities",

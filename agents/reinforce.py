@@ -27,8 +27,7 @@ from policycascade.agents.baselines import Baseline, make_baseline
 from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.rewards import check_alpha, check_loss_name, episode_return, prediction_loss
 
-LABEL_ESTIMATORS = ("sample", "expected")
-POLICY_GRADIENTS = ("score-function", "exact", "backward-induction")
+POLICY_GRADIENTS = ("score-function", "exact")
 
 
 def exit_probabilities(stop_probs: torch.Tensor) -> torch.Tensor:
@@ -110,52 +109,8 @@ def expected_return(
     """
     exit_p = exit_probabilities(stop_probs)
     stage_loss = expected_loss_per_stage(log_probs, labels, loss, sample_prediction)
-    stage_return = -stage_loss - alpha * cumulative_costs.to(stage_loss.dtype).unsqueeze(0)
+    stage_return = episode_return(alpha, cumulative_costs.to(stage_loss.dtype).unsqueeze(0), stage_loss)
     return (exit_p * stage_return).sum(1)
-
-
-def stage_returns(
-    log_probs: torch.Tensor,
-    labels: torch.Tensor,
-    cumulative_costs: torch.Tensor,
-    alpha: float,
-    loss: str = "zero-one",
-    sample_prediction: bool = True,
-) -> torch.Tensor:
-    """Expected return of stopping at each stage, (batch, K): -E[loss_k] - alpha * cost up to k."""
-    stage_loss = expected_loss_per_stage(log_probs, labels, loss, sample_prediction)
-    return -stage_loss - alpha * cumulative_costs.to(stage_loss.dtype).unsqueeze(0)
-
-
-def backward_induction_loss(stop_logits: torch.Tensor, stage_return: torch.Tensor) -> torch.Tensor:
-    """Each stage's stop decision as cost-sensitive classification against its continuation value.
-
-    Working back from the last stage, the value of continuing past stage t is what
-    the current policy earns from stage t + 1 on (exactly, by enumeration; no
-    gradient). Stopping is right where ``A_t = R_stop(t) - V_continue(t) > 0``, and
-    the module is fitted to that label by binary cross-entropy weighted by ``|A_t|``.
-    Its fixed point is the same as the expected return's (stop iff A_t > 0), but
-    the gradient in the logit, ``|A_t| (pi_t - 1{A_t > 0})``, does not vanish when
-    pi_t saturates at 0 or 1, where the expected return's ``A_t pi_t (1 - pi_t)``
-    does. Every sample trains every stage, as in backward induction, whether or
-    not the current policy reaches it.
-    """
-    stop = torch.sigmoid(stop_logits.detach())
-    value = stage_return[:, -1]
-    total = stop_logits.new_zeros(())
-    for t in reversed(range(stop_logits.shape[1])):
-        advantage = (stage_return[:, t] - value).detach()
-        total = (
-            total
-            + (
-                advantage.abs()
-                * F.binary_cross_entropy_with_logits(
-                    stop_logits[:, t], (advantage > 0).to(stop_logits.dtype), reduction="none"
-                )
-            ).mean()
-        )
-        value = stop[:, t] * stage_return[:, t] + (1 - stop[:, t]) * value
-    return total
 
 
 @dataclass
@@ -188,8 +143,6 @@ class ReinforceAgent(nn.Module):
         rollouts: int = 1,
         policy_hidden: int = 64,
         train_classifiers: bool = True,
-        label_estimator: str = "sample",
-        entropy_weight: float = 0.0,
         policy_gradient: str = "score-function",
         policy_inputs: str = "log-probs",
     ):
@@ -205,10 +158,6 @@ class ReinforceAgent(nn.Module):
             )
         if rollouts < 1:
             raise ValueError(f"rollouts must be >= 1, got {rollouts}")
-        if label_estimator not in LABEL_ESTIMATORS:
-            raise ValueError(
-                f"label_estimator must be one of {list(LABEL_ESTIMATORS)}, got {label_estimator!r}"
-            )
         if policy_gradient not in POLICY_GRADIENTS:
             raise ValueError(
                 f"policy_gradient must be one of {list(POLICY_GRADIENTS)}, got {policy_gradient!r}"
@@ -216,19 +165,14 @@ class ReinforceAgent(nn.Module):
         self.policy_gradient = policy_gradient
         self.rollouts = rollouts
         self.train_classifiers = train_classifiers
-        self.label_estimator = label_estimator
-        self.entropy_weight = float(entropy_weight)
 
     @property
     def sample_prediction(self) -> bool:
         """Whether the reward scores a prediction drawn from the exit classifier.
 
-        True when classifiers are trained under the 0/1 loss: with
-        ``label_estimator="sample"`` the label is drawn and its log-probability
-        enters the score function (Guan et al.); with ``"expected"`` the 0/1 loss
-        is replaced by its exact expectation over the draw, ``1 - p(y)``, which
-        is differentiable, has the same expected gradient and no label noise.
-        Frozen classifiers answer with their arg-max, as at test time.
+        True when classifiers are trained under the 0/1 loss: the label is drawn and
+        its log-probability enters the score function (Guan et al.). Frozen
+        classifiers answer with their arg-max, as at test time.
         """
         return self.train_classifiers and self.loss_name == "zero-one"
 
@@ -255,11 +199,7 @@ class ReinforceAgent(nn.Module):
         exit_log_probs = log_probs_m[rows, exit_stage]  # (M*B, C)
         log_prob = decision_log_prob(stop_logits, exit_stage)
         score_sq = decision_score_sq_norm(stop_logits, exit_stage)
-        if self.sample_prediction and self.label_estimator == "expected":
-            predictions = exit_log_probs.argmax(-1)
-            label_prob = exit_log_probs.gather(1, labels_m.unsqueeze(1)).squeeze(1).exp()
-            loss = 1.0 - label_prob
-        elif self.sample_prediction:
+        if self.sample_prediction:
             exit_probs = exit_log_probs.detach().exp()
             predictions = torch.multinomial(exit_probs, 1, generator=generator).squeeze(1)
             log_prob = log_prob + exit_log_probs.gather(1, predictions.unsqueeze(1)).squeeze(1)
@@ -289,30 +229,9 @@ class ReinforceAgent(nn.Module):
                 self.loss_name,
                 self.sample_prediction,
             ).mean()
-        elif self.policy_gradient == "backward-induction":
-            stage_return = stage_returns(
-                log_probs_m,
-                labels_m,
-                cumulative_costs,
-                self.alpha,
-                self.loss_name,
-                self.sample_prediction,
-            )
-            # The classifiers still follow the expected return where the policy sends samples.
-            full_stop = torch.cat(
-                [torch.sigmoid(stop_logits.detach()), torch.ones_like(stop_logits[:, :1])], 1
-            )
-            classifier_term = (exit_probabilities(full_stop) * stage_return).sum(1).mean()
-            surrogate = backward_induction_loss(stop_logits, stage_return) - classifier_term
         else:
             # Score-function term, plus the pathwise term when the return is differentiable.
             surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
-        if self.entropy_weight > 0:
-            # Exploration bonus: keeps stop probabilities away from 0 and 1 early on, so that
-            # a stage whose module was pushed to "never stop" can still learn when to stop.
-            stop = torch.sigmoid(stop_logits)
-            entropy = -(stop * F.logsigmoid(stop_logits) + (1 - stop) * F.logsigmoid(-stop_logits))
-            surrogate = surrogate - self.entropy_weight * entropy.mean()
         return ReinforceStep(
             loss=surrogate,
             baseline_loss=baseline_loss,

@@ -1,4 +1,4 @@
-"""The interface every stopping policy satisfies, learned or rule-based."""
+"""The interface every stopping policy satisfies, learned or rule-based, and its one decision path."""
 
 from __future__ import annotations
 
@@ -9,18 +9,20 @@ import torch
 
 @runtime_checkable
 class StoppingRule(Protocol):
-    """Anything that decides, stage by stage, from that stage's softmax whether to stop.
+    """Anything that scores, stage by stage, whether to stop on the softmaxes seen so far.
 
-    ``stop_at_stage(stage, probs)`` takes the softmax of classifier ``stage``
-    for a batch, shape (batch, C), and returns booleans (batch,): True = stop.
-    At the last stage every sample stops. ``policy_macs()`` is the rule's own
-    cost per stage (K values, 0 for the last stage).
+    ``stop_scores(history)`` takes the softmaxes of the first S visited stages,
+    shape (batch, S, C), and returns (batch, min(S, K - 1)) scores: stop at stage t
+    where the score is >= 0. Stage t's score reads ``history[:, : t + 1]`` only, so
+    the same call serves cached outputs (S = K) and early-exit inference (S = t + 1).
+    The last stage always stops. ``policy_macs()`` is the rule's own cost per stage
+    (K values, 0 for the last stage).
     """
 
     num_stages: int
 
-    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Stop decisions (batch,) at ``stage``."""
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """Stop scores (batch, min(S, K - 1)) from the visited stages' softmaxes (batch, S, C)."""
         ...
 
     def policy_macs(self) -> list[int]:
@@ -29,6 +31,38 @@ class StoppingRule(Protocol):
 
 
 def stop_decisions(rule: StoppingRule, probs: torch.Tensor) -> torch.Tensor:
-    """Every stage's decision on cached softmaxes (batch, K, C) -> (batch, K) booleans."""
-    k = probs.shape[1]
-    return torch.stack([rule.stop_at_stage(t, probs[:, t]) for t in range(k)], dim=1)
+    """Every stage's decision on cached softmaxes (batch, K, C) -> (batch, K) booleans.
+
+    The last column is True: the last stage always stops.
+    """
+    scores = rule.stop_scores(probs)
+    last = torch.ones_like(scores[:, :1], dtype=torch.bool)
+    return torch.cat([scores >= 0, last], dim=1)
+
+
+def exit_stages(rule: StoppingRule, probs: torch.Tensor) -> torch.Tensor:
+    """Exit stage of each sample under ``rule``: its first *stop*, shape (batch,)."""
+    return first_stop(stop_decisions(rule, probs))
+
+
+def first_stop(stop: torch.Tensor) -> torch.Tensor:
+    """Exit stage of each sample: the first stage whose decision is *stop*.
+
+    ``stop`` is (sample, K) booleans, one decision per stage; the last stage
+    always stops, whatever its column says.
+    """
+    stop = stop.clone()
+    stop[:, -1] = True
+    return stop.to(torch.uint8).argmax(dim=1)
+
+
+def rule_predictions(
+    rule: StoppingRule, probs: torch.Tensor, exit_stage: torch.Tensor
+) -> torch.Tensor | None:
+    """The class a rule answers with at its exits, or None for the exit classifier's arg-max.
+
+    A rule may answer otherwise (with the ensemble of the visited stages, say) by
+    defining ``predictions(probs, exit_stage)``.
+    """
+    predict = getattr(rule, "predictions", None)
+    return None if predict is None else predict(probs, exit_stage)

@@ -8,23 +8,6 @@ from torch import nn
 from policycascade.costs import count_macs
 
 
-class StoppingModule(nn.Sequential):
-    """Three fully connected layers with ReLU between them -> the logit of *stop*.
-
-    Guan et al. section 4.3 (64 hidden units on CIFAR, 256 on ImageNet). One
-    logit through a sigmoid is the same distribution as their 2-way softmax.
-    """
-
-    def __init__(self, num_classes: int, hidden: int = 64):
-        super().__init__(
-            nn.Linear(num_classes, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 1),
-        )
-
-
 LOG_PROB_FLOOR = -20.0  # log-probabilities below this (p < 2e-9) read as the floor
 LOG_PROB_SCALE = 10.0  # inputs are log p / 10, about [-2, 0]
 
@@ -53,11 +36,12 @@ def policy_features(probs: torch.Tensor, inputs: str = "log-probs") -> torch.Ten
 class StoppingPolicy(nn.Module):
     """K - 1 stopping modules (the last stage always stops, so it needs none).
 
-    Each stage's module is a :class:`StoppingModule`'s three layers, but the K - 1
-    modules' weights are stored stacked, (K - 1, in, out) per layer, so one batched
-    matmul per layer runs every stage: three kernels instead of 3 (K - 1), and one
-    optimiser tensor per layer. Same distribution and initialisation as K - 1
-    separate ``nn.Linear`` stacks.
+    Each stage's module is three fully connected layers with ReLU between them -> the
+    logit of *stop* (Guan et al. 4.3: 64 hidden units on CIFAR, 256 on ImageNet; one
+    logit through a sigmoid is their 2-way softmax). The K - 1 modules' weights are
+    stored stacked, (K - 1, in, out) per layer, so one batched matmul per layer runs
+    every stage: three kernels instead of 3 (K - 1), and one optimiser tensor per layer.
+    Same distribution and initialisation as K - 1 separate ``nn.Linear`` stacks.
     """
 
     LAYERS = ("layer1", "layer2", "layer3")
@@ -92,41 +76,28 @@ class StoppingPolicy(nn.Module):
         ]
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        """Stop logits (batch, K - 1) from the softmaxes ``probs`` (batch, K, class)."""
-        hidden = policy_features(probs[:, : self.num_stages - 1], self.inputs).transpose(
-            0, 1
-        )  # (K-1, B, C)
-        layers = self._layers(slice(None))
+        """Stop logits (batch, min(S, K - 1)) from the visited stages' softmaxes (batch, S, class).
+
+        Stage t's logit reads stage t's softmax only, so a prefix of the stages (early-exit
+        inference) gives the same logits as the whole cascade's cached outputs.
+        """
+        stages = min(probs.shape[1], self.num_stages - 1)
+        hidden = policy_features(probs[:, :stages], self.inputs).transpose(0, 1)  # (S', B, C)
+        layers = self._layers(slice(0, stages))
         for i, (weight, bias) in enumerate(layers):
             hidden = torch.baddbmm(bias, hidden, weight)
             if i < len(layers) - 1:
                 hidden = hidden.relu()
         return hidden.squeeze(-1).transpose(0, 1)
 
-    def stage_logits(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Stop logits (batch,) of stage ``stage``'s module alone, from its softmax (batch, C)."""
-        hidden = policy_features(probs, self.inputs)
-        layers = self._layers(stage)
-        for i, (weight, bias) in enumerate(layers):
-            hidden = torch.addmm(bias, hidden, weight)
-            if i < len(layers) - 1:
-                hidden = hidden.relu()
-        return hidden.squeeze(-1)
-
     def stop_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """Probability of stopping at each stage (batch, K); the last column is 1."""
         stop = torch.sigmoid(self(probs))
         return torch.cat([stop, torch.ones_like(stop[:, :1])], dim=1)
 
-    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Deterministic decisions at ``stage`` from its softmax (batch, C): stop if pi >= 1/2."""
-        if stage >= self.num_stages - 1:
-            return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-        return self.stage_logits(stage, probs) >= 0.0
-
     def policy_macs(self) -> list[int]:
         """Measured MACs of each stage's stopping module (0 for the last stage)."""
-        sample = torch.full((1, self.num_classes), 1.0 / self.num_classes)
+        sample = torch.full((1, 1, self.num_classes), 1.0 / self.num_classes)
         sample = sample.to(self.layer1_weight.device)
         return [count_macs(_OneStage(self, t), sample) for t in range(self.num_stages - 1)] + [0]
 
@@ -140,9 +111,60 @@ class _OneStage(nn.Module):
         self.train(policy.training)  # count_macs restores this flag on the policy too
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        return self.policy.stage_logits(self.stage, probs)
+        hidden = policy_features(probs[:, 0], self.policy.inputs)
+        layers = self.policy._layers(self.stage)
+        for i, (weight, bias) in enumerate(layers):
+            hidden = torch.addmm(bias.squeeze(0), hidden, weight)
+            if i < len(layers) - 1:
+                hidden = hidden.relu()
+        return hidden
 
 
 def stopping_module_macs(num_classes: int, hidden: int) -> int:
     """MACs of one stopping module of this width, measured."""
-    return count_macs(StoppingModule(num_classes, hidden), torch.full((1, num_classes), 0.1))
+    return StoppingPolicy(2, num_classes, hidden).policy_macs()[0]
+
+
+def ensemble_predictions(
+    probs: torch.Tensor, stop_probs: torch.Tensor, exit_stage: torch.Tensor
+) -> torch.Tensor:
+    """Predictions that mix every visited classifier, weighted by its stop probability.
+
+    Guan et al. section 3.4: the stop probability reads as the confidence of its
+    stage, so the visited stages' softmaxes are averaged with those weights
+    (the exit stage, always visited, has weight 1 if it is the last).
+    ``probs`` is (sample, K, C), ``stop_probs`` (sample, K) with the last column 1.
+    """
+    k = probs.shape[1]
+    visited = torch.arange(k, device=probs.device).unsqueeze(0) <= exit_stage.unsqueeze(1)
+    weights = stop_probs * visited
+    mixed = (weights.unsqueeze(-1) * probs).sum(1)
+    return mixed.argmax(-1)
+
+
+class LearnedRule:
+    """A trained stopping policy as a :class:`StoppingRule`: stop where pi >= 1/2 (logit >= 0).
+
+    With ``ensemble`` the answer mixes the visited classifiers weighted by their stop
+    probabilities (Guan et al. 3.4) instead of the exit classifier's arg-max.
+    """
+
+    def __init__(self, policy: StoppingPolicy, ensemble: bool = False):
+        self.policy, self.ensemble = policy, ensemble
+        self.num_stages = policy.num_stages
+
+    @torch.no_grad()
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """The stop logits: >= 0 exactly where the stop probability is >= 1/2."""
+        return self.policy(history)
+
+    def policy_macs(self) -> list[int]:
+        """The stopping modules' measured MACs."""
+        return self.policy.policy_macs()
+
+    @torch.no_grad()
+    def predictions(self, probs: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor | None:
+        """The ensemble's answers with ``ensemble``, else None (the exit classifier's arg-max)."""
+        if not self.ensemble:
+            return None
+        return ensemble_predictions(probs, self.policy.stop_probs(probs), exit_stage)

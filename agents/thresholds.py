@@ -9,13 +9,14 @@ Optional temperature scaling per stage is fitted on validation by NLL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from policycascade.costs import StageCosts
-from policycascade.evaluation import first_stop
-from policycascade.rewards import check_alpha
+from policycascade.agents.rules import StoppingRule, first_stop, rule_predictions
+from policycascade.rewards import check_alpha, episode_return
 
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin")
 _EPS = 1e-12
@@ -79,83 +80,133 @@ class ThresholdRule:
         """Number of stages K."""
         return len(self.thresholds) + 1
 
-    def stage_confidence(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Confidence of stage ``stage``'s softmax (batch, C), temperature-scaled if fitted."""
-        if self.temperatures is not None:
-            probs = apply_temperature(probs, self.temperatures[stage])
-        return confidence(probs, self.criterion)
+    def confidences(self, history: torch.Tensor) -> torch.Tensor:
+        """Confidence of each visited stage but the last of the cascade, (batch, min(S, K - 1))."""
+        stages = min(history.shape[1], len(self.thresholds))
+        columns = []
+        for t in range(stages):
+            probs = history[:, t]
+            if self.temperatures is not None:
+                probs = apply_temperature(probs, self.temperatures[t])
+            columns.append(confidence(probs, self.criterion))
+        if not columns:
+            return history.new_zeros(len(history), 0)
+        return torch.stack(columns, dim=1)
 
-    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """Stop decisions (batch,) at ``stage``."""
-        if stage >= len(self.thresholds):
-            return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-        return self.stage_confidence(stage, probs) >= self.thresholds[stage]
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """Confidence minus threshold per stage (float64): >= 0 stops."""
+        conf = self.confidences(history).double()
+        thresholds = torch.tensor(self.thresholds[: conf.shape[1]], dtype=torch.float64)
+        return conf - thresholds.to(conf.device)
 
     def policy_macs(self) -> list[int]:
         """A threshold on a softmax statistic costs no multiply-accumulates."""
         return [0] * self.num_stages
 
 
-class ThresholdSearch:
-    """Fits thresholds of one criterion on validation outputs.
+@dataclass
+class ShiftedRule:
+    """Any scored rule with a per-stage offset: stop at stage t where score_t >= offsets[t].
 
-    Candidate thresholds per stage are quantiles of that stage's validation
-    confidences (plus +inf); the three fitting modes search over them by
-    coordinate descent, evaluating every candidate on all samples at once.
+    A learned policy's stop score, thresholded per stage, gives a whole trade-off
+    curve from one training, fitted with the same search as the confidence rules.
+    """
+
+    base: StoppingRule
+    offsets: list[float]  # K - 1 values; 0 everywhere is the base rule itself
+    name: str = field(default="")
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages K."""
+        return self.base.num_stages
+
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """The base rule's scores minus the offsets (float64)."""
+        scores = self.base.stop_scores(history).double()
+        offsets = torch.tensor(self.offsets[: scores.shape[1]], dtype=torch.float64)
+        return scores - offsets.to(scores.device)
+
+    def policy_macs(self) -> list[int]:
+        """The base rule's cost: the offsets add none."""
+        return self.base.policy_macs()
+
+    def predictions(self, probs: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor | None:
+        """The base rule's answers."""
+        return rule_predictions(self.base, probs, exit_stage)
+
+
+class ScoreSearch:
+    """Fits per-stage thresholds on a rule's validation stop scores.
+
+    Candidate thresholds per stage are quantiles of that stage's validation scores
+    (all distinct values with ``num_candidates=None``) plus +inf; the fitting modes
+    search over them by coordinate descent, evaluating every candidate of a stage on
+    all samples at once.
     """
 
     def __init__(
         self,
+        scores: torch.Tensor,
         probs: torch.Tensor,
         labels: torch.Tensor,
         costs: StageCosts,
-        criterion: str = "max-softmax",
-        temperature_scaling: bool = False,
-        num_candidates: int = 100,
+        make_rule: Callable[[list[float]], StoppingRule],
+        num_candidates: int | None = 100,
     ):
         probs, labels = probs.cpu(), labels.cpu()  # a small float64 search: CPU is enough
-        k = probs.shape[1]
-        temps = None
-        if temperature_scaling:
-            temps = [fit_temperature(probs[:, t], labels) for t in range(k)]
-        self.template = ThresholdRule(criterion, [float("inf")] * (k - 1), temps)
-        self.conf = torch.stack(
-            [self.template.stage_confidence(t, probs[:, t]) for t in range(k)], dim=1
-        )  # (sample, stage)
+        self.scores = scores.cpu().double()  # (sample, K - 1)
+        self.make_rule = make_rule
         self.correct = (probs.argmax(-1) == labels.unsqueeze(1)).to(torch.float64)
         self.cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64)
         self.reference_macs = float(costs.reference_macs)
-        quantiles = torch.linspace(0, 1, num_candidates, dtype=torch.float64)
+        quantiles = None
+        if num_candidates is not None:
+            quantiles = torch.linspace(0, 1, num_candidates, dtype=torch.float64)
         self.candidates = [
             torch.cat(
                 [
-                    torch.quantile(self.conf[:, t].double(), quantiles).unique(),
+                    (
+                        self.scores[:, t].unique()
+                        if quantiles is None
+                        else torch.quantile(self.scores[:, t], quantiles).unique()
+                    ),
                     torch.tensor([float("inf")], dtype=torch.float64),
                 ]
             )
-            for t in range(k - 1)
+            for t in range(self.scores.shape[1])
         ]
 
-    def rule(self, thresholds: list[float]) -> ThresholdRule:
-        """A rule with the search's criterion and temperatures and these thresholds."""
-        t = self.template
-        return ThresholdRule(t.criterion, [float(x) for x in thresholds], t.temperatures, t.name)
+    @classmethod
+    def for_rule(
+        cls,
+        rule: StoppingRule,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        costs: StageCosts,
+        num_candidates: int | None = 100,
+    ) -> ScoreSearch:
+        """The search over offsets of any rule's stop scores (its own MACs included)."""
+        return cls(
+            rule.stop_scores(probs),
+            probs,
+            labels,
+            costs.with_policy_macs(rule.policy_macs()),
+            lambda offsets: ShiftedRule(rule, offsets),
+            num_candidates,
+        )
 
     def evaluate_many(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation accuracy and mean MACs of M threshold vectors (M, K - 1) at once."""
         m = thresholds.shape[0]
         full = torch.cat([thresholds, torch.full((m, 1), float("-inf"))], dim=1)
-        stop = self.conf.unsqueeze(1) >= full.unsqueeze(0).to(self.conf.dtype)  # (N, M, K)
+        scores = torch.cat([self.scores, self.scores.new_zeros(len(self.scores), 1)], dim=1)
+        stop = scores.unsqueeze(1) >= full.unsqueeze(0)  # (N, M, K)
         exit_stage = first_stop(stop.reshape(-1, stop.shape[-1])).view(-1, m)  # (N, M)
         correct = self.correct.gather(1, exit_stage)  # (N, M)
         return correct.mean(0), self.cumulative[exit_stage].mean(0)
 
-    def evaluate(self, thresholds: list[float]) -> tuple[float, float]:
-        """Validation (accuracy, mean MACs) of one threshold vector."""
-        acc, macs = self.evaluate_many(torch.tensor([thresholds], dtype=torch.float64))
-        return float(acc[0]), float(macs[0])
-
-    def _coordinate_search(self, start: list[float], score, passes: int = 3) -> list[float]:
+    def _coordinate_search(self, start: list[float], score, passes: int = 3) -> StoppingRule:
         """Improve one stage's threshold at a time.
 
         ``score(acc, macs)`` maps tensors of candidate results to a tuple of
@@ -177,30 +228,33 @@ class ThresholdSearch:
                     best, current, changed = value, trials[top].clone(), True
             if not changed:
                 break
-        return current.tolist()
+        return self.make_rule(current.tolist())
 
-    def for_accuracy_drop(self, epsilon: float, reference_accuracy: float | None = None):
-        """Cheapest thresholds whose validation accuracy is at least ``reference - epsilon``.
+    @property
+    def last_accuracy(self) -> float:
+        """Validation accuracy of the last classifier alone."""
+        return float(self.correct[:, -1].mean())
 
-        ``epsilon`` is in accuracy units (0.005 = half a point); the reference is the
-        last classifier's validation accuracy unless given. Where no thresholds reach
-        the target, the most accurate ones found are returned.
+    def for_accuracy(self, target: float) -> StoppingRule:
+        """Cheapest thresholds whose validation accuracy is at least ``target``.
+
+        Where no thresholds reach the target, the most accurate ones found are returned.
         """
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-        target = (
-            float(self.correct[:, -1].mean()) if reference_accuracy is None else reference_accuracy
-        ) - epsilon
 
         def score(acc, macs):
             feasible = acc >= target - 1e-12
             # feasible: cheaper is better; not (yet) feasible: closer to the target is better
             return (feasible.double(), torch.where(feasible, -macs, acc), acc)
 
-        start = [float("inf")] * len(self.candidates)
-        return self.rule(self._coordinate_search(start, score))
+        return self._coordinate_search([float("inf")] * len(self.candidates), score)
 
-    def for_budget(self, macs_budget: float):
+    def for_accuracy_drop(self, epsilon: float) -> StoppingRule:
+        """Cheapest thresholds within ``epsilon`` accuracy (0.005 = half a point) of the last stage."""
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        return self.for_accuracy(self.last_accuracy - epsilon)
+
+    def for_budget(self, macs_budget: float) -> StoppingRule:
         """Most accurate thresholds whose mean validation MACs per sample stay within the budget.
 
         Where no thresholds fit the budget, the cheapest ones found are returned.
@@ -212,36 +266,65 @@ class ThresholdSearch:
             feasible = macs <= macs_budget + 1e-9
             return (feasible.double(), torch.where(feasible, acc, -macs), -macs)
 
-        start = [float("-inf")] * len(self.candidates)
-        return self.rule(self._coordinate_search(start, score))
+        return self._coordinate_search([float("-inf")] * len(self.candidates), score)
 
-    def for_reward(self, alpha: float):
+    def for_reward(self, alpha: float) -> StoppingRule:
         """Thresholds with the best mean validation reward ``accuracy - alpha * MACs / reference``.
 
         The objective a stopping policy trained at cost weight ``alpha`` maximises (0/1
-        loss, costs normalised to the most expensive classifier), so the rule and the
-        policy can be compared, or the rule used to start the policy.
+        loss, costs normalised to the most expensive classifier).
         """
         alpha = check_alpha(alpha)
 
         def score(acc, macs):
-            return (acc - alpha * macs / self.reference_macs, -macs)
+            return (episode_return(alpha, macs / self.reference_macs, 1.0 - acc), -macs)
 
-        start = [float("inf")] * len(self.candidates)
-        return self.rule(self._coordinate_search(start, score))
+        return self._coordinate_search([float("inf")] * len(self.candidates), score)
 
-    def sweep(self, points: int = 25) -> list[ThresholdRule]:
-        """Rules along the trade-off curve: one shared confidence quantile level for all stages."""
+    def sweep(self, points: int = 25) -> list[StoppingRule]:
+        """Rules along the trade-off curve: one shared score quantile level for all stages."""
         levels = torch.linspace(0, 1, points, dtype=torch.float64)
         rules = []
         for level in levels.tolist():
             thresholds = [
-                float(torch.quantile(self.conf[:, t].double(), level))
-                for t in range(len(self.candidates))
+                float(torch.quantile(self.scores[:, t], level)) for t in range(len(self.candidates))
             ]
-            rules.append(self.rule(thresholds))
-        rules.append(self.rule([float("inf")] * len(self.candidates)))
+            rules.append(self.make_rule(thresholds))
+        rules.append(self.make_rule([float("inf")] * len(self.candidates)))
         return rules
+
+
+class ThresholdSearch(ScoreSearch):
+    """The search over one confidence criterion's thresholds (temperature-scaled if asked)."""
+
+    def __init__(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        costs: StageCosts,
+        criterion: str = "max-softmax",
+        temperature_scaling: bool = False,
+        num_candidates: int | None = 100,
+    ):
+        probs, labels = probs.cpu(), labels.cpu()
+        k = probs.shape[1]
+        temps = None
+        if temperature_scaling:
+            temps = [fit_temperature(probs[:, t], labels) for t in range(k)]
+        self.template = ThresholdRule(criterion, [float("inf")] * (k - 1), temps)
+        t = self.template
+
+        def make_rule(thresholds: list[float]) -> ThresholdRule:
+            return ThresholdRule(t.criterion, [float(x) for x in thresholds], t.temperatures, t.name)
+
+        super().__init__(
+            t.confidences(probs),
+            probs,
+            labels,
+            costs.with_policy_macs([0] * k),
+            make_rule,
+            num_candidates,
+        )
 
 
 def oracle_exits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

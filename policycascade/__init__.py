@@ -9,5 +9,24 @@ from policycascade.envs import register_builtin, register_cascade
 
 register_builtin()
 
-__all__ = ["Cascade", "CascadeOutputs", "StageCosts", "count_macs", "register_cascade"]
+
+
+def __getattr__(name: str):
+    """``policycascade.load_run`` without importing the training stack on every import."""
+    if name in ("load_run", "LoadedRun"):
+        from policycascade import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'policycascade' has no attribute {name!r}")
+
+
+__all__ = [
+    "Cascade",
+    "CascadeOutputs",
+    "LoadedRun",
+    "StageCosts",
+    "count_macs",
+    "load_run",
+    "register_cascade",
+]
 __version__ = "0.1.0"

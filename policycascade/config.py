@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
+import importlib.resources
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,22 +34,16 @@ AGENTS = ("reinforce", "ltc")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs; the defaults are configs/digits.yaml."""
+class ReinforceConfig:
+    """REINFORCE (Guan et al.): cross-entropy pre-training, then the stopping policy (YAML ``reinforce:``)."""
 
-    dataset: str = _opt("digits", "data set to train and evaluate on", DATASETS)
-    data_dir: str = _opt("data", "directory that holds (or receives) the real image data sets")
-    download: bool = _opt(False, "download a missing data set through torchvision (needs network)")
-    augment: bool = _opt(
-        False, "4-pixel zero pad, random crop and horizontal flip per image (Guan et al. 4.4)"
-    )
-    cascade: str = _opt("digits", "classifier family that forms the cascade", tuple(CASCADES))
     alpha: list[float] = _opt(
         [1e-3],
         "cost weight(s) in the reward -loss - alpha * cost (cost 1 = the most expensive "
         "classifier); several values train one run each",
     )
-    agent: str = _opt("reinforce", "stopping policy to train", AGENTS)
+    pretrain_epochs: int = _opt(40, "epochs of cross-entropy pre-training of the classifiers")
+    epochs: int = _opt(100, "epochs of REINFORCE training after pre-training")
     freeze_classifiers: bool = _opt(
         False, "train only the stopping policy on frozen, pre-trained classifiers ('Ours (S)')"
     )
@@ -65,40 +61,13 @@ class TrainConfig:
     rollouts: int = _opt(
         1, "stopping rollouts sampled per training input (leave-one-out needs >= 2)"
     )
-    entropy_weight: float = _opt(
-        0.0, "weight of an entropy bonus on the stop decisions (exploration; 0 = the paper's)"
-    )
-    label_estimator: str = _opt(
-        "sample",
-        "joint training under the 0/1 loss: 'sample' a label and use its score function "
-        "(Guan et al.) or use the 'expected' 0/1 loss 1 - p(y) (same objective, no label noise)",
-        ("sample", "expected"),
-    )
     policy_gradient: str = _opt(
         "score-function",
-        "how the stop decisions learn: REINFORCE's sampled 'score-function' estimator; "
-        "'exact' (gradient of the expected return enumerated over the K exits, no sampling "
-        "noise); or 'backward-induction' (each stage fitted to stop where stopping beats the "
-        "continuation value, by cost-weighted cross-entropy; does not saturate)",
-        ("score-function", "exact", "backward-induction"),
+        "how the stop decisions learn: REINFORCE's sampled 'score-function' estimator, or "
+        "'exact' (gradient of the expected return enumerated over the K exits, no sampling noise)",
+        ("score-function", "exact"),
     )
     loss: str = _opt("zero-one", "prediction loss in the reward", ("zero-one", "cross-entropy"))
-    pretrain_epochs: int = _opt(
-        40,
-        "epochs of cross-entropy pre-training of the classifiers (with --agent ltc: the "
-        "epochs of LtC training of each classifier)",
-    )
-    epochs: int = _opt(
-        100, "epochs of REINFORCE training after pre-training (not used by --agent ltc)"
-    )
-    batch_size: int = _opt(64, "training mini-batch size")
-    optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
-    lr: float = _opt(3e-3, "learning rate of the classifiers")
-    lr_milestones: list[int] = _opt(
-        [], "epochs (pre-training included) after which the classifiers' lr is multiplied by ..."
-    )
-    lr_gamma: float = _opt(0.1, "... this factor")
-    weight_decay: float = _opt(1e-4, "L2 weight decay of the classifiers")
     policy_optimizer: str = _opt(
         "adam",
         "optimiser of the stopping modules and baseline (Guan et al.: SGD, momentum 0.9)",
@@ -118,33 +87,91 @@ class TrainConfig:
     policy_hidden: int = _opt(
         16, "hidden units of each stopping module (paper: 64 on CIFAR, 256 on ImageNet)"
     )
-    policy_init: str = _opt(
-        "random",
-        "start of the stopping modules: 'random', or 'max-softmax' (imitate the max-softmax "
-        "threshold rule with the best reward at this alpha on the policy split, then learn)",
-        ("random", "max-softmax"),
-    )
     policy_inputs: str = _opt(
         "log-probs",
-        "what each stopping module reads: the stage's softmax as log-probabilities, "
-        "'sorted-log-probs' in descending order (the confidence profile) or 'log-probs' in "
-        "class order",
+        "what each stopping module reads: the stage's softmax as log-probabilities in class "
+        "order ('log-probs') or in descending order ('sorted-log-probs', the confidence profile)",
         ("sorted-log-probs", "log-probs"),
-    )
-    ltc_cost: float = _opt(0.5, "LtC: cost parameter C of the cascade loss (Enomoto & Eda eq. 3)")
-    ltc_weight: float = _opt(1.0, "LtC: weight w of the cascade loss term")
-    ltc_epsilon: float = _opt(
-        0.0, "LtC: thresholds keep validation accuracy >= (1 - epsilon) x the last classifier's"
-    )
-    ltc_form: str = _opt(
-        "separate",
-        "LtC: 'separate' models trained from the most expensive down (eq. 5) or one shared-trunk "
-        "'multi-exit' network (eq. 6, digits-sized inputs)",
-        ("separate", "multi-exit"),
     )
     ensemble: bool = _opt(
         False, "at test time mix the visited classifiers, weighted by their stop probabilities"
     )
+
+    def validate(self) -> None:
+        """Check the REINFORCE values; raise :class:`ConfigError` naming the first bad field."""
+        if not self.alpha:
+            raise ConfigError("alpha needs at least one value")
+        for a in self.alpha:
+            if not (math.isfinite(a) and a >= 0):
+                raise ConfigError(f"alpha must be finite and >= 0, got {a}")
+        if len({float(a) for a in self.alpha}) != len(self.alpha):
+            raise ConfigError(f"alpha lists a value twice: {self.alpha}")
+        _check_at_least(self, ("rollouts", "policy_hidden", "policy_lr_decay_every"), 1)
+        _check_at_least(self, ("pretrain_epochs", "epochs"), 0)  # epochs=0: pre-training only
+        if self.pretrain_epochs == 0 and self.epochs == 0:
+            raise ConfigError("nothing to train: pretrain_epochs and epochs are both 0")
+        _check_positive(self, ("policy_lr", "policy_lr_decay", "joint_lr_scale"))
+        _check_non_negative(self, ("supervised_weight",))
+        if self.baseline == "leave-one-out" and self.rollouts < 2:
+            raise ConfigError(
+                f"baseline 'leave-one-out' needs rollouts >= 2, got rollouts={self.rollouts}"
+            )
+
+
+@dataclass
+class LtcConfig:
+    """Learning to Cascade (Enomoto & Eda 2021): CLI options ``--ltc-*``, YAML section ``ltc:``."""
+
+    epochs: int = _opt(40, "epochs of LtC training of each classifier")
+    cost: float = _opt(0.5, "cost parameter C of the cascade loss (Enomoto & Eda eq. 3)")
+    weight: float = _opt(1.0, "weight w of the cascade loss term")
+    epsilon: float = _opt(
+        0.0, "thresholds keep validation accuracy >= (1 - epsilon) x the last classifier's"
+    )
+    form: str = _opt(
+        "separate",
+        "'separate' models trained from the most expensive down (eq. 5) or one shared-trunk "
+        "'multi-exit' network (eq. 6, digits-sized inputs)",
+        ("separate", "multi-exit"),
+    )
+
+    def validate(self) -> None:
+        """Check the LtC values; raise :class:`ConfigError` naming the first bad field."""
+        _check_at_least(self, ("epochs",), 1)
+        if not (0 <= self.epsilon < 1):
+            raise ConfigError(f"ltc.epsilon must be in [0, 1), got {self.epsilon}")
+        _check_non_negative(self, ("cost", "weight"))
+
+
+SECTIONS = {"reinforce": ReinforceConfig, "ltc": LtcConfig}
+CLI_PREFIX = {"reinforce": "", "ltc": "ltc-"}  # --baseline, --ltc-cost
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the defaults are configs/digits.yaml.
+
+    Options shared by every algorithm sit at the top level; each algorithm's own
+    options sit in its section (``reinforce``, ``ltc``). A run uses the section of its
+    ``agent``; options given for the other algorithm are rejected, not ignored.
+    """
+
+    dataset: str = _opt("digits", "data set to train and evaluate on", DATASETS)
+    data_dir: str = _opt("data", "directory that holds (or receives) the real image data sets")
+    download: bool = _opt(False, "download a missing data set through torchvision (needs network)")
+    augment: bool = _opt(
+        False, "4-pixel zero pad, random crop and horizontal flip per image (Guan et al. 4.4)"
+    )
+    cascade: str = _opt("digits", "classifier family that forms the cascade", tuple(CASCADES))
+    agent: str = _opt("reinforce", "algorithm that trains the cascade and its stopping rule", AGENTS)
+    batch_size: int = _opt(64, "training mini-batch size")
+    optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
+    lr: float = _opt(3e-3, "learning rate of the classifiers")
+    lr_milestones: list[int] = _opt(
+        [], "epochs (pre-training included) after which the classifiers' lr is multiplied by ..."
+    )
+    lr_gamma: float = _opt(0.1, "... this factor")
+    weight_decay: float = _opt(1e-4, "L2 weight decay of the classifiers")
     seed: int = _opt(0, "seed of the data split, initialisation and sampling")
     device: str = _opt("auto", "'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'")
     logdir: str = _opt("runs", "directory that receives one sub-directory per run")
@@ -158,60 +185,79 @@ class TrainConfig:
     channels_last: bool = _opt(
         False, "keep image batches and convolution weights in channels-last memory layout"
     )
+    reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
+    ltc: LtcConfig = field(default_factory=LtcConfig)
+
+    @property
+    def algorithm(self) -> ReinforceConfig | LtcConfig:
+        """The section of the configured ``agent``."""
+        return getattr(self, self.agent)
 
     def validate(self) -> TrainConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad field."""
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
-        if not self.alpha:
-            raise ConfigError("alpha needs at least one value")
-        for a in self.alpha:
-            if not (math.isfinite(a) and a >= 0):
-                raise ConfigError(f"alpha must be finite and >= 0, got {a}")
-        for name in ("batch_size", "rollouts", "policy_hidden", "policy_lr_decay_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pretrain_epochs", "epochs"):  # epochs=0: pre-training only
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.pretrain_epochs == 0 and self.epochs == 0:
-            raise ConfigError("nothing to train: pretrain_epochs and epochs are both 0")
+        for owner in (self, self.reinforce, self.ltc):
+            for f in fields(owner):
+                choices = f.metadata.get("choices")
+                value = getattr(owner, f.name)
+                if choices and value not in choices:
+                    raise ConfigError(f"{f.name} must be one of {list(choices)}, got {value!r}")
+        _check_at_least(self, ("batch_size",), 1)
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        for name in ("lr", "lr_gamma", "policy_lr", "policy_lr_decay", "joint_lr_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
-        if not (0 <= self.ltc_epsilon < 1):
-            raise ConfigError(f"ltc_epsilon must be in [0, 1), got {self.ltc_epsilon}")
+        _check_positive(self, ("lr", "lr_gamma"))
+        _check_non_negative(self, ("weight_decay",))
         if any(m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
-        for name in (
-            "weight_decay",
-            "supervised_weight",
-            "ltc_cost",
-            "ltc_weight",
-            "entropy_weight",
-        ):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-        if self.baseline == "leave-one-out" and self.rollouts < 2:
-            raise ConfigError(
-                f"baseline 'leave-one-out' needs rollouts >= 2, got rollouts={self.rollouts}"
-            )
+        self.reinforce.validate()
+        self.ltc.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (YAML/JSON-ready)."""
-        return dataclasses.asdict(self)
+        """The shared options and the active algorithm's section (YAML/JSON-ready)."""
+        values = {
+            f.name: copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in SECTIONS
+        }
+        values[self.agent] = dataclasses.asdict(self.algorithm)
+        return values
+
+    def changed_options(self) -> dict[str, Any]:
+        """Every option that differs from the built-in defaults, as ``section.name: value``."""
+        default = TrainConfig(agent=self.agent).to_dict()
+        changed = {}
+        for key, value in self.to_dict().items():
+            if key in SECTIONS:
+                for name, inner in value.items():
+                    if default[key][name] != inner:
+                        changed[f"{key}.{name}"] = inner
+            elif default[key] != value:
+                changed[key] = value
+        return changed
 
 
-def _field_types() -> dict[str, Any]:
-    return get_type_hints(TrainConfig)
+def _check_at_least(owner: Any, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        if getattr(owner, name) < low:
+            raise ConfigError(f"{name} must be >= {low}, got {getattr(owner, name)}")
+
+
+def _check_positive(owner: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _check_non_negative(owner: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def _field_types(owner: type = None) -> dict[str, Any]:
+    return get_type_hints(owner or TrainConfig)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -244,30 +290,86 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """A validated config from ``values`` over ``base``; unknown keys get a did-you-mean."""
+def _updates(values: dict[str, Any], owner: type, where: str) -> dict[str, Any]:
+    """Coerced field values of ``owner`` from a mapping; unknown keys get a did-you-mean."""
     if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping of option names to values, got {values!r}")
-    known = {f.name for f in fields(TrainConfig)}
-    hints = _field_types()
+        raise ConfigError(f"{where} must be a mapping of option names to values, got {values!r}")
+    known = {f.name for f in fields(owner)}
+    hints = _field_types(owner)
     updates = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(f"unknown {where} key {key!r}{hint}")
         updates[name] = _coerce(name, value, hints[name])
-    return dataclasses.replace(base or TrainConfig(), **updates).validate()
+    return updates
+
+
+def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A validated config from ``values`` (shared keys, ``reinforce:``/``ltc:`` sections) over ``base``.
+
+    A section for an algorithm other than the configured ``agent`` is rejected: its
+    options would be ignored.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping of option names to values, got {values!r}")
+    base = base or TrainConfig()
+    shared = {k: v for k, v in values.items() if k not in SECTIONS}
+    section_keys = [str(k).replace("-", "_") for k in shared]
+    misplaced = [k for k in section_keys if any(k in s.__dataclass_fields__ for s in SECTIONS.values())]
+    misplaced = [k for k in misplaced if k not in TrainConfig.__dataclass_fields__]
+    if misplaced:
+        owner = next(n for n, s in SECTIONS.items() if misplaced[0] in s.__dataclass_fields__)
+        raise ConfigError(
+            f"config key {misplaced[0]!r} belongs in the {owner!r} section "
+            f"({owner}: {{{misplaced[0]}: ...}})"
+        )
+    config = dataclasses.replace(base, **_updates(shared, TrainConfig, "config"))
+    for name, section_type in SECTIONS.items():
+        if name not in values or values[name] is None:
+            continue
+        if name != config.agent:
+            raise ConfigError(
+                f"the config has a {name!r} section but agent is {config.agent!r}: "
+                f"its options would be ignored; remove the section or set agent: {name}"
+            )
+        section = dataclasses.replace(
+            getattr(config, name), **_updates(values[name], section_type, f"{name} section")
+        )
+        config = dataclasses.replace(config, **{name: section})
+    return config.validate()
+
+
+CONFIG_PACKAGE = "policycascade.configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with the package (``--config NAME``)."""
+    folder = importlib.resources.files(CONFIG_PACKAGE)
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file's path: an existing file, or the name of a shipped config."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files(CONFIG_PACKAGE) / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a file nor a shipped config "
+        f"(shipped: {', '.join(shipped_configs())})"
+    )
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    path = resolve_config_path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -295,18 +397,41 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _cli_options() -> list[tuple[str | None, Any, str]]:
+    """(section or None, dataclass field, flag) for every config option."""
+    options = [(None, f, "--" + f.name.replace("_", "-")) for f in fields(TrainConfig)]
+    options = [o for o in options if o[1].name not in SECTIONS]
+    for section, section_type in SECTIONS.items():
+        for f in fields(section_type):
+            options.append((section, f, "--" + CLI_PREFIX[section] + f.name.replace("_", "-")))
+    return options
+
+
+def _dest(section: str | None, name: str) -> str:
+    return name if section is None else f"{section}__{name}"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One CLI option per config field, with the field's help; defaults stay unset (None)."""
-    hints = _field_types()
+    """One CLI option per config field, grouped by section; defaults stay unset (None)."""
     defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        default = getattr(defaults, f.name)
+    groups = {
+        None: parser.add_argument_group("options of every algorithm"),
+        "reinforce": parser.add_argument_group("REINFORCE options (--agent reinforce)"),
+        "ltc": parser.add_argument_group("Learning-to-Cascade options (--agent ltc)"),
+    }
+    for section, f, flag in _cli_options():
+        owner = defaults if section is None else getattr(defaults, section)
+        hint = _field_types(type(owner))[f.name]
+        default = getattr(owner, f.name)
         help_text = f"{f.metadata['help']} (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {
+            "dest": _dest(section, f.name),
+            "default": None,
+            "help": help_text,
+        }
+        group = groups[section]
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if get_origin(hint) is list:
             kwargs["nargs"] = "+"
@@ -316,17 +441,45 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-        parser.add_argument(flag, **kwargs)
+        group.add_argument(flag, **kwargs)
+
+
+def given_options(args: argparse.Namespace) -> list[str]:
+    """The config flags given on the command line."""
+    return [
+        flag
+        for section, f, flag in _cli_options()
+        if getattr(args, _dest(section, f.name), None) is not None
+    ]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the ``--config`` file, then every option given on the command line."""
+    """Defaults, then the ``--config`` file, then every option given on the command line.
+
+    A flag of an algorithm other than the configured ``agent`` is rejected.
+    """
     base = TrainConfig()
     if getattr(args, "config", None):
         base = config_from_dict(load_config_file(args.config), base)
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    return config_from_dict(overrides, base)
+    values: dict[str, Any] = {}
+    for section, f, flag in _cli_options():
+        value = getattr(args, _dest(section, f.name), None)
+        if value is None:
+            continue
+        if section is None:
+            values[f.name] = value
+        else:
+            values.setdefault(section, {})[f.name] = value
+    agent = values.get("agent", base.agent)
+    for section in SECTIONS:
+        if section in values and section != agent:
+            flags = [
+                flag
+                for s, f, flag in _cli_options()
+                if s == section and f.name in values[section]
+            ]
+            raise ConfigError(
+                f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} to "
+                f"--agent {section} only, but the agent is {agent!r}"
+            )
+    return config_from_dict(values, base)

@@ -6,35 +6,8 @@ from typing import Any
 
 import torch
 
+from policycascade.agents.rules import StoppingRule, exit_stages, first_stop, rule_predictions
 from policycascade.cascade import CascadeOutputs
-
-
-def first_stop(stop: torch.Tensor) -> torch.Tensor:
-    """Exit stage of each sample: the first stage whose decision is *stop*.
-
-    ``stop`` is (sample, K) booleans, one decision per stage; the last stage
-    always stops, whatever its column says.
-    """
-    stop = stop.clone()
-    stop[:, -1] = True
-    return stop.to(torch.uint8).argmax(dim=1)
-
-
-def ensemble_predictions(
-    probs: torch.Tensor, stop_probs: torch.Tensor, exit_stage: torch.Tensor
-) -> torch.Tensor:
-    """Predictions that mix every visited classifier, weighted by its stop probability.
-
-    Guan et al. section 3.4: the stop probability reads as the confidence of its
-    stage, so the visited stages' softmaxes are averaged with those weights
-    (the exit stage, always visited, has weight 1 if it is the last).
-    ``probs`` is (sample, K, C), ``stop_probs`` (sample, K) with the last column 1.
-    """
-    k = probs.shape[1]
-    visited = torch.arange(k, device=probs.device).unsqueeze(0) <= exit_stage.unsqueeze(1)
-    weights = stop_probs * visited
-    mixed = (weights.unsqueeze(-1) * probs).sum(1)
-    return mixed.argmax(-1)
 
 
 def evaluate_exits(
@@ -73,3 +46,18 @@ def evaluate_exits(
         "accuracy_by_exit": by_exit.tolist(),
         "num_samples": n,
     }
+
+
+def evaluate_rule(rule: StoppingRule, outputs: CascadeOutputs) -> dict[str, Any]:
+    """Any stopping rule on cached outputs: its exits and answers, scored by :func:`evaluate_exits`.
+
+    The outputs' stage costs are replaced by the rule's own (its ``policy_macs``), so every
+    rule pays for exactly what it runs.
+    """
+    costs = outputs.costs.with_policy_macs(rule.policy_macs())
+    exit_stage = exit_stages(rule, outputs.probs)
+    predictions = rule_predictions(rule, outputs.probs, exit_stage)
+    return evaluate_exits(outputs.with_costs(costs), exit_stage, predictions)
+
+
+__all__ = ["evaluate_exits", "evaluate_rule", "first_stop"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import textwrap
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -11,87 +12,119 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def tradeoff_figure(
-    curves: dict[str, list[tuple[float, float]]],
-    points: dict[str, tuple[float, float]],
-    learned: list[tuple[float, float, float, float, str]],
-    best: tuple[float, float] | None,
-    title: str,
-):
-    """Accuracy (y) against mean MACs per sample (x).
+@dataclass
+class OwnPoint:
+    """A run's own policy at one setting: mean (and std over seeds) of MACs and accuracy."""
 
-    ``curves``: one line per rule (sorted by MACs); ``points``: single classifiers and
-    the oracle; ``learned``: REINFORCE points (macs, acc, macs_std, acc_std, label)
-    with error bars over seeds; ``best`` is ringed.
-    """
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, values in curves.items():
+    label: str
+    macs: float
+    accuracy: float
+    macs_std: float = 0.0
+    accuracy_std: float = 0.0
+    seeds: int = 1
+
+
+@dataclass
+class TradeoffData:
+    """What the trade-off figure draws."""
+
+    title: str
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # (macs, acc)
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)  # singles, oracle
+    random: list[tuple[float, float]] = field(default_factory=list)
+    own: dict[str, list[OwnPoint]] = field(default_factory=dict)  # per policy
+
+
+_OWN_MARKERS = ("o", "D", "^", "v", "P", "X")
+
+
+def tradeoff_figure(data: TradeoffData):
+    """Accuracy (y) against mean MACs per sample (x, log scale); every policy in one picture."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, values in data.curves.items():
         values = sorted(values)
-        ax.plot([m for m, _ in values], [a for _, a in values], marker=".", lw=1.2, label=name)
-    for name, (macs, acc) in points.items():
+        ax.plot([m for m, _ in values], [a for _, a in values], lw=1.2, alpha=0.8, label=name)
+    for name, (macs, acc) in data.points.items():
         marker = "*" if name == "oracle" else "s"
-        ax.scatter([macs], [acc], marker=marker, s=70, zorder=3, label=name)
-    if learned:
-        ax.errorbar(
-            [p[0] for p in learned],
-            [p[1] for p in learned],
-            xerr=[[min(p[2], 0.9 * p[0]) for p in learned], [p[2] for p in learned]],
-            yerr=[p[3] for p in learned],
-            fmt="o-",
-            color="black",
-            capsize=3,
-            lw=1.5,
-            label="REINFORCE (mean ± std over seeds)",
-            zorder=4,
-        )
-        for macs, acc, _, _, label in learned:
-            ax.annotate(label, (macs, acc), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    if best is not None:
+        ax.scatter([macs], [acc], marker=marker, s=80, zorder=3, label=name, edgecolors="black")
+    if data.random:
         ax.scatter(
-            [best[0]],
-            [best[1]],
-            s=250,
-            facecolors="none",
-            edgecolors="red",
-            lw=2,
-            zorder=5,
-            label="best REINFORCE point",
+            [m for m, _ in data.random],
+            [a for _, a in data.random],
+            marker="x",
+            color="grey",
+            zorder=3,
+            label="random stopping at matched cost",
         )
+    for i, (policy, points) in enumerate(sorted(data.own.items())):
+        points = sorted(points, key=lambda p: p.macs)
+        seeds = max(p.seeds for p in points)
+        label = policy + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else "")
+        ax.errorbar(
+            [p.macs for p in points],
+            [p.accuracy for p in points],
+            xerr=[[min(p.macs_std, 0.9 * p.macs) for p in points], [p.macs_std for p in points]],
+            yerr=[p.accuracy_std for p in points],
+            fmt=_OWN_MARKERS[i % len(_OWN_MARKERS)],
+            mfc="none",
+            mew=1.8,
+            ms=9,
+            capsize=3,
+            lw=1.2,
+            label=label,
+            zorder=5,
+        )
+        for j, p in enumerate(points):  # alternate above/below so labels do not overlap
+            ax.annotate(
+                p.label,
+                (p.macs, p.accuracy),
+                textcoords="offset points",
+                xytext=(6, 8 if j % 2 == 0 else -14),
+                fontsize=7,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("mean MACs per sample (log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(data.title, 80)), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     fig.tight_layout()
     return fig
 
 
-def accuracy_by_exit_figure(matrix: list[list[Any]], stage_names: list[str], title: str):
+def accuracy_by_exit_figure(
+    matrix: list[list[float | None]],
+    stage_names: list[str],
+    exit_counts: list[int],
+    title: str,
+):
     """Guan et al. Figure 4: each classifier's accuracy on the samples exiting at each stage.
 
-    Rows are exit stages, columns classifiers; rows with no samples stay blank.
+    Rows are exit stages (with their sample counts), columns classifiers; rows with
+    no samples are marked as such.
     """
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(data, vmin=0, vmax=1, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    image = ax.imshow(np.nan_to_num(data, nan=0.0), vmin=0, vmax=1, cmap="viridis")
+    image.set_alpha(np.where(np.isfinite(data), 1.0, 0.0))
     ax.set_xticks(range(len(stage_names)), stage_names, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(stage_names)), [f"exit {n}" for n in stage_names], fontsize=8)
+    ax.set_yticks(
+        range(len(stage_names)),
+        [f"exit {n}\n(n={c})" for n, c in zip(stage_names, exit_counts, strict=True)],
+        fontsize=8,
+    )
     for i in range(data.shape[0]):
+        if exit_counts[i] == 0:
+            ax.text(data.shape[1] / 2 - 0.5, i, "no samples exit here", ha="center", va="center",
+                    fontsize=8, color="grey")
+            continue
         for j in range(data.shape[1]):
-            if np.isfinite(data[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    f"{data[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if data[i, j] < 0.6 else "black",
-                )
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if data[i, j] < 0.6 else "black")
     ax.set_xlabel("classifier")
     ax.set_ylabel("samples that exit at")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label("accuracy on those samples")
     fig.tight_layout()
     return fig

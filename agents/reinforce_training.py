@@ -1,0 +1,292 @@
+"""REINFORCE as a run-harness algorithm: cross-entropy pre-training, then the stopping policy.
+
+Guan et al. 2018: after ``pretrain_epochs`` of cross-entropy, each REINFORCE epoch
+trains the stopping modules (and, unless frozen, the classifiers) on the reward
+-loss - alpha * cost. With ``policy_split="val"`` the two data streams stay apart:
+classifiers learn only from training batches, the stopping modules only from the
+current classifiers' outputs on held-out batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from policycascade.agents.algorithm import Algorithm, load_optimizers
+from policycascade.agents.reinforce import (
+    ReinforceAgent,
+    ReinforceStep,
+    expected_return,
+    policy_gradient_variance,
+)
+from policycascade.agents.stopping_policy import LearnedRule
+from policycascade.cascade import CascadeOutputs
+from policycascade.checkpoint import state_dict_mismatch
+from policycascade.optimizers import build_optimizer
+from policycascade.supervised import cross_entropy_all_stages
+
+if TYPE_CHECKING:
+    from policycascade.harness import RunHarness
+
+
+@contextlib.contextmanager
+def without_parameter_gradients(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` with its parameters frozen: gradients still flow through it to its inputs."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class ReinforceTraining(Algorithm):
+    """Pre-training epochs, then REINFORCE epochs; ends with the learned stopping policy."""
+
+    name = "reinforce"
+
+    def __init__(self, harness: RunHarness, train: bool = True):
+        super().__init__(harness, train)
+        if harness.alpha is None:
+            raise ValueError("REINFORCE needs an alpha")
+        self.settings = r = harness.config.reinforce
+        self.cascade = harness.build_cascade()
+        self.agent = ReinforceAgent(
+            self.cascade.num_stages,
+            harness.data.num_classes,
+            harness.alpha,
+            loss=r.loss,
+            baseline=r.baseline,
+            rollouts=r.rollouts,
+            policy_hidden=r.policy_hidden,
+            train_classifiers=not r.freeze_classifiers,
+            policy_gradient=r.policy_gradient,
+            policy_inputs=r.policy_inputs,
+        ).to(harness.device)
+        # Training forwards go through DDP when several processes train together.
+        self.train_cascade = harness.parallel(self.cascade)
+        self.classifier_optimizer = self.classifier_schedule = None
+        self.policy_optimizer = self.policy_schedule = None
+        if train:
+            c = harness.config
+            self.classifier_optimizer = build_optimizer(
+                c.optimizer, self.cascade.parameters(), c.lr, c.weight_decay
+            )
+            self.classifier_schedule = torch.optim.lr_scheduler.MultiStepLR(
+                self.classifier_optimizer, milestones=c.lr_milestones, gamma=c.lr_gamma
+            )
+            self.policy_optimizer = build_optimizer(
+                r.policy_optimizer, self.agent.parameters(), r.policy_lr
+            )
+            self.policy_schedule = torch.optim.lr_scheduler.StepLR(
+                self.policy_optimizer, step_size=r.policy_lr_decay_every, gamma=r.policy_lr_decay
+            )
+
+    @property
+    def label(self) -> str:
+        """``reinforce``, or ``reinforce-frozen`` when only the policy learns."""
+        return self.name + ("-frozen" if self.settings.freeze_classifiers else "")
+
+    @property
+    def num_epochs(self) -> int:
+        """Pre-training plus REINFORCE epochs."""
+        return self.settings.pretrain_epochs + self.settings.epochs
+
+    @property
+    def cumulative_costs(self) -> torch.Tensor:
+        """Normalised cost of exiting at each stage, (K,), on the device."""
+        costs = np.cumsum(self.harness.costs.stage_costs)
+        return torch.tensor(costs, dtype=torch.float32, device=self.harness.device)
+
+    def policy_macs(self) -> list[int]:
+        """The stopping modules' measured MACs."""
+        return self.agent.policy.policy_macs()
+
+    def rule(self) -> LearnedRule:
+        """The learned policy, deterministic: stop where pi >= 1/2."""
+        return LearnedRule(self.agent.policy, ensemble=self.settings.ensemble)
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """Each classifier by stage and name, then the stopping policy with its baseline."""
+        named = [
+            (f"classifier stage {t} ({name!r})", classifier)
+            for t, (name, classifier) in enumerate(
+                zip(self.cascade.names, self.cascade.classifiers, strict=True)
+            )
+        ]
+        return [*named, ("stopping policy", self.agent)]
+
+    def evaluation_extras(self, outputs: CascadeOutputs) -> dict[str, float]:
+        """The policy's exact expected reward under its stochastic decisions."""
+        with torch.no_grad():
+            reward = expected_return(
+                outputs.probs.clamp_min(1e-12).log(),
+                self.agent.stop_probs(outputs.probs),
+                outputs.labels,
+                self.cumulative_costs,
+                self.harness.alpha,
+                self.settings.loss,
+                sample_prediction=False,
+            )
+        return {"expected_reward": float(reward.mean())}
+
+    # -- epochs ------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """A pre-training epoch, or a REINFORCE epoch once pre-training is over."""
+        pretrain = self.settings.pretrain_epochs
+        if epoch == pretrain:
+            self._set_joint_lr()
+        metrics = self._pretrain_epoch() if epoch < pretrain else self._reinforce_epoch()
+        metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
+        self.classifier_schedule.step()
+        return metrics
+
+    def _set_joint_lr(self) -> None:
+        """Scale the classifiers' lr (and the schedule's base) once, when joint training starts."""
+        scale = self.settings.joint_lr_scale
+        for group in self.classifier_optimizer.param_groups:
+            group["lr"] *= scale
+        self.classifier_schedule.base_lrs = [lr * scale for lr in self.classifier_schedule.base_lrs]
+
+    def _pretrain_epoch(self) -> dict[str, float]:
+        h = self.harness
+        x, y = h.split_on_device("train")
+        self.cascade.train()
+        total, count = 0.0, 0
+        for step, idx in enumerate(h.train_batches(len(y))):
+            idx = h.to_device(idx)
+            logits = h.classify(self.train_cascade, h.inputs(x[idx], True))
+            loss = cross_entropy_all_stages(logits, y[idx])
+            h.check_finite(loss, "pre-training loss", step, logits)
+            h.optimise(loss, [self.classifier_optimizer], step)
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        return {"pretrain/loss": total / count}
+
+    def _epoch_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(training batch, policy batch) pairs; a held-out policy split is cycled alongside."""
+        h = self.harness
+        n_train = len(h.data.split("train").y)
+        train_batches = h.train_batches(n_train)
+        if self.settings.policy_split == "train":
+            return list(zip(train_batches, train_batches, strict=True))
+        n_policy = len(h.data.split(self.settings.policy_split).y)
+        policy_batches: list[torch.Tensor] = []
+        while len(policy_batches) < len(train_batches):
+            policy_batches += h.train_batches(n_policy)
+        return list(zip(train_batches, policy_batches, strict=False))
+
+    def _reinforce_epoch(self) -> dict[str, float]:
+        """One REINFORCE epoch; one optimiser step per batch for the policy and the classifiers."""
+        h, r = self.harness, self.settings
+        x, y = h.split_on_device("train")
+        px, py = h.split_on_device(r.policy_split)
+        held_out, joint = r.policy_split != "train", not r.freeze_classifiers
+        pairs = self._epoch_batches()
+        # Frozen classifiers: their outputs on the policy split are computed once.
+        frozen_logits = None if joint else h.eval_logits(self.cascade, px)
+        optimizers = [self.policy_optimizer] + ([self.classifier_optimizer] if joint else [])
+        sums: dict[str, float] = {}
+        count = 0
+        for step_index, (idx, policy_idx) in enumerate(pairs):
+            idx, policy_idx = h.to_device(idx), h.to_device(policy_idx)
+            loss = supervised = torch.zeros((), device=h.device)
+            if joint:
+                supervised, step, loss = self._classifier_loss(x[idx], y[idx], held_out, step_index)
+            if held_out or not joint:
+                policy_logits = (
+                    frozen_logits[policy_idx]
+                    if frozen_logits is not None
+                    else h.eval_logits(self.cascade, px[policy_idx])
+                )
+                step = self.agent(
+                    policy_logits, py[policy_idx], self.cumulative_costs, h.sample_generator
+                )
+                policy_loss = step.loss + step.baseline_loss
+                h.check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
+                loss = loss + policy_loss
+            h.optimise(loss, optimizers, step_index, average=[self.agent])
+            n = len(policy_idx)
+            for key, value in _step_scalars(step, supervised).items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
+            count += n
+        metrics = {key: value / count for key, value in sums.items()}
+        metrics["train/grad_variance"] = policy_gradient_variance(
+            self.agent.policy, step.probs, step.exit_stage, step.advantages.reshape(-1)
+        )
+        metrics["policy/lr"] = self.policy_optimizer.param_groups[0]["lr"]
+        self.policy_schedule.step()
+        return metrics
+
+    def _classifier_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, held_out: bool, step_index: int
+    ) -> tuple[torch.Tensor, ReinforceStep, torch.Tensor]:
+        """The classifiers' joint loss on a training batch: cross-entropy plus the REINFORCE term.
+
+        With a held-out policy split the stopping modules take no gradient from it.
+        """
+        h = self.harness
+        self.cascade.train()
+        logits = h.classify(self.train_cascade, h.inputs(images, True))
+        supervised = cross_entropy_all_stages(logits, labels)
+        frozen = without_parameter_gradients(self.agent) if held_out else contextlib.nullcontext()
+        with frozen:
+            step = self.agent(logits, labels, self.cumulative_costs, h.sample_generator)
+        loss = self.settings.supervised_weight * supervised + step.loss
+        if not held_out:
+            loss = loss + step.baseline_loss
+        h.check_finite(loss, "joint training loss", step_index, logits)
+        return supervised, step, loss
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Weights of the cascade and agent, optimisers and schedules."""
+        return {
+            "cascade": self.cascade.state_dict(),
+            "agent": self.agent.state_dict(),
+            "classifier_optimizer": _state(self.classifier_optimizer),
+            "policy_optimizer": _state(self.policy_optimizer),
+            "classifier_schedule": _state(self.classifier_schedule),
+            "policy_schedule": _state(self.policy_schedule),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore weights (a mismatch names the module) and, when training, the optimisers."""
+        for name, module in (("cascade", self.cascade), ("agent", self.agent)):
+            try:
+                module.load_state_dict(state[name])
+            except RuntimeError as error:
+                raise ValueError(
+                    f"checkpoint in {self.harness.run_dir} does not fit this config's {name} "
+                    f"(written by another version or configuration?): {state_dict_mismatch(error)}"
+                ) from None
+        load_optimizers(
+            {
+                "classifier_optimizer": self.classifier_optimizer,
+                "policy_optimizer": self.policy_optimizer,
+                "classifier_schedule": self.classifier_schedule,
+                "policy_schedule": self.policy_schedule,
+            },
+            state,
+        )
+
+
+def _state(obj: Any) -> dict[str, Any] | None:
+    return None if obj is None else obj.state_dict()
+
+
+def _step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "train/reward": step.returns.mean(),
+        "train/loss_policy": step.loss,
+        "train/loss_baseline": step.baseline_loss,
+        "train/loss_supervised": supervised,
+        "train/advantage_std": step.advantages.std(),
+    }

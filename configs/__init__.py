@@ -1,0 +1,1 @@
+"""Configs that ship with policycascade: ``--config NAME`` reads ``NAME.yaml`` from here."""

@@ -1,0 +1,39 @@
+"""The ``policycascade`` command: one entry point with a subcommand per job."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with main(argv) -> int, one line of help)
+COMMANDS = {
+    "train": ("policycascade.train", "train stopping policies (REINFORCE or LtC) into run directories"),
+    "compare": ("policycascade.compare.cli", "compare every policy on trained runs (test split)"),
+    "bench": ("policycascade.bench", "benchmark early exit, the vector env and the training step"),
+    "bench-epoch": ("policycascade.bench_epoch", "time one epoch of a paper setting"),
+}
+
+
+def usage() -> str:
+    """The command's help text."""
+    lines = ["usage: policycascade <command> [options]   (policycascade <command> --help)", ""]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand's ``main``; returns its exit status (2 for a usage error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

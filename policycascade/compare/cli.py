@@ -1,0 +1,108 @@
+"""``policycascade compare RUN_DIR...``: every policy on the same classifiers, test split once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from policycascade.agents.thresholds import CRITERIA
+from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
+from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
+from policycascade.compare.report import format_summary, make_figures, write_tensorboard
+from policycascade.compare.rows import aggregate, write_csv
+from policycascade.compare.runs import compare_run, expand_run_dirs
+from policycascade.compare.savings import run_savings
+from policycascade.config import HelpFormatter
+from policycascade.jsonio import write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI of the comparison."""
+    parser = OneLineParser(
+        prog="policycascade compare",
+        description="Evaluate trained runs under every stopping policy: rules are fitted on each "
+        "run's validation split and every policy is measured once on its test split. Writes "
+        "comparison.json/.csv, tradeoff.png, accuracy_by_exit.png and TensorBoard runs to --out "
+        "and prints a one-screen summary.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR",
+        help="run directories (or directories that hold run directories)",
+    )
+    parser.add_argument("--out", default=None, help="output directory (default: comparisons/<time>)")
+    parser.add_argument(
+        "--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA,
+        help="confidence criteria of the threshold rules",
+    )
+    parser.add_argument(
+        "--epsilons", nargs="+", type=float, default=list(DEFAULT_EPSILONS),
+        help="accuracy drops (0.005 = half a point) below the last classifier's validation "
+        "accuracy that the threshold rules may lose",
+    )
+    parser.add_argument(
+        "--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
+        help="mean MACs budgets per sample, as shares of the largest classifier",
+    )
+    parser.add_argument(
+        "--temperature", action="store_true",
+        help="also fit per-stage temperature scaling (max-softmax+T)",
+    )
+    parser.add_argument(
+        "--sweep-points", type=int, default=25,
+        help="operating points on each rule's trade-off curve",
+    )
+    return parser
+
+
+def _output_dir(path: str | None) -> Path:
+    """The output directory, created (or reused) before any evaluation work."""
+    out = Path(path or f"comparisons/{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a usage error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        options = CompareOptions(
+            tuple(args.criteria), tuple(args.epsilons), tuple(args.budgets), args.temperature,
+            args.sweep_points,
+        ).validate()
+        run_dirs = expand_run_dirs(args.runs)
+        out = _output_dir(args.out)
+        rows = []
+        for run_dir in run_dirs:
+            print(f"evaluating {run_dir.name}", file=sys.stderr)
+            try:
+                rows += compare_run(run_dir, options)
+            except USER_ERRORS as error:
+                raise ValueError(f"run {run_dir}: {user_message(error)}") from None
+    except USER_ERRORS as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return USAGE_ERROR
+    aggregated = aggregate(rows)
+    savings = run_savings(rows)
+    payload = {
+        "rows": [r.as_dict() for r in rows],
+        "aggregated": [vars(a) for a in aggregated],
+        "savings": [s.as_dict() for s in savings],
+    }
+    write_json(out / "comparison.json", payload, indent=1)
+    write_csv(out / "comparison.csv", rows)
+    figures = make_figures(rows, aggregated)
+    figures["compare/tradeoff"].savefig(out / "tradeoff.png", dpi=130)
+    if "compare/accuracy_by_exit" in figures:
+        figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=130)
+    write_tensorboard(out, aggregated, savings, figures, rows)
+    print(format_summary(aggregated, savings))
+    print(
+        f"\nwrote {out}/comparison.json, comparison.csv, tradeoff.png, accuracy_by_exit.png, "
+        f"tensorboard/ (tensorboard --logdir {out}/tensorboard)"
+    )
+    return 0

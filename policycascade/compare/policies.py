@@ -1,0 +1,155 @@
+"""Every policy on one cascade's cached outputs: rules fitted on validation, reported on test."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from policycascade.agents.rules import StoppingRule
+from policycascade.agents.thresholds import (
+    CRITERIA,
+    ScoreSearch,
+    ThresholdSearch,
+    oracle_exits,
+    random_exits,
+)
+from policycascade.cascade import CascadeOutputs
+from policycascade.compare.rows import Row, make_row
+from policycascade.evaluation import evaluate_exits, evaluate_rule
+
+DEFAULT_EPSILONS = (0.0, 0.005, 0.01, 0.02)
+DEFAULT_BUDGETS = (0.1, 0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Matched:
+    """A learned operating point that rules are fitted to: by accuracy, by MACs and by reward."""
+
+    label: str
+    val_accuracy: float
+    val_mean_macs: float
+    exit_distribution: list[float]
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Which rules to fit and where (every fit uses the validation split)."""
+
+    criteria: tuple[str, ...] = CRITERIA
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS  # accuracy drops below the last classifier
+    budget_shares: tuple[float, ...] = DEFAULT_BUDGETS  # MACs budgets, share of the largest
+    temperature: bool = False  # also max-softmax with per-stage temperature scaling
+    sweep_points: int = 25  # operating points per rule along its trade-off curve
+
+    def validate(self) -> CompareOptions:
+        """Raise a ValueError naming the first bad argument."""
+        unknown = [c for c in self.criteria if c not in CRITERIA]
+        if unknown or not self.criteria:
+            raise ValueError(f"criteria must be among {list(CRITERIA)}, got {list(self.criteria)}")
+        if any(not (0 <= e < 1) for e in self.epsilons):
+            raise ValueError(f"epsilons must be in [0, 1), got {list(self.epsilons)}")
+        if any(not (math.isfinite(b) and b > 0) for b in self.budget_shares):
+            raise ValueError(f"budget_shares must be > 0, got {list(self.budget_shares)}")
+        if isinstance(self.sweep_points, bool) or not (
+            isinstance(self.sweep_points, int) and self.sweep_points >= 2
+        ):
+            raise ValueError(f"sweep_points must be an integer >= 2, got {self.sweep_points!r}")
+        return self
+
+
+def fitted_points(
+    search: ScoreSearch,
+    options: CompareOptions,
+    matched: Sequence[Matched] = (),
+) -> list[tuple[str, str, StoppingRule]]:
+    """(kind, point, rule) for every operating point fitted on the search's validation outputs."""
+    ref = search.reference_macs
+    points = [("curve", f"sweep {i:02d}", r) for i, r in enumerate(search.sweep(options.sweep_points))]
+    points += [("curve", f"eps={e:g}", search.for_accuracy_drop(e)) for e in options.epsilons]
+    points += [("curve", f"budget={b:g}", search.for_budget(b * ref)) for b in options.budget_shares]
+    for m in matched:
+        points.append(("matched", f"match-accuracy {m.label}", search.for_accuracy(m.val_accuracy)))
+        points.append(("matched", f"match-macs {m.label}", search.for_budget(m.val_mean_macs)))
+        if m.alpha is not None:  # the rule with the best reward at the policy's alpha
+            points.append(("matched", f"reward {m.label}", search.for_reward(m.alpha)))
+    return points
+
+
+def rule_rows(
+    name: str,
+    search: ScoreSearch,
+    val: CascadeOutputs,
+    test: CascadeOutputs,
+    options: CompareOptions,
+    matched: Sequence[Matched],
+    meta: dict[str, Any],
+) -> list[Row]:
+    """One row per fitted operating point of one rule family."""
+    return [
+        make_row(meta, name, kind, point, evaluate_rule(rule, test), evaluate_rule(rule, val))
+        for kind, point, rule in fitted_points(search, options, matched)
+    ]
+
+
+def compare_outputs(
+    val: CascadeOutputs,
+    test: CascadeOutputs,
+    stage_names: Sequence[str],
+    options: CompareOptions | None = None,
+    matched: Sequence[Matched] = (),
+    **meta: Any,
+) -> list[Row]:
+    """Rule-based policies and reference points on one cascade's cached outputs (no training).
+
+    Threshold rules of every criterion are fitted on ``val`` and reported on ``test``
+    (see :func:`fitted_points`); then random stopping matched to each ``matched``
+    point's exits, the oracle and each classifier alone. ``meta`` (dataset, run,
+    seed, trained_by, alpha) labels the rows.
+    """
+    options = (options or CompareOptions()).validate()
+    if val.num_stages != test.num_stages:
+        raise ValueError(f"val has {val.num_stages} stages but test has {test.num_stages}")
+    names = list(stage_names)
+    if len(names) != test.num_stages:
+        raise ValueError(
+            f"stage_names needs one name per stage ({test.num_stages}), got {len(names)}: {names}"
+        )
+    meta = {"dataset": "custom", "run": "outputs", "seed": 0, "trained_by": "user", "alpha": None,
+            **meta}
+    k = test.num_stages
+    free = test.costs.with_policy_macs([0] * k)
+    val, test = val.with_costs(free), test.with_costs(free)
+    rows = []
+    variants = [(c, False) for c in options.criteria] + (
+        [("max-softmax", True)] if options.temperature else []
+    )
+    for criterion, scaled in variants:
+        search = ThresholdSearch(val.probs, val.labels, free, criterion, scaled)
+        rows += rule_rows(search.template.name, search, val, test, options, matched, meta)
+    generator = torch.Generator().manual_seed(0)
+    for m in matched:
+        exits = random_exits(test.num_samples, m.exit_distribution, generator)
+        rows.append(make_row(meta, "random", "random", f"matched {m.label}", evaluate_exits(test, exits)))
+    oracle = evaluate_exits(test, oracle_exits(test.probs, test.labels))
+    rows.append(make_row(meta, "oracle", "oracle", "bound", oracle))
+    rows += single_rows(test, names, meta)
+    return rows
+
+
+def single_rows(test: CascadeOutputs, names: Sequence[str], meta: dict[str, Any]) -> list[Row]:
+    """Each classifier alone, at its own MACs (no earlier stage, no policy)."""
+    costs, k = test.costs, test.num_stages
+    rows = []
+    for t, name in enumerate(names):
+        single = evaluate_exits(test, torch.full((test.num_samples,), t, dtype=torch.int64))
+        single["mean_macs"] = float(costs.alone_macs[t])
+        single["macs_share"] = costs.alone_macs[t] / costs.reference_macs
+        single["accuracy"] = single["stage_accuracy"][t]
+        single["exit_distribution"] = [float(s == t) for s in range(k)]
+        rows.append(make_row(meta, "single", "single", name, single))
+    return rows

@@ -1,0 +1,157 @@
+"""The comparison's outputs: a one-screen summary, figures, and TensorBoard runs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+
+from policycascade.compare.rows import Aggregate, Row
+from policycascade.compare.savings import RunSavings
+from policycascade.plots import OwnPoint, TradeoffData, accuracy_by_exit_figure, tradeoff_figure
+from policycascade.protocol import mean_std
+
+_SUMMARY_POINTS = ("eps=0", "budget=0.25")  # rule points worth a line besides the matched ones
+
+
+def _pm(mean: float, std: float, runs: int, scale: float = 100.0, unit: str = "%") -> str:
+    if runs < 2 or not math.isfinite(std):
+        return f"{mean * scale:6.2f}{unit}"
+    return f"{mean * scale:6.2f} ± {std * scale:.2f}{unit}"
+
+
+def _summary_rows(aggregated: list[Aggregate]) -> list[Aggregate]:
+    def keep(a: Aggregate) -> bool:
+        if a.kind in ("own", "oracle", "single", "random"):
+            return True
+        if a.policy != "max-softmax":
+            return False
+        return a.point in _SUMMARY_POINTS or a.point.startswith(("reward ", "match-accuracy "))
+
+    order = {"own": 0, "matched": 1, "curve": 2, "random": 3, "oracle": 4, "single": 5}
+    chosen = [a for a in aggregated if keep(a)]
+    return sorted(chosen, key=lambda a: (a.dataset, a.trained_by, order[a.kind], a.policy, a.point))
+
+
+def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> str:
+    """The key rows (mean ± std over seeds) and the MACs saved; the full table is in the files."""
+    header = f"{'classifiers':<17}{'policy':<20}{'point':<24}{'accuracy':>16}{'MAC share':>18}{'runs':>5}"
+    lines = [header, "-" * len(header)]
+    for a in _summary_rows(aggregated):
+        policy = a.policy if a.kind != "single" else "alone"
+        lines.append(
+            f"{a.trained_by[:16]:<17}{policy[:19]:<20}{a.point[:23]:<24}"
+            f"{_pm(a.accuracy, a.accuracy_std, a.runs):>16}"
+            f"{_pm(a.macs_share, a.macs_share_std, a.runs):>18}{a.runs:>5}"
+        )
+    groups: dict[tuple, list[RunSavings]] = defaultdict(list)
+    for s in savings:
+        groups[(s.dataset, s.trained_by, s.alpha)].append(s)
+    if groups:
+        lines += ["", "MACs saved by each run's own policy (mean ± std over seeds; n = runs where defined):"]
+    for (dataset, trained_by, alpha), members in sorted(groups.items(), key=str):
+        name = f"{dataset} {trained_by}" + ("" if alpha is None else f" a={alpha:g}")
+        vs_rules = mean_std(m.macs_saved_vs_rules for m in members)
+        at_largest = mean_std(m.curve_saved_at_largest for m in members)
+        lines.append(
+            f"  {name}: vs the best threshold rule at its accuracy {_saved(vs_rules, len(members))}; "
+            f"curve vs rules at the largest classifier's accuracy {_saved(at_largest, len(members))}"
+        )
+    return "\n".join(lines)
+
+
+def _saved(stat, total: int) -> str:
+    if stat.n == 0:
+        return f"n/a (no rule reaches it in {total} runs)"
+    std = "" if stat.n < 2 else f" ± {stat.std:.1%}"
+    return f"{stat.mean:+.1%}{std} (n={stat.n}/{total})"
+
+
+def best_run(rows: list[Row]) -> str:
+    """The run whose own policy is most accurate (then cheapest); the first run if none."""
+    own = [r for r in rows if r.kind == "own"]
+    if not own:
+        return rows[0].run
+    return max(own, key=lambda r: (r.accuracy, -r.mean_macs)).run
+
+
+def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]:
+    """Trade-off plot (rule curves on the best run's classifiers) and its Figure 4."""
+    run = best_run(rows)
+    mine = [r for r in rows if r.run == run]
+    data = TradeoffData(
+        f"{mine[0].dataset}: test accuracy vs mean MACs (rule curves on the classifiers of {run})"
+    )
+    for r in mine:
+        if r.point.startswith("sweep"):
+            data.curves.setdefault(r.policy, []).append((r.mean_macs, r.accuracy))
+        elif r.kind == "single":
+            data.points[r.point + " alone"] = (r.mean_macs, r.accuracy)
+        elif r.kind == "oracle":
+            data.points["oracle"] = (r.mean_macs, r.accuracy)
+        elif r.kind == "random":
+            data.random.append((r.mean_macs, r.accuracy))
+    dataset = mine[0].dataset
+    for a in aggregated:
+        if a.kind == "own" and a.dataset == dataset:
+            data.own.setdefault(a.policy, []).append(
+                OwnPoint(a.point, a.mean_macs, a.accuracy, a.mean_macs_std if a.runs > 1 else 0.0,
+                         a.accuracy_std if a.runs > 1 else 0.0, a.runs)
+            )
+    figures = {"compare/tradeoff": tradeoff_figure(data)}
+    own = next((r for r in mine if r.kind == "own"), None)
+    if own is not None:
+        names = [r.point for r in mine if r.kind == "single"]
+        counts = [round(share * own.num_samples) for share in own.exit_distribution]
+        figures["compare/accuracy_by_exit"] = accuracy_by_exit_figure(
+            own.accuracy_by_exit, names, counts, f"{own.policy} {own.point} on {own.run}"
+        )
+    return figures
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name)
+
+
+def write_tensorboard(
+    out: Path, aggregated: list[Aggregate], savings: list[RunSavings], figures: dict[str, Any],
+    rows: list[Row],
+) -> None:
+    """One TensorBoard run per (classifiers, policy) with identical tags; step = mean MACs.
+
+    Each point is the mean over seeds, so a policy draws one curve rather than a zigzag
+    through every seed's points. An existing ``tensorboard/`` under ``out`` is replaced.
+    """
+    tb = out / "tensorboard"
+    if tb.exists():
+        shutil.rmtree(tb)
+    by_policy: dict[str, list[Aggregate]] = defaultdict(list)
+    for a in aggregated:
+        by_policy[f"{a.dataset}/{a.trained_by}/{a.policy}"].append(a)
+    for name, members in by_policy.items():
+        writer = SummaryWriter(str(tb / "/".join(_safe(p) for p in name.split("/"))))
+        for a in sorted(members, key=lambda a: a.mean_macs):
+            step = int(round(a.mean_macs))
+            writer.add_scalar("compare/accuracy", a.accuracy, step)
+            writer.add_scalar("compare/macs_share", a.macs_share, step)
+        writer.close()
+    writer = SummaryWriter(str(tb / "summary"))
+    for tag, figure in figures.items():
+        writer.add_figure(tag, figure, 0)
+    writer.close()
+    saved = {s.run: s for s in savings}
+    for row in (r for r in rows if r.kind == "own"):
+        writer = SummaryWriter(str(tb / "hparams" / _safe(row.run)))
+        metrics = {"hparam/accuracy": row.accuracy, "hparam/macs_share": row.macs_share}
+        s = saved.get(row.run)
+        if s is not None and s.macs_saved_vs_rules is not None:
+            metrics["hparam/macs_saved_vs_threshold"] = s.macs_saved_vs_rules
+        hparams = {"seed": int(row.seed), "policy": row.policy, "dataset": row.dataset}
+        if row.alpha is not None:
+            hparams["alpha"] = float(row.alpha)
+        writer.add_hparams(hparams, metrics, run_name=".")
+        writer.close()

@@ -1,0 +1,61 @@
+"""Every policy on one trained run's classifiers, whatever algorithm trained them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from policycascade.agents.thresholds import ScoreSearch
+from policycascade.checkpoint import CHECKPOINT_NAME
+from policycascade.compare.policies import CompareOptions, Matched, compare_outputs, rule_rows
+from policycascade.compare.rows import Row, make_row
+from policycascade.runs import LoadedRun, load_run
+
+
+def expand_run_dirs(paths: list[str]) -> list[Path]:
+    """Run directories given directly or as parents holding several runs."""
+    runs = []
+    for p in map(Path, paths):
+        if (p / CHECKPOINT_NAME).is_file():
+            runs.append(p)
+        elif p.is_dir() and any((c / CHECKPOINT_NAME).is_file() for c in p.iterdir()):
+            runs += sorted(c for c in p.iterdir() if (c / CHECKPOINT_NAME).is_file())
+        else:
+            raise FileNotFoundError(
+                f"{p} is not a run directory (no {CHECKPOINT_NAME} in it or below)"
+            )
+    return runs
+
+
+def run_meta(run: LoadedRun) -> dict:
+    """The labels every row of a run carries."""
+    return {
+        "dataset": run.config.dataset,
+        "run": run.run_dir.name,
+        "seed": run.config.seed,
+        "trained_by": run.harness.algorithm.label,
+        "alpha": run.alpha,
+    }
+
+
+def compare_run(run_dir: Path, options: CompareOptions) -> list[Row]:
+    """The run's own rule, its score as a curve, and every rule on its classifiers."""
+    run = load_run(run_dir)
+    if not run.finished or run.rule is None:
+        raise ValueError(
+            f"run {run_dir} has not finished training (epoch {run.harness.epoch} of "
+            f"{run.harness.algorithm.num_epochs}); continue it with "
+            f"policycascade train --resume {run_dir}"
+        )
+    val, test = run.outputs("val"), run.outputs("test")
+    meta = run_meta(run)
+    own_val, own_test = run.evaluate("val"), run.evaluate("test")
+    label = run.harness.algorithm.label if run.alpha is None else f"a={run.alpha:g}"
+    rows = [make_row(meta, meta["trained_by"], "own", label, own_test, own_val)]
+    # The own rule's stop score, thresholded per stage on validation: a whole curve.
+    search = ScoreSearch.for_rule(run.rule, val.probs, val.labels, val.costs)
+    rows += rule_rows(f"{meta['trained_by']} score", search, val, test, options, (), meta)
+    matched = Matched(
+        label, own_val["accuracy"], own_val["mean_macs"], own_test["exit_distribution"], run.alpha
+    )
+    rows += compare_outputs(val, test, run.cascade.names, options, [matched], **meta)
+    return rows

@@ -1,0 +1,90 @@
+"""What a run's own policy saves: against rules on its classifiers and against the largest alone.
+
+All curves are test-split operating points of rules fitted on validation; only their
+Pareto envelopes count (``policycascade.protocol``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from policycascade.agents.thresholds import CRITERIA
+from policycascade.compare.rows import Row
+from policycascade.protocol import macs_at_accuracy, macs_saved, normalised_area
+
+HALF_POINT = 0.005
+
+
+def is_threshold_rule(row: Row) -> bool:
+    """A confidence-threshold rule's fitted point (any criterion, temperature-scaled too)."""
+    return row.kind in ("curve", "matched") and row.policy.removesuffix("+T") in CRITERIA
+
+
+@dataclass
+class RunSavings:
+    """One run's own policy against the envelope of the threshold rules on its classifiers."""
+
+    run: str
+    dataset: str
+    seed: int
+    trained_by: str
+    alpha: float | None
+    accuracy: float
+    mean_macs: float
+    rule_macs_at_equal_accuracy: float | None  # fewest MACs of any rule envelope at that accuracy
+    macs_saved_vs_rules: float | None  # 1 - own MACs / rule MACs at the own test accuracy
+    largest_accuracy: float
+    macs_saved_vs_largest: float
+    curve_saved_at_largest: float | None  # own curve vs rule envelope at the largest's accuracy
+    curve_saved_below_largest: float | None  # the same half a point lower
+    own_area: float | None  # normalised area of the own curve (0 cheapest, 1 oracle)
+    rules_area: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def run_savings(rows: list[Row]) -> list[RunSavings]:
+    """One :class:`RunSavings` per run that has an own policy."""
+    by_run: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_run[row.run].append(row)
+    return [s for members in by_run.values() if (s := _one_run(members)) is not None]
+
+
+def _one_run(members: list[Row]) -> RunSavings | None:
+    own = next((r for r in members if r.kind == "own"), None)
+    if own is None:
+        return None
+    singles = [r for r in members if r.kind == "single"]
+    largest = max(singles, key=lambda r: r.mean_macs)
+    cheapest = min(singles, key=lambda r: r.mean_macs)
+    oracle = next(r for r in members if r.kind == "oracle")
+    rules = [(r.accuracy, r.mean_macs) for r in members if is_threshold_rule(r)]
+    score = f"{own.trained_by} score"
+    own_curve = [(own.accuracy, own.mean_macs)] + [
+        (r.accuracy, r.mean_macs) for r in members if r.policy == score
+    ]
+    rule_macs = macs_at_accuracy(rules, own.accuracy)
+    area_args = ((cheapest.accuracy, cheapest.mean_macs), (oracle.accuracy, oracle.mean_macs))
+    can_area = oracle.accuracy > cheapest.accuracy and largest.mean_macs > cheapest.mean_macs
+    return RunSavings(
+        run=own.run,
+        dataset=own.dataset,
+        seed=own.seed,
+        trained_by=own.trained_by,
+        alpha=own.alpha,
+        accuracy=own.accuracy,
+        mean_macs=own.mean_macs,
+        rule_macs_at_equal_accuracy=rule_macs,
+        macs_saved_vs_rules=None if rule_macs is None else 1.0 - own.mean_macs / rule_macs,
+        largest_accuracy=largest.accuracy,
+        macs_saved_vs_largest=1.0 - own.mean_macs / largest.mean_macs,
+        curve_saved_at_largest=macs_saved(own_curve, rules, largest.accuracy),
+        curve_saved_below_largest=macs_saved(own_curve, rules, largest.accuracy - HALF_POINT),
+        own_area=normalised_area(own_curve, *area_args, largest.mean_macs) if can_area else None,
+        rules_area=normalised_area(rules, *area_args, largest.mean_macs) if can_area else None,
+    )

@@ -1,0 +1,261 @@
+"""Run directories: create and train one, resume it safely, or load it back (``load_run``).
+
+A run directory holds ``config.yaml`` (the run's resolved config), ``checkpoint.pt``
+(the harness's one checkpoint format), TensorBoard events and, once trained,
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from policycascade.agents.rules import StoppingRule
+from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from policycascade.config import ConfigError, TrainConfig, config_from_dict
+from policycascade.data import DataSplits
+from policycascade.distributed import init_from_environment
+from policycascade.harness import CHECKPOINT_FORMAT, RunHarness
+from policycascade.jsonio import write_json
+
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.json"
+
+
+def per_run_configs(config: TrainConfig) -> list[TrainConfig]:
+    """One config per run: a REINFORCE config per alpha, an LtC config as it is."""
+    if config.agent != "reinforce":
+        return [config]
+    return [
+        dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, alpha=[a]))
+        for a in config.reinforce.alpha
+    ]
+
+
+def run_alpha(config: TrainConfig) -> float | None:
+    """The alpha of a one-run config (None for algorithms without one)."""
+    return config.reinforce.alpha[0] if config.agent == "reinforce" else None
+
+
+def run_name(config: TrainConfig) -> str:
+    """``<dataset>__<agent>[-frozen]__<baseline>__a<alpha>__s<seed>__<time>`` (LtC: C, w, eps)."""
+    stamp = _shared_timestamp()
+    if config.agent == "ltc":
+        s = config.ltc
+        detail = f"{s.form}__C{s.cost:g}__w{s.weight:g}__e{s.epsilon:g}"
+        return f"{config.dataset}__ltc__{detail}__s{config.seed}__{stamp}"
+    r = config.reinforce
+    agent = config.agent + ("-frozen" if r.freeze_classifiers else "")
+    return f"{config.dataset}__{agent}__{r.baseline}__a{r.alpha[0]:g}__s{config.seed}__{stamp}"
+
+
+def _shared_timestamp() -> str:
+    """The current time, taken on rank 0 so that every process names the same run directory."""
+    stamp = [time.strftime("%Y%m%d-%H%M%S")]
+    if init_from_environment().enabled:
+        torch.distributed.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def unique_run_dir(logdir: Path, name: str) -> Path:
+    """``logdir/name``, or ``name-2``, ``name-3``, ... if taken: a run never overwrites another."""
+    candidate, n = logdir / name, 2
+    while candidate.exists():
+        candidate, n = logdir / f"{name}-{n}", n + 1
+    return candidate
+
+
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    """Create the run directory (it must not exist) and write its ``config.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def read_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[TrainConfig, dict]:
+    """A run directory's config and checkpoint, checked against each other before any use."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise ConfigError(
+            f"expected a run directory, got the file {str(run_dir)!r}; pass {str(run_dir.parent)!r}"
+        )
+    checkpoint = load_checkpoint(run_dir, map_location=map_location)
+    where = f"checkpoint {run_dir / CHECKPOINT_NAME}"
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{where} was not written by this version of policycascade (expected a dict of "
+            f"checkpoint format {CHECKPOINT_FORMAT})"
+        )
+    missing = [k for k in ("config", "algorithm", "epoch", "history", "state", "rng") if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{where} lacks {missing}")
+    try:
+        config = config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{where} holds an invalid config: {error}") from None
+    if checkpoint["algorithm"] != config.agent:
+        raise CheckpointError(
+            f"{where} was written by {checkpoint['algorithm']!r} but its config says agent "
+            f"{config.agent!r}"
+        )
+    config_file = run_dir / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            on_disk = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+        except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{config_file} cannot be read as a config: {error}") from None
+        differences = _differences(on_disk.to_dict(), config.to_dict())
+        if differences:
+            raise ConfigError(
+                f"{config_file} and the checkpoint disagree ({'; '.join(differences[:3])}): "
+                "the run directory was edited or mixed with another run; restore config.yaml "
+                "or start a new run"
+            )
+    return config, checkpoint
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            out.append(f"{prefix}{key}: {a.get(key)!r} in config.yaml, {b.get(key)!r} in the checkpoint")
+    return out
+
+
+def train_run(
+    config: TrainConfig, run_dir: Path, resume: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Train (or resume) one run, log it to TensorBoard and write metrics.json; returns them."""
+    harness = RunHarness(config, run_dir, run_alpha(config), show_progress=show_progress)
+    if resume:
+        _, checkpoint = read_run(run_dir, map_location=harness.device)
+        harness.load(checkpoint)
+    elif harness.dist.is_main:
+        write_config(run_dir, config)
+    if not harness.dist.is_main:  # in a distributed run only rank 0 logs and writes files
+        return _run_as_bug_if_value_error(harness, None)
+    # purge_step drops events a killed run logged after its last checkpoint.
+    writer = SummaryWriter(str(run_dir), purge_step=harness.epoch + 1 if resume else None)
+    try:
+        if not resume:
+            writer.add_text("hyperparameters", _hparams_table(config), 0)
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+
+        metrics = _run_as_bug_if_value_error(harness, log)
+        write_json(run_dir / METRICS_NAME, metrics)
+        for split in ("val", "test"):
+            values = metrics if split == "test" else metrics["val"]
+            for key in ("accuracy", "mean_macs", "macs_share"):
+                writer.add_scalar(f"{split}/final_{key}", values[key], harness.epoch)
+        writer.add_hparams(
+            hparams_of(config),
+            {"hparam/accuracy": metrics["accuracy"], "hparam/macs_share": metrics["macs_share"]},
+            run_name=".",
+        )
+    finally:
+        writer.close()
+    return metrics
+
+
+def hparams_of(config: TrainConfig) -> dict[str, Any]:
+    """What tells runs apart in TensorBoard's HPARAMS tab: agent, seed, alpha, every changed option."""
+    values: dict[str, Any] = {"agent": config.agent, "seed": config.seed}
+    alpha = run_alpha(config)
+    if alpha is not None:
+        values["alpha"] = alpha
+    for key, value in config.changed_options().items():
+        values.setdefault(key, value if isinstance(value, (int, float, str, bool)) else str(value))
+    return values
+
+
+def _hparams_table(config: TrainConfig) -> str:
+    rows = []
+    for key, value in config.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        rows += [(key if name is None else f"{key}.{name}", v) for name, v in items]
+    return "|option|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in rows)
+
+
+def _run_as_bug_if_value_error(harness: RunHarness, log) -> dict[str, Any]:
+    """``harness.run``, with a ValueError raised while training shown as the bug it is.
+
+    Every user input has been validated once the harness is built, so a ValueError
+    from inside the training loop is not a usage error: it surfaces as a RuntimeError
+    with its traceback instead of the one-line exit status 2.
+    """
+    try:
+        return harness.run(log)
+    except ValueError as error:
+        raise RuntimeError(f"training failed unexpectedly: {error}") from error
+
+
+class LoadedRun:
+    """A trained run loaded back: its config, cascade, stopping rule, data and cached outputs."""
+
+    def __init__(self, run_dir: str | Path, device: str | None = None):
+        self.run_dir = Path(run_dir)
+        config, checkpoint = read_run(self.run_dir)
+        if device is not None:
+            config = dataclasses.replace(config, device=device)
+        self.config: TrainConfig = config
+        self.alpha = run_alpha(config)
+        self.harness = RunHarness(config, self.run_dir, self.alpha, show_progress=False, train=False)
+        self.harness.load(checkpoint)
+        self.cascade.eval()
+        self._outputs: dict[str, CascadeOutputs] = {}
+
+    @property
+    def cascade(self) -> Cascade:
+        """The run's classifiers, cheapest first."""
+        return self.harness.cascade
+
+    @property
+    def rule(self) -> StoppingRule | None:
+        """The stopping rule the run ended with (None for an unfinished LtC run)."""
+        return self.harness.algorithm.rule()
+
+    @property
+    def data(self) -> DataSplits:
+        """The run's train/val/test splits (fixed by its seed)."""
+        return self.harness.data
+
+    @property
+    def finished(self) -> bool:
+        """Whether every epoch was trained."""
+        return self.harness.finished
+
+    @cached_property
+    def metrics(self) -> dict[str, Any] | None:
+        """The run's metrics.json (None before it finished)."""
+        import json
+
+        path = self.run_dir / METRICS_NAME
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def outputs(self, split: str) -> CascadeOutputs:
+        """Every classifier's softmax on a split (computed once), with the run's stage costs."""
+        if split not in self._outputs:
+            self._outputs[split] = self.harness.outputs(split)
+        return self._outputs[split]
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """The run's stopping rule on a split."""
+        return self.harness.evaluate(split, self.outputs(split))
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """Load a run directory written by ``policycascade train``: cascade, rule, config, splits."""
+    return LoadedRun(run_dir, device)
