@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import numbers
 import operator
 from typing import Any
 
@@ -22,12 +24,60 @@ def observation_space(num_classes: int, num_stages: int) -> spaces.Box:
     return spaces.Box(0.0, 1.0, shape=(num_classes + num_stages,), dtype=np.float32)
 
 
-def _is_index(value: Any, size: int) -> bool:
-    """Whether ``value`` is an integer (Python, NumPy or 0-d tensor) in [0, size)."""
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else raise naming ``name``.
+
+    Python, NumPy and 0-d integer tensors count; booleans and floats such as 2.0 do not
+    (``int(2.7)`` would silently drop the fraction).
+    """
     try:
-        return 0 <= operator.index(value) < size
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        value = operator.index(value)
     except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_env_alpha(alpha: Any) -> float:
+    """``alpha`` as a float if it is a real number (not a bool or a string), finite and >= 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return check_alpha(alpha)
+
+
+def check_reset_options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """``options`` as a dict (``None`` -> ``{}``) whose keys are all in ``allowed``."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(
+            f"options must be None or a dict with keys among {list(allowed)}, got {options!r}"
+        )
+    for key in options:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown reset option {key!r}{hint}: the options are {list(allowed)}")
+    return options
+
+
+def check_seed(seed: Any) -> int | None:
+    """``seed`` as a Python int (NumPy integers included), or ``None``."""
+    return None if seed is None else check_integer("seed", seed, 0)
+
+
+def _is_index(value: Any, size: int) -> bool:
+    """Whether ``value`` is an integer (Python, NumPy or 0-d tensor, not bool) in [0, size)."""
+    try:
+        return 0 <= check_integer("sample_index", value, 0) < size
+    except ValueError:
         return False
+
+
+RESET_OPTIONS = ("sample_index",)
 
 
 class CascadeStoppingEnv(gym.Env):
@@ -59,7 +109,8 @@ class CascadeStoppingEnv(gym.Env):
 
     ## Starting State
     A sample drawn uniformly from the split (``self.np_random``), at stage 0;
-    ``reset(options={"sample_index": i})`` picks sample i instead.
+    ``reset(options={"sample_index": i})`` picks sample i instead. ``sample_index`` is
+    the only option; ``seed`` is an integer >= 0 (Python or NumPy).
 
     ## Episode End
     Terminated when the agent stops or reaches stage K-1; never truncated.
@@ -71,12 +122,22 @@ class CascadeStoppingEnv(gym.Env):
     (the stage answered from; -1 while the episode runs).
 
     ## Arguments
-    ``outputs``: cached classifier softmaxes, labels and stage costs.
-    ``alpha``: cost weight (>= 0). ``loss``: ``"zero-one"`` or ``"cross-entropy"``.
+    ``outputs``: cached classifier softmaxes, labels and stage costs
+    (:class:`~policycascade.cascade.CascadeOutputs`).
+    ``alpha``: cost weight, a finite real number >= 0 (not a bool or a string).
+    ``loss``: ``"zero-one"`` or ``"cross-entropy"``.
     ``render_mode``: ``None`` or ``"ansi"`` (the stage's top classes as text).
 
+    Made through an id (``gymnasium.make``), the id's creator also takes ``split``:
+    ``"train"``/``"val"``/``"test"`` for the digits id; for an id from
+    :func:`~policycascade.envs.register_cascade` one of its registered splits
+    (default: the first of ``fit``, ``val``, ``test`` registered).
+
     ## Version History
-    v0: initial version.
+    v0: initial version. Later changes kept the MDP (rewards, observations) and
+    only tightened inputs: booleans, strings and fractional numbers are rejected
+    where numbers or integers are expected, unknown ``reset`` options are rejected,
+    NumPy integer seeds are accepted; ids from ``register_cascade`` gained ``split``.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -90,7 +151,12 @@ class CascadeStoppingEnv(gym.Env):
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
-        self.alpha = check_alpha(alpha)
+        if not isinstance(outputs, CascadeOutputs):
+            raise TypeError(
+                f"outputs must be a CascadeOutputs (cached classifier softmaxes), "
+                f"got {type(outputs).__name__}"
+            )
+        self.alpha = check_env_alpha(alpha)
         self.loss = check_loss_name(loss)
         self.render_mode = render_mode
         outputs = outputs.to("cpu")
@@ -128,8 +194,8 @@ class CascadeStoppingEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start an episode on a random sample (or ``options["sample_index"]``) at stage 0."""
-        super().reset(seed=seed)
-        index = (options or {}).get("sample_index")
+        super().reset(seed=check_seed(seed))
+        index = check_reset_options(options, RESET_OPTIONS).get("sample_index")
         if index is None:
             index = int(self.np_random.integers(self.num_samples))
         elif not _is_index(index, self.num_samples):

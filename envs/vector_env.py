@@ -7,25 +7,54 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from policycascade.cascade import CascadeOutputs
-from policycascade.envs.stopping_env import STOP, observation_space
-from policycascade.rewards import check_alpha, check_loss_name, prediction_loss, step_reward
+from policycascade.envs.stopping_env import (
+    RESET_OPTIONS,
+    STOP,
+    check_env_alpha,
+    check_integer,
+    check_reset_options,
+    check_seed,
+    observation_space,
+)
+from policycascade.rewards import check_loss_name, prediction_loss, step_reward
 from policycascade.runtime import resolve_device
 
 
 class CascadeStoppingVectorEnv(VectorEnv):
     """``num_envs`` copies of :class:`CascadeStoppingEnv` in one set of tensors.
 
+    ## Description
     Same MDP, rewards and info keys as the single environment, with every
     quantity a tensor on ``device`` (observations ``(num_envs, C + K)`` float32,
     rewards float64, ``terminated``/``truncated`` bool). Actions may be a tensor,
-    a NumPy array or a list of 0/1 values. Autoreset follows gymnasium's default
-    NEXT_STEP mode: the step after an episode ends ignores its action, starts a
-    new episode and returns its first observation with reward 0.
-    ``reset(options={"sample_index": idx})`` starts every env on the given samples.
+    a NumPy array or a list of 0/1 values.
+
+    ## Autoreset
+    Gymnasium's default NEXT_STEP mode: the step after an episode ends ignores its
+    action, starts a new episode and returns its first observation with reward 0.
+    ``step`` before the first ``reset`` raises ``ResetNeeded``, as the single env does.
+
+    ## Starting State
+    Samples drawn uniformly with a torch generator seeded by ``reset(seed=...)``
+    (an integer >= 0); ``reset(options={"sample_index": idx})`` starts the envs on
+    ``num_envs`` given sample indices instead. ``sample_index`` is the only option.
+
+    ## Arguments
+    ``num_envs``: an integer >= 1 (Python or NumPy; not a bool or 2.7).
+    ``outputs``: cached classifier softmaxes, labels and stage costs.
+    ``alpha``: cost weight, a finite real number >= 0 (not a bool or a string).
+    ``loss``: ``"zero-one"`` or ``"cross-entropy"``.
+    ``device``: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda[:N]"`` or a ``torch.device``.
+
+    ## Version History
+    v0: initial version. Later changes kept the MDP and tightened inputs as for
+    :class:`CascadeStoppingEnv`; ``step`` before ``reset`` raises ``ResetNeeded``
+    (it used to start episodes silently).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
@@ -38,10 +67,13 @@ class CascadeStoppingVectorEnv(VectorEnv):
         loss: str = "zero-one",
         device: str | torch.device = "auto",
     ):
-        if int(num_envs) < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.num_envs = int(num_envs)
-        self.alpha = check_alpha(alpha)
+        if not isinstance(outputs, CascadeOutputs):
+            raise TypeError(
+                f"outputs must be a CascadeOutputs (cached classifier softmaxes), "
+                f"got {type(outputs).__name__}"
+            )
+        self.num_envs = check_integer("num_envs", num_envs, 1)
+        self.alpha = check_env_alpha(alpha)
         self.loss = check_loss_name(loss)
         self.device = resolve_device(device)
         self._probs = outputs.probs.to(self.device, torch.float32)
@@ -60,6 +92,7 @@ class CascadeStoppingVectorEnv(VectorEnv):
         self._sample = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self._stage = torch.zeros_like(self._sample)
         self._needs_reset = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        self._started = False
         self._eye = torch.eye(self.num_stages, device=self.device)
         self._env_index = torch.arange(self.num_envs, device=self.device)
 
@@ -89,31 +122,42 @@ class CascadeStoppingVectorEnv(VectorEnv):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Start every env at stage 0 on random samples (or ``options["sample_index"]``)."""
+        seed = check_seed(seed)
+        index = check_reset_options(options, RESET_OPTIONS).get("sample_index")
+        if index is not None:
+            index = self._sample_index(index)
         if seed is not None:
-            self._generator.manual_seed(int(seed))
-        index = (options or {}).get("sample_index")
-        if index is None:
-            self._sample = self._draw_samples(self.num_envs)
-        else:
-            index = torch.as_tensor(index, dtype=torch.int64, device=self.device)
-            if index.shape != (self.num_envs,):
-                raise ValueError(
-                    f"options['sample_index'] must have shape ({self.num_envs},), "
-                    f"got {tuple(index.shape)}"
-                )
-            if bool((index < 0).any() or (index >= self.num_samples).any()):
-                raise ValueError(
-                    f"options['sample_index'] values must be in [0, {self.num_samples})"
-                )
-            self._sample = index.clone()
+            self._generator.manual_seed(seed)
+        self._sample = self._draw_samples(self.num_envs) if index is None else index
         self._stage = torch.zeros_like(self._sample)
         self._needs_reset = torch.zeros_like(self._needs_reset)
+        self._started = True
         return self._observation(), self._info(torch.full_like(self._stage, -1))
+
+    def _sample_index(self, index: Any) -> torch.Tensor:
+        """``options["sample_index"]`` checked: ``num_envs`` integers in [0, num_samples)."""
+        expected = f"{self.num_envs} integers in [0, {self.num_samples})"
+        try:
+            values = torch.as_tensor(index, device=self.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"options['sample_index'] must be {expected}, got {index!r}") from None
+        if values.dtype == torch.bool or values.dtype.is_floating_point or values.is_complex():
+            raise ValueError(f"options['sample_index'] must be {expected}, got {index!r}")
+        if values.shape != (self.num_envs,):
+            raise ValueError(
+                f"options['sample_index'] must have shape ({self.num_envs},), "
+                f"got {tuple(values.shape)}"
+            )
+        if bool((values < 0).any() or (values >= self.num_samples).any()):
+            raise ValueError(f"options['sample_index'] must be {expected}, got {index!r}")
+        return values.to(torch.int64).clone()
 
     def step(
         self, actions: torch.Tensor | np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Apply one stop/continue decision per env; envs that ended last step restart instead."""
+        if not self._started:
+            raise ResetNeeded("no episode has started: call reset() before step()")
         try:
             actions = torch.as_tensor(actions, device=self.device)
         except (TypeError, ValueError, RuntimeError):
