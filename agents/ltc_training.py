@@ -81,7 +81,9 @@ class LtcTraining(Algorithm):
         return {"thresholds": self.thresholds}
 
     def _module(self, part: int) -> nn.Module:
-        return self.net if self.net is not None else self.cascade.classifiers[self.stage_of_part(part)]
+        return (
+            self.net if self.net is not None else self.cascade.classifiers[self.stage_of_part(part)]
+        )
 
     def _start_part(self, part: int) -> None:
         """A fresh optimiser, schedule and batch generator for ``part`` (or the saved ones)."""
@@ -127,7 +129,7 @@ class LtcTraining(Algorithm):
             self._start_part(part)
         module = self._module(part)
         module.train()
-        num_samples = len(h.data.split("train").y)
+        num_samples = h.num_samples("train")
         total, count = 0.0, 0
         for step, idx in enumerate(h.train_batches(num_samples, self.generator)):
             idx = idx.to(h.device)

@@ -109,7 +109,9 @@ def expected_return(
     """
     exit_p = exit_probabilities(stop_probs)
     stage_loss = expected_loss_per_stage(log_probs, labels, loss, sample_prediction)
-    stage_return = episode_return(alpha, cumulative_costs.to(stage_loss.dtype).unsqueeze(0), stage_loss)
+    stage_return = episode_return(
+        alpha, cumulative_costs.to(stage_loss.dtype).unsqueeze(0), stage_loss
+    )
     return (exit_p * stage_return).sum(1)
 
 

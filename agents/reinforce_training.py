@@ -157,26 +157,32 @@ class ReinforceTraining(Algorithm):
 
     def _pretrain_epoch(self) -> dict[str, float]:
         h = self.harness
-        x, y = h.split_on_device("train")
-        self.cascade.train()
         total, count = 0.0, 0
-        for step, idx in enumerate(h.train_batches(len(y))):
+        for step, idx in enumerate(h.train_batches(h.num_samples("train"))):
             idx = h.to_device(idx)
-            logits = h.classify(self.train_cascade, h.inputs(x[idx], True))
-            loss = cross_entropy_all_stages(logits, y[idx])
-            h.check_finite(loss, "pre-training loss", step, logits)
-            h.optimise(loss, [self.classifier_optimizer], step)
+            loss = self.pretrain_step(idx, step)
             total, count = total + float(loss.detach()) * len(idx), count + len(idx)
         return {"pretrain/loss": total / count}
+
+    def pretrain_step(self, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """One cross-entropy step of every classifier on training samples ``idx``; its loss."""
+        h = self.harness
+        x, y = h.split_on_device("train")
+        self.cascade.train()
+        logits = h.classify(self.train_cascade, h.inputs(x[idx], True))
+        loss = cross_entropy_all_stages(logits, y[idx])
+        h.check_finite(loss, "pre-training loss", step, logits)
+        h.optimise(loss, [self.classifier_optimizer], step)
+        return loss
 
     def _epoch_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(training batch, policy batch) pairs; a held-out policy split is cycled alongside."""
         h = self.harness
-        n_train = len(h.data.split("train").y)
+        n_train = h.num_samples("train")
         train_batches = h.train_batches(n_train)
         if self.settings.policy_split == "train":
             return list(zip(train_batches, train_batches, strict=True))
-        n_policy = len(h.data.split(self.settings.policy_split).y)
+        n_policy = h.num_samples(self.settings.policy_split)
         policy_batches: list[torch.Tensor] = []
         while len(policy_batches) < len(train_batches):
             policy_batches += h.train_batches(n_policy)
@@ -185,33 +191,16 @@ class ReinforceTraining(Algorithm):
     def _reinforce_epoch(self) -> dict[str, float]:
         """One REINFORCE epoch; one optimiser step per batch for the policy and the classifiers."""
         h, r = self.harness, self.settings
-        x, y = h.split_on_device("train")
-        px, py = h.split_on_device(r.policy_split)
-        held_out, joint = r.policy_split != "train", not r.freeze_classifiers
         pairs = self._epoch_batches()
         # Frozen classifiers: their outputs on the policy split are computed once.
-        frozen_logits = None if joint else h.eval_logits(self.cascade, px)
-        optimizers = [self.policy_optimizer] + ([self.classifier_optimizer] if joint else [])
+        frozen_logits = None
+        if r.freeze_classifiers:
+            frozen_logits = h.eval_logits(self.cascade, h.split_on_device(r.policy_split)[0])
         sums: dict[str, float] = {}
         count = 0
         for step_index, (idx, policy_idx) in enumerate(pairs):
             idx, policy_idx = h.to_device(idx), h.to_device(policy_idx)
-            loss = supervised = torch.zeros((), device=h.device)
-            if joint:
-                supervised, step, loss = self._classifier_loss(x[idx], y[idx], held_out, step_index)
-            if held_out or not joint:
-                policy_logits = (
-                    frozen_logits[policy_idx]
-                    if frozen_logits is not None
-                    else h.eval_logits(self.cascade, px[policy_idx])
-                )
-                step = self.agent(
-                    policy_logits, py[policy_idx], self.cumulative_costs, h.sample_generator
-                )
-                policy_loss = step.loss + step.baseline_loss
-                h.check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
-                loss = loss + policy_loss
-            h.optimise(loss, optimizers, step_index, average=[self.agent])
+            step, supervised = self.joint_step(idx, policy_idx, step_index, frozen_logits)
             n = len(policy_idx)
             for key, value in _step_scalars(step, supervised).items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
@@ -223,6 +212,40 @@ class ReinforceTraining(Algorithm):
         metrics["policy/lr"] = self.policy_optimizer.param_groups[0]["lr"]
         self.policy_schedule.step()
         return metrics
+
+    def joint_step(
+        self,
+        idx: torch.Tensor,
+        policy_idx: torch.Tensor,
+        step_index: int = 0,
+        frozen_logits: torch.Tensor | None = None,
+    ) -> tuple[ReinforceStep, torch.Tensor]:
+        """One REINFORCE step: training samples ``idx``, policy-split samples ``policy_idx``.
+
+        Returns the policy's step and the classifiers' cross-entropy (0 when frozen).
+        """
+        h, r = self.harness, self.settings
+        x, y = h.split_on_device("train")
+        px, py = h.split_on_device(r.policy_split)
+        held_out, joint = r.policy_split != "train", not r.freeze_classifiers
+        loss = supervised = torch.zeros((), device=h.device)
+        if joint:
+            supervised, step, loss = self._classifier_loss(x[idx], y[idx], held_out, step_index)
+        if held_out or not joint:
+            policy_logits = (
+                frozen_logits[policy_idx]
+                if frozen_logits is not None
+                else h.eval_logits(self.cascade, px[policy_idx])
+            )
+            step = self.agent(
+                policy_logits, py[policy_idx], self.cumulative_costs, h.sample_generator
+            )
+            policy_loss = step.loss + step.baseline_loss
+            h.check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
+            loss = loss + policy_loss
+        optimizers = [self.policy_optimizer] + ([self.classifier_optimizer] if joint else [])
+        h.optimise(loss, optimizers, step_index, average=[self.agent])
+        return step, supervised
 
     def _classifier_loss(
         self, images: torch.Tensor, labels: torch.Tensor, held_out: bool, step_index: int

@@ -1,4 +1,4 @@
-"""The interface every stopping policy satisfies, learned or rule-based, and its one decision path."""
+"""The interface every stopping policy satisfies, learned or rule-based; its one decision path."""
 
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ from torch import nn
 
 from policycascade.costs import count_macs
 
-
 LOG_PROB_FLOOR = -20.0  # log-probabilities below this (p < 2e-9) read as the floor
 LOG_PROB_SCALE = 10.0  # inputs are log p / 10, about [-2, 0]
 
@@ -142,7 +141,7 @@ def ensemble_predictions(
     return mixed.argmax(-1)
 
 
-class LearnedRule:
+class LearnedRule(nn.Module):
     """A trained stopping policy as a :class:`StoppingRule`: stop where pi >= 1/2 (logit >= 0).
 
     With ``ensemble`` the answer mixes the visited classifiers weighted by their stop
@@ -150,6 +149,7 @@ class LearnedRule:
     """
 
     def __init__(self, policy: StoppingPolicy, ensemble: bool = False):
+        super().__init__()
         self.policy, self.ensemble = policy, ensemble
         self.num_stages = policy.num_stages
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policycascade.costs import StageCosts
 from policycascade.agents.rules import StoppingRule, first_stop, rule_predictions
+from policycascade.costs import StageCosts
 from policycascade.rewards import check_alpha, episode_return
 
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin")
@@ -249,7 +249,7 @@ class ScoreSearch:
         return self._coordinate_search([float("inf")] * len(self.candidates), score)
 
     def for_accuracy_drop(self, epsilon: float) -> StoppingRule:
-        """Cheapest thresholds within ``epsilon`` accuracy (0.005 = half a point) of the last stage."""
+        """Cheapest thresholds within ``epsilon`` accuracy (0.005 = half a point) of the last."""
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
         return self.for_accuracy(self.last_accuracy - epsilon)
@@ -315,7 +315,9 @@ class ThresholdSearch(ScoreSearch):
         t = self.template
 
         def make_rule(thresholds: list[float]) -> ThresholdRule:
-            return ThresholdRule(t.criterion, [float(x) for x in thresholds], t.temperatures, t.name)
+            return ThresholdRule(
+                t.criterion, [float(x) for x in thresholds], t.temperatures, t.name
+            )
 
         super().__init__(
             t.confidences(probs),

@@ -10,7 +10,6 @@ from policycascade.envs import register_builtin, register_cascade
 register_builtin()
 
 
-
 def __getattr__(name: str):
     """``policycascade.load_run`` without importing the training stack on every import."""
     if name in ("load_run", "LoadedRun"):

@@ -21,7 +21,7 @@ timed alternately so that a busy machine slows both alike.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -40,16 +40,16 @@ import numpy as np
 import torch
 from gymnasium.vector import SyncVectorEnv
 
-from policycascade.agents import ReinforceAgent
 from policycascade.agents.thresholds import ThresholdRule, confidence
 from policycascade.cascade import Cascade
+from policycascade.cli_support import OneLineParser
 from policycascade.config import TrainConfig
+from policycascade.data import DataSplits, Split
 from policycascade.envs import CascadeStoppingEnv, CascadeStoppingVectorEnv
+from policycascade.harness import RunHarness
 from policycascade.inference import early_exit_predict
 from policycascade.models import build_cascade
 from policycascade.models.resnet import cifar_resnet
-from policycascade.optimizers import build_optimizer
-from policycascade.supervised import cross_entropy_all_stages
 
 EXIT_SHARES = (0.50, 0.25, 0.15, 0.10)  # target share of inputs exiting at each stage
 RESNET_DEPTHS = (8, 20, 56, 110)
@@ -339,79 +339,64 @@ def bench_vector_env(cascade: Cascade, plan: Plan) -> dict:
 
 
 def training_steps(
-    cascade: Cascade, device: torch.device
-) -> tuple[
-    Callable[[torch.Tensor, torch.Tensor], None], Callable[[torch.Tensor, torch.Tensor], None]
-]:
-    """A joint REINFORCE step and a cross-entropy step on ``cascade``, each on one batch (x, y).
+    cascade_name: str, input_shape: tuple[int, ...], batch_size: int, device: torch.device
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The REINFORCE algorithm's own joint step and its own cross-entropy step, each on a batch.
 
-    The REINFORCE step is ``Trainer._reinforce_epoch``'s body with ``policy_split="train"``
-    and the default configuration: every classifier's forward, the agent's loss plus the
-    cross-entropy of all stages, one backward, both optimisers' steps, the logged scalars.
+    The run harness is built on random data of ``input_shape`` with the default
+    configuration and ``policy_split="train"`` (one data stream, as in Guan et al.), so
+    the joint step is every classifier's forward, the agent's loss plus the cross-entropy
+    of all stages, one backward and both optimisers' steps; the logged scalars are read
+    as the training epoch reads them.
     """
-    config = TrainConfig()
-    cascade.to(device)
-    agent = ReinforceAgent(
-        cascade.num_stages,
-        cascade.num_classes,
-        1e-3,
-        loss=config.loss,
-        baseline=config.baseline,
-        rollouts=config.rollouts,
-        policy_hidden=config.policy_hidden,
-        label_estimator=config.label_estimator,
-    ).to(device)
-    costs = cascade.costs(agent.policy.policy_macs())
-    cumulative_costs = torch.tensor(
-        np.cumsum(costs.stage_costs), dtype=torch.float32, device=device
+    defaults = TrainConfig()
+    config = dataclasses.replace(
+        defaults,
+        cascade=cascade_name,
+        device=str(device),
+        batch_size=batch_size,
+        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train"),
     )
-    joint_optimizer = build_optimizer(
-        "adam", cascade.parameters(), config.lr * config.joint_lr_scale, config.weight_decay
-    )
-    policy_optimizer = build_optimizer("adam", agent.parameters(), config.policy_lr)
-    plain_optimizer = build_optimizer("adam", cascade.parameters(), config.lr, config.weight_decay)
-    generator = torch.Generator(device=device).manual_seed(0)
+    n = max(4 * batch_size, 64)
+    split = Split(torch.randn(n, *input_shape), torch.randint(NUM_CLASSES, (n,)))
+    data = DataSplits("random", split, split, split, NUM_CLASSES)
+    with tempfile.TemporaryDirectory() as run_dir:
+        harness = RunHarness(config, run_dir, 1e-3, show_progress=False, data=data)
+    algorithm = harness.algorithm
+    generator = torch.Generator().manual_seed(0)
 
-    def reinforce_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        policy_optimizer.zero_grad(set_to_none=True)
-        joint_optimizer.zero_grad(set_to_none=True)
-        cascade.train()
-        logits = cascade(x)
-        supervised = cross_entropy_all_stages(logits, y)
-        step = agent(logits, y, cumulative_costs, generator)
-        loss = config.supervised_weight * supervised + step.loss + step.baseline_loss
-        loss.backward()
-        policy_optimizer.step()
-        joint_optimizer.step()
+    def batch() -> torch.Tensor:
+        return torch.randperm(n, generator=generator)[:batch_size].to(device)
+
+    def reinforce_step() -> None:
+        idx = batch()
+        step, supervised = algorithm.joint_step(idx, idx)
         for value in (step.returns.mean(), step.loss, step.baseline_loss, supervised):
-            float(value.detach())  # the trainer reads these for its logs every step
+            float(value.detach())  # the training epoch reads these for its logs every step
 
-    def cross_entropy_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        plain_optimizer.zero_grad(set_to_none=True)
-        cascade.train()
-        cross_entropy_all_stages(cascade(x), y).backward()
-        plain_optimizer.step()
+    def cross_entropy_step() -> None:
+        float(algorithm.pretrain_step(batch()).detach())
 
     return reinforce_step, cross_entropy_step
 
 
 def bench_training_step(
-    cascade: Cascade, batch_size: int, reps: int, device: torch.device = CPU
+    cascade_name: str,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    reps: int,
+    device: torch.device = CPU,
 ) -> dict:
-    """Median seconds of one joint REINFORCE step and one cross-entropy step on the same batch."""
-    reinforce_step, cross_entropy_step = training_steps(cascade, device)
-
-    def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(size, *cascade.input_shape, device=device)
-        return x, torch.randint(NUM_CLASSES, (size,), device=device)
-
-    small = batch(min(8, batch_size))
-    reinforce_step(*small), cross_entropy_step(*small)  # warm-up: optimiser state, kernels
-    full = batch(batch_size)
+    """Median seconds of one joint REINFORCE step and one cross-entropy step, side by side."""
+    reinforce_step, cross_entropy_step = training_steps(
+        cascade_name, input_shape, batch_size, device
+    )
+    reinforce_step(), cross_entropy_step()  # warm-up: optimiser state, kernels
     reinforce_s, cross_entropy_s = time_side_by_side(
-        lambda: reinforce_step(*full), lambda: cross_entropy_step(*full), reps, device, False
+        reinforce_step, cross_entropy_step, reps, device, False
     )
     return {
+        "cascade": cascade_name,
         "batch_size": batch_size,
         "device": str(device),
         "reinforce_step_s": reinforce_s,
@@ -522,13 +507,15 @@ def _run(plan: Plan, threads: int | None) -> dict[str, Any]:
     report["training_step"] = {
         "digits": section(
             "training_step/digits",
-            lambda: bench_training_step(digits_cascade(), 64, plan.train_reps),
+            lambda: bench_training_step("digits", DIGITS_SHAPE, 64, plan.train_reps),
         ),
         "resnet": skipped
         if plan.resnet_train_batch is None
         else section(
             "training_step/resnet",
-            lambda: bench_training_step(resnet, plan.resnet_train_batch, plan.resnet_reps),
+            lambda: bench_training_step(
+                "cifar-resnet", CIFAR_SHAPE, plan.resnet_train_batch, plan.resnet_reps
+            ),
         ),
     }
     report["cuda"] = None
@@ -536,7 +523,7 @@ def _run(plan: Plan, threads: int | None) -> dict[str, Any]:
         report["cuda"] = section(
             "cuda",
             lambda: bench_training_step(
-                resnet, plan.cuda_train_batch, plan.reps, torch.device("cuda")
+                "cifar-resnet", CIFAR_SHAPE, plan.cuda_train_batch, plan.reps, torch.device("cuda")
             ),
         )
     report["train_job"] = (
@@ -617,10 +604,10 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark and print it; returns the report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m policycascade.bench",
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print it; returns the exit status."""
+    parser = OneLineParser(
+        prog="policycascade bench",
         description="Measure early-exit speed-ups, vector-env throughput, training-step cost "
         "and the training job's time and memory on this machine.",
     )
@@ -633,14 +620,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="torch threads, also for the training job (default: torch's choice; 1 is steadier "
         "on a busy machine)",
     )
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # test suite only
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke-test sizes in seconds (the numbers mean nothing)"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     report = run(plan, args.threads)
     print_report(report, format_table(report), args.json)
-    return report
+    return 0
 
 
 def print_report(report: dict[str, Any], table: str, as_json: bool) -> None:
@@ -653,4 +642,4 @@ def print_report(report: dict[str, Any], table: str, as_json: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,6 @@ Each variant runs a short warm-up (kernel selection, allocator) before it is tim
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import tempfile
@@ -33,13 +32,15 @@ import numpy as np
 import torch
 
 from policycascade.bench import print_report
+from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
 from policycascade.config import ConfigError, TrainConfig, config_from_dict, load_config_file
 from policycascade.data import NORMALISATION
 from policycascade.data.vision import write_cifar_batch
+from policycascade.harness import RunHarness
+from policycascade.runs import per_run_configs
 from policycascade.supervised import cross_entropy_all_stages
-from policycascade.trainer import Trainer
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10-resnet.yaml"
+DEFAULT_CONFIG = "cifar10-resnet"  # a shipped config, by name
 VARIANTS = {  # name -> (precision, channels_last)
     "device-fp32": ("fp32", False),
     "device-bf16": ("bf16", False),
@@ -81,38 +82,38 @@ class _PilImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def torchvision_loader(trainer: Trainer, workers: int) -> torch.utils.data.DataLoader:
+def torchvision_loader(harness: RunHarness, workers: int) -> torch.utils.data.DataLoader:
     """The training split through torchvision transforms and a ``DataLoader``."""
     from torchvision import transforms
 
-    mean, std = NORMALISATION[trainer.config.dataset]
+    mean, std = NORMALISATION[harness.config.dataset]
     steps = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if trainer.config.augment:
+    if harness.config.augment:
         steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), *steps]
-    train = trainer.data.train
+    train = harness.data.train
     return torch.utils.data.DataLoader(
         _PilImages(train.x, train.y, transforms.Compose(steps)),
-        batch_size=trainer.config.batch_size,
+        batch_size=harness.config.batch_size,
         shuffle=True,
         num_workers=workers,
-        pin_memory=trainer.device.type == "cuda",
+        pin_memory=harness.device.type == "cuda",
     )
 
 
-def dataloader_epoch(trainer: Trainer, loader: Any, max_batches: int | None = None) -> None:
+def dataloader_epoch(harness: RunHarness, loader: Any, max_batches: int | None = None) -> None:
     """One cross-entropy epoch with batches from ``loader``; the step is the trainer's."""
-    trainer.cascade.train()
+    harness.cascade.train()
     for step, (x, y) in enumerate(loader):
         if max_batches is not None and step >= max_batches:
             break
-        x = x.to(trainer.device, non_blocking=True)
-        if trainer.config.channels_last:
+        x = x.to(harness.device, non_blocking=True)
+        if harness.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = trainer._classify(trainer.train_cascade, x)
-        loss = cross_entropy_all_stages(logits, y.to(trainer.device, non_blocking=True))
-        trainer.classifier_optimizer.zero_grad(set_to_none=True)
+        logits = harness.classify(harness.algorithm.train_cascade, x)
+        loss = cross_entropy_all_stages(logits, y.to(harness.device, non_blocking=True))
+        harness.algorithm.classifier_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        trainer.classifier_optimizer.step()
+        harness.algorithm.classifier_optimizer.step()
 
 
 def _timed(device: torch.device, work: Callable[[], Any]) -> float:
@@ -125,15 +126,10 @@ def _timed(device: torch.device, work: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def _warm_up(trainer: Trainer, epoch: Callable[[], Any]) -> None:
+def _warm_up(harness: RunHarness, epoch: Callable[[], Any]) -> None:
     """Run ``epoch`` on the first few training batches only (kernels chosen, memory pooled)."""
-    x, y = trainer._split_on_device("train")
-    size = min(len(y), WARMUP_BATCHES * trainer.config.batch_size)
-    trainer._on_device["train"] = (x[:size], y[:size])
-    try:
+    with harness.subset("train", WARMUP_BATCHES * harness.config.batch_size):
         epoch()
-    finally:
-        trainer._on_device["train"] = (x, y)
 
 
 def measure(config: TrainConfig, variants: Sequence[str], workers: int) -> dict[str, Any]:
@@ -143,43 +139,42 @@ def measure(config: TrainConfig, variants: Sequence[str], workers: int) -> dict[
         for name in variants:
             precision, channels_last = VARIANTS.get(name, ("fp32", False))
             variant = dataclasses.replace(config, precision=precision, channels_last=channels_last)
-            trainer = Trainer(variant, variant.alpha[0], Path(run_dir), show_progress=False)
-            device = trainer.device
+            harness = RunHarness(variant, run_dir, variant.reinforce.alpha[0], show_progress=False)
+            trainer = harness.algorithm
+            device = harness.device
             if name == "dataloader-fp32":
-                loader = torchvision_loader(trainer, workers)
-                dataloader_epoch(trainer, loader, WARMUP_BATCHES)
-                seconds = _timed(device, lambda: dataloader_epoch(trainer, loader))  # noqa: B023
+                loader = torchvision_loader(harness, workers)
+                dataloader_epoch(harness, loader, WARMUP_BATCHES)
+                seconds = _timed(device, lambda: dataloader_epoch(harness, loader))  # noqa: B023
                 rows[name] = {"pretrain_epoch_s": seconds, "workers": workers}
                 del loader  # its worker processes end here
                 continue
-            _warm_up(trainer, trainer._pretrain_epoch)
+            _warm_up(harness, trainer._pretrain_epoch)
             row = {"pretrain_epoch_s": _timed(device, trainer._pretrain_epoch)}
             if name == variants[0] or name == "device-bf16-channels-last":
-                _warm_up(trainer, trainer._reinforce_epoch)
+                _warm_up(harness, trainer._reinforce_epoch)
                 row["joint_epoch_s"] = _timed(device, trainer._reinforce_epoch)
-                row["validation_s"] = _timed(device, lambda: trainer.evaluate("val"))  # noqa: B023
+                row["validation_s"] = _timed(device, lambda: harness.evaluate("val"))  # noqa: B023
             rows[name] = row
-        data = trainer.data
+        data = harness.data
     train_images = len(data.train)
     for row in rows.values():
         row["pretrain_images_per_s"] = train_images / row["pretrain_epoch_s"]
         if "joint_epoch_s" in row:
             per_epoch_eval = row["validation_s"]
-            row["estimated_run_s"] = config.pretrain_epochs * (
+            row["estimated_run_s"] = config.reinforce.pretrain_epochs * (
                 row["pretrain_epoch_s"] + per_epoch_eval
-            ) + config.epochs * (row["joint_epoch_s"] + per_epoch_eval)
+            ) + config.reinforce.epochs * (row["joint_epoch_s"] + per_epoch_eval)
     return {
-        "device": str(trainer.device),
-        "device_name": torch.cuda.get_device_name(trainer.device)
-        if trainer.device.type == "cuda"
-        else "cpu",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "dataset": config.dataset,
         "cascade": config.cascade,
         "train_images": train_images,
         "batch_size": config.batch_size,
-        "pretrain_epochs": config.pretrain_epochs,
-        "joint_epochs": config.epochs,
+        "pretrain_epochs": config.reinforce.pretrain_epochs,
+        "joint_epochs": config.reinforce.epochs,
         "variants": rows,
     }
 
@@ -210,8 +205,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the options, run the measurement, print it; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m policycascade.bench_epoch",
+    parser = OneLineParser(
+        prog="policycascade bench-epoch",
         description="Time one training epoch of a paper setting: device-resident data in fp32, "
         "bf16 and bf16 + channels-last, against a torchvision DataLoader; estimate the whole "
         "run from it.",
@@ -219,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
-        help="config file (default: configs/cifar10-resnet.yaml of this package)",
+        help="config file or shipped config name (default: cifar10-resnet)",
     )
     parser.add_argument("--data-dir", help="where the data set lies (default: the config's)")
     parser.add_argument(
@@ -256,7 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides: dict[str, Any] = {"device": args.device}
         if args.batch_size:
             overrides["batch_size"] = args.batch_size
-        config = config_from_dict({**load_config_file(args.config), **overrides})
+        config = per_run_configs(config_from_dict({**load_config_file(args.config), **overrides}))[
+            0
+        ]
         with tempfile.TemporaryDirectory() as fake_root:
             if args.fake:
                 if config.dataset != "cifar10":
@@ -270,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.data_dir:
                 config = dataclasses.replace(config, data_dir=args.data_dir)
             report = measure(config, args.variants, args.workers)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        print(f"error: {user_message(error)}", file=sys.stderr)
+        return USAGE_ERROR
     print_report(report, format_table(report), args.json)
     return 0
 

@@ -7,7 +7,10 @@ import sys
 
 # subcommand -> (module with main(argv) -> int, one line of help)
 COMMANDS = {
-    "train": ("policycascade.train", "train stopping policies (REINFORCE or LtC) into run directories"),
+    "train": (
+        "policycascade.train",
+        "train stopping policies (REINFORCE or LtC) into run directories",
+    ),
     "compare": ("policycascade.compare.cli", "compare every policy on trained runs (test split)"),
     "bench": ("policycascade.bench", "benchmark early exit, the vector env and the training step"),
     "bench-epoch": ("policycascade.bench_epoch", "time one epoch of a paper setting"),

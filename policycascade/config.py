@@ -35,7 +35,7 @@ AGENTS = ("reinforce", "ltc")
 
 @dataclass
 class ReinforceConfig:
-    """REINFORCE (Guan et al.): cross-entropy pre-training, then the stopping policy (YAML ``reinforce:``)."""
+    """REINFORCE (Guan et al.): pre-training, then the stopping policy (YAML ``reinforce:``)."""
 
     alpha: list[float] = _opt(
         [1e-3],
@@ -163,7 +163,9 @@ class TrainConfig:
         False, "4-pixel zero pad, random crop and horizontal flip per image (Guan et al. 4.4)"
     )
     cascade: str = _opt("digits", "classifier family that forms the cascade", tuple(CASCADES))
-    agent: str = _opt("reinforce", "algorithm that trains the cascade and its stopping rule", AGENTS)
+    agent: str = _opt(
+        "reinforce", "algorithm that trains the cascade and its stopping rule", AGENTS
+    )
     batch_size: int = _opt(64, "training mini-batch size")
     optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
     lr: float = _opt(3e-3, "learning rate of the classifiers")
@@ -308,7 +310,7 @@ def _updates(values: dict[str, Any], owner: type, where: str) -> dict[str, Any]:
 
 
 def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """A validated config from ``values`` (shared keys, ``reinforce:``/``ltc:`` sections) over ``base``.
+    """A validated config from ``values`` (shared keys, ``reinforce``/``ltc`` sections) on ``base``.
 
     A section for an algorithm other than the configured ``agent`` is rejected: its
     options would be ignored.
@@ -318,7 +320,9 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
     base = base or TrainConfig()
     shared = {k: v for k, v in values.items() if k not in SECTIONS}
     section_keys = [str(k).replace("-", "_") for k in shared]
-    misplaced = [k for k in section_keys if any(k in s.__dataclass_fields__ for s in SECTIONS.values())]
+    misplaced = [
+        k for k in section_keys if any(k in s.__dataclass_fields__ for s in SECTIONS.values())
+    ]
     misplaced = [k for k in misplaced if k not in TrainConfig.__dataclass_fields__]
     if misplaced:
         owner = next(n for n, s in SECTIONS.items() if misplaced[0] in s.__dataclass_fields__)
@@ -348,7 +352,9 @@ CONFIG_PACKAGE = "policycascade.configs"
 def shipped_configs() -> list[str]:
     """Names of the configs that ship with the package (``--config NAME``)."""
     folder = importlib.resources.files(CONFIG_PACKAGE)
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
@@ -462,7 +468,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "config", None):
         base = config_from_dict(load_config_file(args.config), base)
     values: dict[str, Any] = {}
-    for section, f, flag in _cli_options():
+    for section, f, _ in _cli_options():
         value = getattr(args, _dest(section, f.name), None)
         if value is None:
             continue
@@ -474,9 +480,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for section in SECTIONS:
         if section in values and section != agent:
             flags = [
-                flag
-                for s, f, flag in _cli_options()
-                if s == section and f.name in values[section]
+                flag for s, f, flag in _cli_options() if s == section and f.name in values[section]
             ]
             raise ConfigError(
                 f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} to "

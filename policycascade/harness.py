@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,10 @@ def algorithm_class(agent: str) -> type[Algorithm]:
 
 
 class RunHarness:
-    """Builds and trains one (config, alpha) run into ``run_dir``; ``train=False`` only loads."""
+    """Builds and trains one (config, alpha) run into ``run_dir``; ``train=False`` only loads.
+
+    ``data`` replaces the configured data set (benchmarks on random tensors, say).
+    """
 
     def __init__(
         self,
@@ -61,6 +64,7 @@ class RunHarness:
         alpha: float | None = None,
         show_progress: bool = True,
         train: bool = True,
+        data: DataSplits | None = None,
     ):
         self.config, self.run_dir = config, Path(run_dir)
         self.alpha = None if alpha is None else float(alpha)
@@ -70,7 +74,7 @@ class RunHarness:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         seed_everything(config.seed, config.deterministic)
-        self.data: DataSplits = load_dataset(
+        self.data: DataSplits = data or load_dataset(
             config.dataset, config.seed, config.data_dir, config.download
         )
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
@@ -105,6 +109,20 @@ class RunHarness:
             data = self.data.split(split)
             self._on_device[split] = (data.x.to(self.device), data.y.to(self.device))
         return self._on_device[split]
+
+    def num_samples(self, split: str) -> int:
+        """Samples in a split, as the algorithms see it."""
+        return len(self.split_on_device(split)[1])
+
+    @contextlib.contextmanager
+    def subset(self, split: str, size: int) -> Iterator[None]:
+        """Train on the first ``size`` samples of a split only (benchmark warm-ups)."""
+        full = self.split_on_device(split)
+        self._on_device[split] = (full[0][:size], full[1][:size])
+        try:
+            yield
+        finally:
+            self._on_device[split] = full
 
     def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """Stored images -> model inputs on the device, one batch at a time.

@@ -7,9 +7,9 @@ samples that continued past stage t - 1.
 
 :func:`export_bundle` writes a cascade and its stopping rule to one file of
 ``torch.export`` programs, and :func:`load_bundle` runs it again from that file
-alone: no model classes, no training code (this module imports neither
-``policycascade.trainer`` nor the REINFORCE agent; only the package's own
-``__init__`` still pulls in the agents, for its gym registration).
+alone: no model classes, no training code (this module imports neither the run
+harness nor the REINFORCE agent; only the package's own ``__init__`` still pulls in
+the agents, for its gym registration).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from policycascade.costs import StageCosts
 
 BUNDLE_FORMAT = "policycascade.early-exit-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: stop decisions read the visited stages' softmaxes (batch, t + 1, C)
 
 
 @dataclass
@@ -45,7 +45,10 @@ class EarlyExitResult:
     macs: torch.Tensor  # int64 MACs spent: every stage up to the exit, stopping rule included
 
 
+# (stage, visited softmaxes (batch, stage + 1, C)) -> stop decisions (batch,) bool
 StopAtStage = Callable[[int, torch.Tensor], torch.Tensor]
+# (visited softmaxes padded to (batch, K, C), exit stage (batch,)) -> answers, or None: arg-max
+Answer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
 def _run_stages(
@@ -53,6 +56,7 @@ def _run_stages(
     stop_at_stage: StopAtStage,
     cumulative_macs: Sequence[int],
     x: torch.Tensor,
+    answer: Answer | None = None,
 ) -> EarlyExitResult:
     """The early-exit loop shared by a live cascade and a loaded bundle."""
     n, k = len(x), len(classifiers)
@@ -60,16 +64,27 @@ def _run_stages(
     predictions = torch.zeros(n, dtype=torch.int64, device=device)
     exit_stage = torch.full((n,), k - 1, dtype=torch.int64, device=device)
     running = torch.arange(n, device=device)  # indices (into x) of the samples still running
+    history: torch.Tensor | None = None  # (running, t + 1, C) softmaxes of the visited stages
     for t, classifier in enumerate(classifiers):
         probs = classifier(x).softmax(-1)  # (running, C)
-        if t == k - 1:
-            predictions[running] = probs.argmax(-1)
-            break
-        stop = stop_at_stage(t, probs).to(torch.bool)
+        history = probs.unsqueeze(1) if history is None else torch.cat([history, probs[:, None]], 1)
+        last = t == k - 1
+        stop = torch.ones(len(x), dtype=torch.bool, device=device)
+        if not last:
+            stop = stop_at_stage(t, history).to(torch.bool)
         stopped = running[stop]
-        predictions[stopped] = probs[stop].argmax(-1)
+        answers = None
+        if answer is not None and bool(stop.any()):
+            visited = history[stop]
+            padded = torch.cat(
+                [visited, visited.new_zeros(len(visited), k - t - 1, visited.shape[-1])], 1
+            )
+            answers = answer(
+                padded, torch.full((len(visited),), t, dtype=torch.int64, device=device)
+            )
+        predictions[stopped] = probs[stop].argmax(-1) if answers is None else answers
         exit_stage[stopped] = t
-        running, x = running[~stop], x[~stop]
+        running, x, history = running[~stop], x[~stop], history[~stop]
         if len(running) == 0:
             break
     macs = torch.tensor(list(cumulative_macs), dtype=torch.int64, device=device)[exit_stage]
@@ -102,7 +117,11 @@ def early_exit_predict(
                 root.eval()
         with torch.inference_mode():
             return _run_stages(
-                list(cascade.classifiers), rule.stop_at_stage, costs.cumulative_macs, x.to(device)
+                list(cascade.classifiers),
+                lambda t, history: rule.stop_scores(history)[:, t] >= 0,
+                costs.cumulative_macs,
+                x.to(device),
+                getattr(rule, "predictions", None),
             )
     finally:
         for m in was_training:
@@ -110,14 +129,14 @@ def early_exit_predict(
 
 
 class _StageDecision(nn.Module):
-    """One stage of a stopping rule as a module, probs (batch, C) -> stop (batch,), for export."""
+    """One stage of a stopping rule as a module, history (batch, t + 1, C) -> stop (batch,)."""
 
     def __init__(self, rule: StoppingRule, stage: int):
         super().__init__()
         self.rule, self.stage = rule, stage  # an nn.Module rule is registered, so its weights go
 
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        return self.rule.stop_at_stage(self.stage, probs).to(torch.bool)
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        return self.rule.stop_scores(history)[:, self.stage] >= 0
 
 
 def _export_program(module: nn.Module, example: torch.Tensor, what: str) -> bytes:
@@ -146,9 +165,11 @@ def export_bundle(
 
     - ``classifiers``: K serialised ``torch.export`` programs, (batch, *input_shape)
       -> (batch, C) logits, exported on CPU in eval mode with a dynamic batch size;
-    - ``stop_decisions``: K - 1 programs, stage t's softmax (batch, C) -> stop (batch,)
-      bool, traced from ``rule.stop_at_stage(t, .)`` (a learned policy's weights, or a
-      threshold rule's values, end up inside the program); the last stage always stops;
+    - ``stop_decisions``: K - 1 programs, the visited stages' softmaxes (batch, t + 1, C)
+      -> stop (batch,) bool, traced from ``rule.stop_scores`` (a learned policy's weights,
+      or a threshold rule's values, end up inside the program); the last stage always
+      stops. A rule's own answers (an ensemble) are not exported: the bundle answers
+      with the exit classifier's arg-max;
     - ``stage_names``, ``input_shape``, ``num_classes``, the cost table (``costs``), the
       rule's class name, ``torch_version`` and the caller's ``meta`` (JSON-ready values).
 
@@ -169,10 +190,10 @@ def export_bundle(
     with torch.no_grad():
         for name, clf in zip(cpu_cascade.names, cpu_cascade.classifiers, strict=True):
             classifiers.append(_export_program(clf, example, f"classifier {name!r}"))
-        example_probs = torch.randn(2, cascade.num_classes).softmax(-1)
         for t in range(cascade.num_stages - 1):
+            example_history = torch.randn(2, t + 1, cascade.num_classes).softmax(-1)
             decision = _StageDecision(cpu_rule, t).eval()
-            decisions.append(_export_program(decision, example_probs, f"stopping rule stage {t}"))
+            decisions.append(_export_program(decision, example_history, f"stopping rule stage {t}"))
     bundle = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
@@ -213,11 +234,11 @@ class BundlePredictor:
         """Number of stages K."""
         return len(self.classifiers)
 
-    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        """The exported rule's decisions (batch,) at ``stage``; the last stage always stops."""
+    def stop_at_stage(self, stage: int, history: torch.Tensor) -> torch.Tensor:
+        """The exported rule's decisions (batch,) at ``stage`` from the visited softmaxes."""
         if stage >= self.num_stages - 1:
-            return torch.ones(len(probs), dtype=torch.bool, device=probs.device)
-        return self.stop_decisions[stage](probs)
+            return torch.ones(len(history), dtype=torch.bool, device=history.device)
+        return self.stop_decisions[stage](history)
 
     def predict(self, x: torch.Tensor) -> EarlyExitResult:
         """Early-exit predictions, exit stages and MACs for a batch ``x`` (N, *input_shape)."""

@@ -115,12 +115,26 @@ def accuracy_by_exit_figure(
     )
     for i in range(data.shape[0]):
         if exit_counts[i] == 0:
-            ax.text(data.shape[1] / 2 - 0.5, i, "no samples exit here", ha="center", va="center",
-                    fontsize=8, color="grey")
+            ax.text(
+                data.shape[1] / 2 - 0.5,
+                i,
+                "no samples exit here",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="grey",
+            )
             continue
         for j in range(data.shape[1]):
-            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if data[i, j] < 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{data[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if data[i, j] < 0.6 else "black",
+            )
     ax.set_xlabel("classifier")
     ax.set_ylabel("samples that exit at")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)

@@ -79,7 +79,9 @@ def write_config(run_dir: Path, config: TrainConfig) -> None:
     (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def read_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[TrainConfig, dict]:
+def read_run(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[TrainConfig, dict]:
     """A run directory's config and checkpoint, checked against each other before any use."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
@@ -93,7 +95,11 @@ def read_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> t
             f"{where} was not written by this version of policycascade (expected a dict of "
             f"checkpoint format {CHECKPOINT_FORMAT})"
         )
-    missing = [k for k in ("config", "algorithm", "epoch", "history", "state", "rng") if k not in checkpoint]
+    missing = [
+        k
+        for k in ("config", "algorithm", "epoch", "history", "state", "rng")
+        if k not in checkpoint
+    ]
     if missing:
         raise CheckpointError(f"{where} lacks {missing}")
     try:
@@ -127,7 +133,9 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             out += _differences(a[key], b[key], f"{prefix}{key}.")
         elif a.get(key) != b.get(key):
-            out.append(f"{prefix}{key}: {a.get(key)!r} in config.yaml, {b.get(key)!r} in the checkpoint")
+            out.append(
+                f"{prefix}{key}: {a.get(key)!r} in config.yaml, {b.get(key)!r} in the checkpoint"
+            )
     return out
 
 
@@ -171,7 +179,7 @@ def train_run(
 
 
 def hparams_of(config: TrainConfig) -> dict[str, Any]:
-    """What tells runs apart in TensorBoard's HPARAMS tab: agent, seed, alpha, every changed option."""
+    """What tells runs apart in TensorBoard's HPARAMS tab: agent, seed, alpha, changed options."""
     values: dict[str, Any] = {"agent": config.agent, "seed": config.seed}
     alpha = run_alpha(config)
     if alpha is not None:
@@ -212,7 +220,9 @@ class LoadedRun:
             config = dataclasses.replace(config, device=device)
         self.config: TrainConfig = config
         self.alpha = run_alpha(config)
-        self.harness = RunHarness(config, self.run_dir, self.alpha, show_progress=False, train=False)
+        self.harness = RunHarness(
+            config, self.run_dir, self.alpha, show_progress=False, train=False
+        )
         self.harness.load(checkpoint)
         self.cascade.eval()
         self._outputs: dict[str, CascadeOutputs] = {}

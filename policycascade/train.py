@@ -77,7 +77,9 @@ def dry_run_table(config: TrainConfig) -> dict[str, Any]:
                 for n, m in zip(cascade.names, macs, strict=True)
             ],
         }
-    table["stopping_module_macs"] = stopping_module_macs(num_classes, config.reinforce.policy_hidden)
+    table["stopping_module_macs"] = stopping_module_macs(
+        num_classes, config.reinforce.policy_hidden
+    )
     return table
 
 
@@ -136,7 +138,9 @@ def _planned_runs(args: argparse.Namespace) -> list[tuple[TrainConfig, Path, boo
         given = given_options(args)
         if args.config or given:
             options = ", ".join((["--config"] if args.config else []) + given)
-            raise ConfigError(f"--resume continues a run with the config saved in it; drop {options}")
+            raise ConfigError(
+                f"--resume continues a run with the config saved in it; drop {options}"
+            )
         config, _ = read_run(args.resume)
         return [(config, Path(args.resume), True)]
     config = config_from_args(args)

@@ -29,29 +29,45 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR",
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
         help="run directories (or directories that hold run directories)",
     )
-    parser.add_argument("--out", default=None, help="output directory (default: comparisons/<time>)")
     parser.add_argument(
-        "--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA,
+        "--out", default=None, help="output directory (default: comparisons/<time>)"
+    )
+    parser.add_argument(
+        "--criteria",
+        nargs="+",
+        default=list(CRITERIA),
+        choices=CRITERIA,
         help="confidence criteria of the threshold rules",
     )
     parser.add_argument(
-        "--epsilons", nargs="+", type=float, default=list(DEFAULT_EPSILONS),
+        "--epsilons",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_EPSILONS),
         help="accuracy drops (0.005 = half a point) below the last classifier's validation "
         "accuracy that the threshold rules may lose",
     )
     parser.add_argument(
-        "--budgets", nargs="+", type=float, default=list(DEFAULT_BUDGETS),
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_BUDGETS),
         help="mean MACs budgets per sample, as shares of the largest classifier",
     )
     parser.add_argument(
-        "--temperature", action="store_true",
+        "--temperature",
+        action="store_true",
         help="also fit per-stage temperature scaling (max-softmax+T)",
     )
     parser.add_argument(
-        "--sweep-points", type=int, default=25,
+        "--sweep-points",
+        type=int,
+        default=25,
         help="operating points on each rule's trade-off curve",
     )
     return parser
@@ -71,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         options = CompareOptions(
-            tuple(args.criteria), tuple(args.epsilons), tuple(args.budgets), args.temperature,
+            tuple(args.criteria),
+            tuple(args.epsilons),
+            tuple(args.budgets),
+            args.temperature,
             args.sweep_points,
         ).validate()
         run_dirs = expand_run_dirs(args.runs)

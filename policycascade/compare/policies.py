@@ -69,9 +69,13 @@ def fitted_points(
 ) -> list[tuple[str, str, StoppingRule]]:
     """(kind, point, rule) for every operating point fitted on the search's validation outputs."""
     ref = search.reference_macs
-    points = [("curve", f"sweep {i:02d}", r) for i, r in enumerate(search.sweep(options.sweep_points))]
+    points = [
+        ("curve", f"sweep {i:02d}", r) for i, r in enumerate(search.sweep(options.sweep_points))
+    ]
     points += [("curve", f"eps={e:g}", search.for_accuracy_drop(e)) for e in options.epsilons]
-    points += [("curve", f"budget={b:g}", search.for_budget(b * ref)) for b in options.budget_shares]
+    points += [
+        ("curve", f"budget={b:g}", search.for_budget(b * ref)) for b in options.budget_shares
+    ]
     for m in matched:
         points.append(("matched", f"match-accuracy {m.label}", search.for_accuracy(m.val_accuracy)))
         points.append(("matched", f"match-macs {m.label}", search.for_budget(m.val_mean_macs)))
@@ -119,8 +123,14 @@ def compare_outputs(
         raise ValueError(
             f"stage_names needs one name per stage ({test.num_stages}), got {len(names)}: {names}"
         )
-    meta = {"dataset": "custom", "run": "outputs", "seed": 0, "trained_by": "user", "alpha": None,
-            **meta}
+    meta = {
+        "dataset": "custom",
+        "run": "outputs",
+        "seed": 0,
+        "trained_by": "user",
+        "alpha": None,
+        **meta,
+    }
     k = test.num_stages
     free = test.costs.with_policy_macs([0] * k)
     val, test = val.with_costs(free), test.with_costs(free)
@@ -134,7 +144,9 @@ def compare_outputs(
     generator = torch.Generator().manual_seed(0)
     for m in matched:
         exits = random_exits(test.num_samples, m.exit_distribution, generator)
-        rows.append(make_row(meta, "random", "random", f"matched {m.label}", evaluate_exits(test, exits)))
+        rows.append(
+            make_row(meta, "random", "random", f"matched {m.label}", evaluate_exits(test, exits))
+        )
     oracle = evaluate_exits(test, oracle_exits(test.probs, test.labels))
     rows.append(make_row(meta, "oracle", "oracle", "bound", oracle))
     rows += single_rows(test, names, meta)

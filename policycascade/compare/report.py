@@ -39,7 +39,10 @@ def _summary_rows(aggregated: list[Aggregate]) -> list[Aggregate]:
 
 def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> str:
     """The key rows (mean ± std over seeds) and the MACs saved; the full table is in the files."""
-    header = f"{'classifiers':<17}{'policy':<20}{'point':<24}{'accuracy':>16}{'MAC share':>18}{'runs':>5}"
+    header = (
+        f"{'classifiers':<17}{'policy':<20}{'point':<24}{'accuracy':>16}{'MAC share':>18}"
+        f"{'runs':>5}"
+    )
     lines = [header, "-" * len(header)]
     for a in _summary_rows(aggregated):
         policy = a.policy if a.kind != "single" else "alone"
@@ -52,14 +55,18 @@ def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> st
     for s in savings:
         groups[(s.dataset, s.trained_by, s.alpha)].append(s)
     if groups:
-        lines += ["", "MACs saved by each run's own policy (mean ± std over seeds; n = runs where defined):"]
+        lines += [
+            "",
+            "MACs saved by each run's own policy (mean ± std over seeds; n = runs where defined):",
+        ]
     for (dataset, trained_by, alpha), members in sorted(groups.items(), key=str):
         name = f"{dataset} {trained_by}" + ("" if alpha is None else f" a={alpha:g}")
         vs_rules = mean_std(m.macs_saved_vs_rules for m in members)
         at_largest = mean_std(m.curve_saved_at_largest for m in members)
         lines.append(
-            f"  {name}: vs the best threshold rule at its accuracy {_saved(vs_rules, len(members))}; "
-            f"curve vs rules at the largest classifier's accuracy {_saved(at_largest, len(members))}"
+            f"  {name}: vs the best threshold rule at its accuracy "
+            f"{_saved(vs_rules, len(members))}; curve vs rules at the largest classifier's "
+            f"accuracy {_saved(at_largest, len(members))}"
         )
     return "\n".join(lines)
 
@@ -99,8 +106,14 @@ def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]
     for a in aggregated:
         if a.kind == "own" and a.dataset == dataset:
             data.own.setdefault(a.policy, []).append(
-                OwnPoint(a.point, a.mean_macs, a.accuracy, a.mean_macs_std if a.runs > 1 else 0.0,
-                         a.accuracy_std if a.runs > 1 else 0.0, a.runs)
+                OwnPoint(
+                    a.point,
+                    a.mean_macs,
+                    a.accuracy,
+                    a.mean_macs_std if a.runs > 1 else 0.0,
+                    a.accuracy_std if a.runs > 1 else 0.0,
+                    a.runs,
+                )
             )
     figures = {"compare/tradeoff": tradeoff_figure(data)}
     own = next((r for r in mine if r.kind == "own"), None)
@@ -118,7 +131,10 @@ def _safe(name: str) -> str:
 
 
 def write_tensorboard(
-    out: Path, aggregated: list[Aggregate], savings: list[RunSavings], figures: dict[str, Any],
+    out: Path,
+    aggregated: list[Aggregate],
+    savings: list[RunSavings],
+    figures: dict[str, Any],
     rows: list[Row],
 ) -> None:
     """One TensorBoard run per (classifiers, policy) with identical tags; step = mean MACs.

@@ -102,7 +102,9 @@ def aggregate(rows: list[Row]) -> list[Aggregate]:
     """Mean and standard deviation over seeds per (dataset, classifiers, policy, point, alpha)."""
     groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
-        groups[(row.dataset, row.trained_by, row.policy, row.kind, row.point, row.alpha)].append(row)
+        groups[(row.dataset, row.trained_by, row.policy, row.kind, row.point, row.alpha)].append(
+            row
+        )
     out = []
     for (dataset, trained_by, policy, kind, point, alpha), members in groups.items():
         stats = {}
