@@ -63,7 +63,8 @@ def cross_fitted_outputs(
 
     ``fit(x_train, y_train, fold_seed)`` trains on the other folds and returns a
     function mapping inputs to (n, K, C) logits; it is called once per fold with
-    ``fold_seed = seed * folds + fold``. Folds are stratified by ``y`` and drawn from ``seed``.
+    ``fold_seed = seed * folds + fold``. Folds are stratified by ``y`` and drawn from ``seed``;
+    the result is on the CPU.
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
