@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -11,11 +13,41 @@ from policycascade.data import Split
 from policycascade.optimizers import build_optimizer
 
 
-def cross_entropy_all_stages(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over stages of each classifier's mean cross-entropy; ``logits`` is (batch, K, C)."""
+def cross_entropy_all_stages(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    trained_classes: Sequence[Collection[int] | None] | None = None,
+) -> torch.Tensor:
+    """Sum over stages of each classifier's mean cross-entropy; ``logits`` is (batch, K, C).
+
+    ``trained_classes[t]`` (a classifier's ``trained_classes`` attribute, e.g. a
+    specialist's) restricts stage t's mean to the samples whose label is one of
+    those classes: the others are masked out of that stage's loss, so it never
+    learns to answer them (a stage with none in the batch adds 0). ``None``
+    (for the list or a stage) trains on every sample.
+    """
     k = logits.shape[1]
     flat = rearrange(logits, "b k c -> (b k) c")
-    return F.cross_entropy(flat, labels.repeat_interleave(k)) * k
+    if trained_classes is None or all(classes is None for classes in trained_classes):
+        return F.cross_entropy(flat, labels.repeat_interleave(k)) * k
+    if len(trained_classes) != k:
+        raise ValueError(
+            f"trained_classes needs {k} entries (one per stage), got {len(trained_classes)}"
+        )
+    per_sample = F.cross_entropy(flat, labels.repeat_interleave(k), reduction="none")
+    per_sample = rearrange(per_sample, "(b k) -> b k", k=k)
+    weights = torch.stack(
+        [
+            torch.ones_like(labels, dtype=per_sample.dtype)
+            if classes is None
+            else torch.isin(labels, torch.tensor(sorted(classes), device=labels.device)).to(
+                per_sample.dtype
+            )
+            for classes in trained_classes
+        ],
+        dim=1,
+    )  # (batch, stage)
+    return ((per_sample * weights).sum(0) / weights.sum(0).clamp_min(1)).sum()
 
 
 def batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from policycascade.data.digits import load_digits
+from policycascade.data.specialist import load_specialist
 from policycascade.data.splits import DataSplits, Split, stratified_split
 from policycascade.data.synthetic import load_synthetic
 from policycascade.data.vision import NORMALISATION, VISION_DATASETS, load_vision_dataset, to_float
 
 # ImageNet (an ImageFolder tree) is read lazily by load_imagenet_folder, not held in memory.
-DATASETS = ("digits", "synthetic", *VISION_DATASETS)
+DATASETS = ("digits", "synthetic", "specialist", *VISION_DATASETS)
 
 
 def load_dataset(
@@ -21,6 +22,8 @@ def load_dataset(
         return load_digits(seed=seed)
     if name == "synthetic":
         return load_synthetic(seed=seed)
+    if name == "specialist":
+        return load_specialist(seed=seed)
     if name == "imagenet":
         raise ValueError(
             "dataset 'imagenet' (an ImageFolder tree) is read lazily with "

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from policycascade.cascade import Cascade
 from policycascade.models.digits import DIGITS_STAGE_NAMES, digits_classifiers
 from policycascade.models.paper import PAPER_CASCADES, cost_table
+from policycascade.models.specialist import SPECIALIST_STAGE_NAMES, specialist_classifiers
 
-CASCADES = ["digits", *PAPER_CASCADES]
+CASCADES = ["digits", "specialist", *PAPER_CASCADES]
 
 
 def build_cascade(name: str, input_shape: Sequence[int], num_classes: int) -> Cascade:
@@ -16,6 +17,10 @@ def build_cascade(name: str, input_shape: Sequence[int], num_classes: int) -> Ca
     if name == "digits":
         return Cascade(
             digits_classifiers(num_classes), input_shape, num_classes, DIGITS_STAGE_NAMES
+        )
+    if name == "specialist":
+        return Cascade(
+            specialist_classifiers(num_classes), input_shape, num_classes, SPECIALIST_STAGE_NAMES
         )
     if name in PAPER_CASCADES:
         spec = PAPER_CASCADES[name]
