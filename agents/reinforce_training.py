@@ -28,7 +28,7 @@ from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.checkpoint import state_dict_mismatch
 from policycascade.optimizers import build_optimizer
-from policycascade.supervised import cross_entropy_all_stages
+from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
 if TYPE_CHECKING:
     from policycascade.harness import RunHarness
@@ -170,7 +170,7 @@ class ReinforceTraining(Algorithm):
         x, y = h.split_on_device("train")
         self.cascade.train()
         logits = h.classify(self.train_cascade, h.inputs(x[idx], True))
-        loss = cross_entropy_all_stages(logits, y[idx])
+        loss = cross_entropy_all_stages(logits, y[idx], trained_classes_of(self.cascade))
         h.check_finite(loss, "pre-training loss", step, logits)
         h.optimise(loss, [self.classifier_optimizer], step)
         return loss
@@ -257,7 +257,7 @@ class ReinforceTraining(Algorithm):
         h = self.harness
         self.cascade.train()
         logits = h.classify(self.train_cascade, h.inputs(images, True))
-        supervised = cross_entropy_all_stages(logits, labels)
+        supervised = cross_entropy_all_stages(logits, labels, trained_classes_of(self.cascade))
         frozen = without_parameter_gradients(self.agent) if held_out else contextlib.nullcontext()
         with frozen:
             step = self.agent(logits, labels, self.cumulative_costs, h.sample_generator)

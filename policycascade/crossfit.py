@@ -23,8 +23,7 @@ from sklearn.model_selection import StratifiedKFold
 from policycascade.cascade import Cascade
 from policycascade.data import Split
 from policycascade.models import build_cascade
-from policycascade.optimizers import build_optimizer
-from policycascade.supervised import batches, cross_entropy_all_stages
+from policycascade.supervised import fit_classifiers, trained_classes_of
 
 # fit(x_train, y_train, fold_seed) -> predict(x) giving (n, K, C) logits
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -95,14 +94,14 @@ def cascade_fitter(
     """A ``fit`` for :func:`cross_fitted_outputs`: a fresh cascade trained like pre-training.
 
     Each call seeds torch's global generator with its ``fold_seed`` (the
-    classifiers' initial weights) and trains with :func:`train_classifiers`
+    classifiers' initial weights) and trains with :func:`~policycascade.supervised.fit_classifiers`
     (Adam, cross-entropy on every stage, specialists masked).
     """
 
     def fit(x_train: torch.Tensor, y_train: torch.Tensor, seed: int) -> Predictor:
         torch.manual_seed(seed)
         cascade = build_cascade(cascade_name, input_shape, num_classes).to(device)
-        train_classifiers(
+        fit_classifiers(
             cascade, Split(x_train, y_train), epochs, lr, batch_size, weight_decay, seed
         )
         return lambda x: logits_of(cascade, x)
@@ -124,14 +123,6 @@ def logits_of(cascade: Cascade, x: torch.Tensor, batch_size: int = 1024) -> torc
         cascade.train(was_training)
 
 
-def trained_classes_of(cascade: Cascade) -> list[frozenset[int] | None]:
-    """Each classifier's ``trained_classes`` attribute (a specialist's classes), else None."""
-    return [
-        None if (classes := getattr(clf, "trained_classes", None)) is None else frozenset(classes)
-        for clf in cascade.classifiers
-    ]
-
-
 def stage_accuracy(cascade: Cascade, split: Split) -> list[float]:
     """Accuracy of each classifier on ``split``, a specialist's on its trained classes only."""
     predictions = logits_of(cascade, split.x).argmax(-1).cpu()  # (n, K)
@@ -143,43 +134,6 @@ def stage_accuracy(cascade: Cascade, split: Split) -> list[float]:
             keep = torch.isin(split.y.cpu(), torch.tensor(sorted(classes)))
         accuracy.append(float(correct[keep, t].mean()) if keep.any() else float("nan"))
     return accuracy
-
-
-def train_classifiers(
-    cascade: Cascade,
-    train: Split,
-    epochs: int = 40,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    on_epoch: Callable[[int], None] | None = None,
-) -> Cascade:
-    """Train every stage with Adam on cross-entropy, honouring specialists' ``trained_classes``.
-
-    Step for step :func:`policycascade.supervised.fit_classifiers` (same
-    optimiser, same batches from ``seed``; identical weights when no classifier
-    has ``trained_classes``), plus the specialist mask of
-    :func:`~policycascade.supervised.cross_entropy_all_stages` and an
-    ``on_epoch(epoch)`` hook (epochs count from 1). Returns the cascade in eval mode.
-    """
-    if epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    device = next(cascade.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = build_optimizer("adam", cascade.parameters(), lr, weight_decay)
-    trained_classes = trained_classes_of(cascade)
-    x, y = train.x.to(device), train.y.to(device)
-    for epoch in range(1, epochs + 1):
-        cascade.train()
-        for idx in batches(len(y), batch_size, generator):
-            idx = idx.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            cross_entropy_all_stages(cascade(x[idx]), y[idx], trained_classes).backward()
-            optimizer.step()
-        if on_epoch is not None:
-            on_epoch(epoch)
-    return cascade.eval()
 
 
 def train_reference(
@@ -196,11 +150,12 @@ def train_reference(
     """Train every classifier on cross-entropy; keep each one's weights from its best val epoch.
 
     The honest alternative to a learned cascade: independent classifiers with
-    per-classifier early stopping. Training is :func:`train_classifiers` (the
-    stage losses share no parameters, so one Adam over their sum equals K
-    independent ones). After every epoch each classifier's validation accuracy
-    (:func:`stage_accuracy`) is measured and its weights, buffers included, are
-    kept if they beat its best so far: the earliest epoch wins ties.
+    per-classifier early stopping. Training is
+    :func:`~policycascade.supervised.fit_classifiers` (the stage losses share no
+    parameters, so one Adam over their sum equals K independent ones). After every
+    epoch each classifier's validation accuracy (:func:`stage_accuracy`) is measured
+    and its weights, buffers included, are kept if they beat its best so far: the
+    earliest epoch wins ties.
     ``on_epoch(epoch, val_accuracy)`` is told each epoch's accuracies. Returns
     the cascade, in eval mode, holding every classifier's kept weights.
     """
@@ -218,7 +173,7 @@ def train_reference(
         if on_epoch is not None:
             on_epoch(epoch, accuracy)
 
-    train_classifiers(cascade, train, epochs, lr, batch_size, weight_decay, seed, keep_best)
+    fit_classifiers(cascade, train, epochs, lr, batch_size, weight_decay, seed, keep_best)
     for clf, state in zip(cascade.classifiers, best_state, strict=True):
         clf.load_state_dict(state)
     return cascade.eval()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,14 @@ def batches(num_samples: int, batch_size: int, generator: torch.Generator) -> li
     return list(order.split(batch_size))
 
 
+def trained_classes_of(cascade: Cascade) -> list[frozenset[int] | None]:
+    """Each classifier's ``trained_classes`` attribute (a specialist's classes), else None."""
+    return [
+        None if (classes := getattr(clf, "trained_classes", None)) is None else frozenset(classes)
+        for clf in cascade.classifiers
+    ]
+
+
 def fit_classifiers(
     cascade: Cascade,
     train: Split,
@@ -64,17 +72,27 @@ def fit_classifiers(
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> Cascade:
-    """Train every stage of ``cascade`` with Adam on cross-entropy; returns it in eval mode."""
+    """Train every stage with Adam on cross-entropy, honouring specialists' ``trained_classes``.
+
+    ``on_epoch(epoch)`` is called after each epoch (epochs count from 1). Returns the
+    cascade in eval mode.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
     device = next(cascade.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = build_optimizer("adam", cascade.parameters(), lr, weight_decay)
+    trained_classes = trained_classes_of(cascade)
     x, y = train.x.to(device), train.y.to(device)
-    cascade.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        cascade.train()
         for idx in batches(len(y), batch_size, generator):
             idx = idx.to(device)
             optimizer.zero_grad(set_to_none=True)
-            cross_entropy_all_stages(cascade(x[idx]), y[idx]).backward()
+            cross_entropy_all_stages(cascade(x[idx]), y[idx], trained_classes).backward()
             optimizer.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
     return cascade.eval()

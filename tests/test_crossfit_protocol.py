@@ -13,7 +13,6 @@ from policycascade.crossfit import (
     cross_fitted_outputs,
     stage_accuracy,
     stratified_folds,
-    train_classifiers,
     train_reference,
 )
 from policycascade.data import Split
@@ -24,7 +23,6 @@ from policycascade.protocol import (
     normalised_area,
     pareto_envelope,
 )
-from policycascade.supervised import fit_classifiers
 
 C, K = 3, 2
 
@@ -151,17 +149,6 @@ def test_train_reference_keeps_each_classifiers_best_validation_epoch():
             if k.startswith(f"classifiers.{t}.")
         }
         assert all(torch.equal(kept[name], at_peak[name]) for name in kept)
-
-
-def test_train_classifiers_equals_fit_classifiers_without_specialists():
-    train, _ = overfitting_data()
-    a, b = tiny_cascade(), tiny_cascade()
-    fit_classifiers(a, train, epochs=3, lr=0.01, batch_size=8, seed=2)
-    train_classifiers(b, train, epochs=3, lr=0.01, batch_size=8, seed=2)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-
-
-# ---- curve maths: (accuracy, mean_macs) points ----
 
 
 def test_pareto_envelope_drops_dominated_points_and_sorts_by_macs():

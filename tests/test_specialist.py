@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policycascade.crossfit import trained_classes_of
 from policycascade.data import DATASETS, load_dataset
 from policycascade.data.specialist import MARK, SPECIALTY_CLASSES, TWINS, specialist_templates
 from policycascade.models import CASCADES, build_cascade
 from policycascade.models.specialist import SpecialistClassifier
-from policycascade.supervised import cross_entropy_all_stages
+from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ class SpecialistClassifier(nn.Sequential):
 
     It keeps all C outputs, but :func:`policycascade.supervised.cross_entropy_all_stages`
     masks every other sample out of its loss (callers pass the classifiers'
-    ``trained_classes``, as :func:`policycascade.crossfit.train_classifiers` does),
+    ``trained_classes``, as :func:`policycascade.supervised.fit_classifiers` does),
     so on other classes it answers confidently with one of its own.
     """
 
