@@ -39,6 +39,11 @@ class Algorithm:
         """Total epochs of the whole algorithm."""
         raise NotImplementedError
 
+    @property
+    def classifier_epochs(self) -> int:
+        """Epochs each classifier trains for: the budget an independent reference gets."""
+        raise NotImplementedError
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train epoch ``epoch`` (0-based); returns scalar metrics keyed by TensorBoard tag."""
         raise NotImplementedError

@@ -57,6 +57,11 @@ class LtcTraining(Algorithm):
         """Epochs of every part together."""
         return self.num_parts * self.settings.epochs
 
+    @property
+    def classifier_epochs(self) -> int:
+        """Each model trains for ``ltc.epochs`` epochs."""
+        return self.settings.epochs
+
     def stage_of_part(self, part: int) -> int:
         """The stage trained in ``part``: the most expensive first (eq. 5)."""
         return self.cascade.num_stages - 1 - part

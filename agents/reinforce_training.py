@@ -99,6 +99,12 @@ class ReinforceTraining(Algorithm):
         return self.settings.pretrain_epochs + self.settings.epochs
 
     @property
+    def classifier_epochs(self) -> int:
+        """Pre-training, plus the joint epochs unless the classifiers are frozen."""
+        r = self.settings
+        return r.pretrain_epochs + (0 if r.freeze_classifiers else r.epochs)
+
+    @property
     def cumulative_costs(self) -> torch.Tensor:
         """Normalised cost of exiting at each stage, (K,), on the device."""
         costs = np.cumsum(self.harness.costs.stage_costs)

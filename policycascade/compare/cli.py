@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=25,
         help="operating points on each rule's trade-off curve",
     )
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the reference: the run's classifier family trained independently with the "
+        "same epoch budget and per-classifier early stopping, with every rule fitted on it "
+        "(cached under OUT/reference/)",
+    )
     return parser
 
 
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         for run_dir in run_dirs:
             print(f"evaluating {run_dir.name}", file=sys.stderr)
             try:
-                rows += compare_run(run_dir, options)
+                rows += compare_run(
+                    run_dir, options, out / "reference", reference=not args.no_reference
+                )
             except USER_ERRORS as error:
                 raise ValueError(f"run {run_dir}: {user_message(error)}") from None
     except USER_ERRORS as error:

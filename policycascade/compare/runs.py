@@ -7,6 +7,7 @@ from pathlib import Path
 from policycascade.agents.thresholds import ScoreSearch
 from policycascade.checkpoint import CHECKPOINT_NAME
 from policycascade.compare.policies import CompareOptions, Matched, compare_outputs, rule_rows
+from policycascade.compare.reference import REFERENCE, reference_outputs
 from policycascade.compare.rows import Row, make_row
 from policycascade.runs import LoadedRun, load_run
 
@@ -37,8 +38,17 @@ def run_meta(run: LoadedRun) -> dict:
     }
 
 
-def compare_run(run_dir: Path, options: CompareOptions) -> list[Row]:
-    """The run's own rule, its score as a curve, and every rule on its classifiers."""
+def compare_run(
+    run_dir: Path,
+    options: CompareOptions,
+    reference_cache: Path | None = None,
+    reference: bool = True,
+) -> list[Row]:
+    """The run's own rule, its score as a curve, every rule on its classifiers and on a reference.
+
+    With ``reference``, classifiers trained independently with the run's epoch budget
+    (:mod:`policycascade.compare.reference`) get the same rules: the user's alternative.
+    """
     run = load_run(run_dir)
     if not run.finished or run.rule is None:
         raise ValueError(
@@ -58,4 +68,8 @@ def compare_run(run_dir: Path, options: CompareOptions) -> list[Row]:
         label, own_val["accuracy"], own_val["mean_macs"], own_test["exit_distribution"], run.alpha
     )
     rows += compare_outputs(val, test, run.cascade.names, options, [matched], **meta)
+    if reference:
+        ref_val, ref_test, names = reference_outputs(run, reference_cache)
+        ref_meta = {**meta, "trained_by": REFERENCE}
+        rows += compare_outputs(ref_val, ref_test, names, options, [matched], **ref_meta)
     return rows

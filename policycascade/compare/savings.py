@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from policycascade.agents.thresholds import CRITERIA
+from policycascade.compare.reference import REFERENCE
 from policycascade.compare.rows import Row
 from policycascade.protocol import macs_at_accuracy, macs_saved, normalised_area
 
@@ -24,8 +25,9 @@ def is_threshold_rule(row: Row) -> bool:
 
 @dataclass
 class RunSavings:
-    """One run's own policy against the envelope of the threshold rules on its classifiers."""
+    """One run's own policy against the envelope of threshold rules on some classifiers."""
 
+    against: str  # whose classifiers the rules run on: "own classifiers" or "reference"
     run: str
     dataset: str
     seed: int
@@ -35,7 +37,7 @@ class RunSavings:
     mean_macs: float
     rule_macs_at_equal_accuracy: float | None  # fewest MACs of any rule envelope at that accuracy
     macs_saved_vs_rules: float | None  # 1 - own MACs / rule MACs at the own test accuracy
-    largest_accuracy: float
+    largest_accuracy: float  # the most expensive classifier of ``against``, alone, on test
     macs_saved_vs_largest: float
     curve_saved_at_largest: float | None  # own curve vs rule envelope at the largest's accuracy
     curve_saved_below_largest: float | None  # the same half a point lower
@@ -48,17 +50,25 @@ class RunSavings:
 
 
 def run_savings(rows: list[Row]) -> list[RunSavings]:
-    """One :class:`RunSavings` per run that has an own policy."""
+    """Per run with an own policy: against rules on its classifiers, and on the reference's."""
     by_run: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         by_run[row.run].append(row)
-    return [s for members in by_run.values() if (s := _one_run(members)) is not None]
+    out = []
+    for members in by_run.values():
+        own = next((r for r in members if r.kind == "own"), None)
+        if own is None:
+            continue
+        mine = [r for r in members if r.trained_by == own.trained_by]
+        out.append(_savings(own, mine, mine, "own classifiers"))
+        reference = [r for r in members if r.trained_by == REFERENCE]
+        if reference:
+            out.append(_savings(own, mine, reference, REFERENCE))
+    return out
 
 
-def _one_run(members: list[Row]) -> RunSavings | None:
-    own = next((r for r in members if r.kind == "own"), None)
-    if own is None:
-        return None
+def _savings(own: Row, mine: list[Row], members: list[Row], against: str) -> RunSavings:
+    """``own`` (its score curve from ``mine``) against the rules and classifiers of ``members``."""
     singles = [r for r in members if r.kind == "single"]
     largest = max(singles, key=lambda r: r.mean_macs)
     cheapest = min(singles, key=lambda r: r.mean_macs)
@@ -66,12 +76,13 @@ def _one_run(members: list[Row]) -> RunSavings | None:
     rules = [(r.accuracy, r.mean_macs) for r in members if is_threshold_rule(r)]
     score = f"{own.trained_by} score"
     own_curve = [(own.accuracy, own.mean_macs)] + [
-        (r.accuracy, r.mean_macs) for r in members if r.policy == score
+        (r.accuracy, r.mean_macs) for r in mine if r.policy == score
     ]
     rule_macs = macs_at_accuracy(rules, own.accuracy)
     area_args = ((cheapest.accuracy, cheapest.mean_macs), (oracle.accuracy, oracle.mean_macs))
     can_area = oracle.accuracy > cheapest.accuracy and largest.mean_macs > cheapest.mean_macs
     return RunSavings(
+        against=against,
         run=own.run,
         dataset=own.dataset,
         seed=own.seed,
