@@ -9,6 +9,7 @@ Optional temperature scaling per stage is fitted on validation by NLL.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -281,17 +282,15 @@ class ScoreSearch:
 
         return self._coordinate_search([float("inf")] * len(self.candidates), score)
 
-    def sweep(self, points: int = 25) -> list[StoppingRule]:
-        """Rules along the trade-off curve: one shared score quantile level for all stages."""
-        levels = torch.linspace(0, 1, points, dtype=torch.float64)
-        rules = []
-        for level in levels.tolist():
-            thresholds = [
-                float(torch.quantile(self.scores[:, t], level)) for t in range(len(self.candidates))
-            ]
-            rules.append(self.make_rule(thresholds))
-        rules.append(self.make_rule([float("inf")] * len(self.candidates)))
-        return rules
+    def sweep(self, points: int = 15) -> list[StoppingRule]:
+        """Rules along the trade-off curve: the most accurate within each of ``points`` budgets.
+
+        Budgets are log-spaced from the first stage's cost to the cost of running every
+        stage, so the curve spans every reachable operating point.
+        """
+        low, high = float(self.cumulative[0]), float(self.cumulative[-1])
+        budgets = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+        return [self.for_budget(float(b)) for b in budgets]
 
 
 class ThresholdSearch(ScoreSearch):

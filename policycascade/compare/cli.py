@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sweep-points",
         type=int,
-        default=25,
+        default=15,
         help="operating points on each rule's trade-off curve",
     )
     parser.add_argument(

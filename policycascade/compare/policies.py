@@ -44,7 +44,7 @@ class CompareOptions:
     epsilons: tuple[float, ...] = DEFAULT_EPSILONS  # accuracy drops below the last classifier
     budget_shares: tuple[float, ...] = DEFAULT_BUDGETS  # MACs budgets, share of the largest
     temperature: bool = False  # also max-softmax with per-stage temperature scaling
-    sweep_points: int = 25  # operating points per rule along its trade-off curve
+    sweep_points: int = 15  # operating points per rule along its trade-off curve
 
     def validate(self) -> CompareOptions:
         """Raise a ValueError naming the first bad argument."""
