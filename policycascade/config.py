@@ -14,6 +14,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from policycascade.agents.stop_features import FEATURE_SETS
 from policycascade.data import DATASETS
 from policycascade.models import CASCADES
 from policycascade.optimizers import OPTIMIZERS
@@ -30,7 +31,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return field(default=default, metadata=metadata)
 
 
-AGENTS = ("reinforce", "ltc")
+AGENTS = ("reinforce", "ltc", "continuation")
 
 
 @dataclass
@@ -99,13 +100,7 @@ class ReinforceConfig:
 
     def validate(self) -> None:
         """Check the REINFORCE values; raise :class:`ConfigError` naming the first bad field."""
-        if not self.alpha:
-            raise ConfigError("alpha needs at least one value")
-        for a in self.alpha:
-            if not (math.isfinite(a) and a >= 0):
-                raise ConfigError(f"alpha must be finite and >= 0, got {a}")
-        if len({float(a) for a in self.alpha}) != len(self.alpha):
-            raise ConfigError(f"alpha lists a value twice: {self.alpha}")
+        _check_alphas(self.alpha)
         _check_at_least(self, ("rollouts", "policy_hidden", "policy_lr_decay_every"), 1)
         _check_at_least(self, ("pretrain_epochs", "epochs"), 0)  # epochs=0: pre-training only
         if self.pretrain_epochs == 0 and self.epochs == 0:
@@ -143,8 +138,48 @@ class LtcConfig:
         _check_non_negative(self, ("cost", "weight"))
 
 
-SECTIONS = {"reinforce": ReinforceConfig, "ltc": LtcConfig}
-CLI_PREFIX = {"reinforce": "", "ltc": "ltc-"}  # --baseline, --ltc-cost
+@dataclass
+class ContinuationConfig:
+    """Continuation-value learner (Longstaff & Schwartz): CLI ``--cv-*``, YAML ``continuation:``."""
+
+    alpha: list[float] = _opt(
+        [1e-3], "cost weight(s) of the reward the rule maximises; several values train one run each"
+    )
+    classifier_epochs: int = _opt(
+        40, "cross-entropy epochs of each classifier (kept from its best validation epoch)"
+    )
+    folds: int = _opt(
+        5,
+        "cross-fitting folds of the training split whose held-out outputs the rule is fitted "
+        "on (0: fit on the validation split)",
+    )
+    feature_set: str = _opt(
+        "history",
+        "what a stop decision reads: 'max-softmax', 'confidence' (several confidence "
+        "measures), 'history' (plus the earlier stages' confidences and agreement) or 'class' "
+        "(plus the predicted class)",
+        FEATURE_SETS,
+    )
+    answer: str = _opt(
+        "exit",
+        "a stop answers with the 'exit' classifier or the 'ensemble' of the visited stages",
+        ("exit", "ensemble"),
+    )
+    hidden: int = _opt(0, "hidden units of each stage's value model (0: logistic regression)")
+    weight_decay: float = _opt(1e-5, "L2 weight of each stage's value model")
+
+    def validate(self) -> None:
+        """Check the learner's values; raise :class:`ConfigError` naming the first bad field."""
+        _check_alphas(self.alpha)
+        _check_at_least(self, ("classifier_epochs",), 1)
+        _check_at_least(self, ("folds", "hidden"), 0)
+        if self.folds == 1:
+            raise ConfigError("folds must be 0 (fit on validation) or >= 2, got 1")
+        _check_non_negative(self, ("weight_decay",))
+
+
+SECTIONS = {"reinforce": ReinforceConfig, "ltc": LtcConfig, "continuation": ContinuationConfig}
+CLI_PREFIX = {"reinforce": "", "ltc": "ltc-", "continuation": "cv-"}  # --baseline, --ltc-cost
 
 
 @dataclass
@@ -189,6 +224,7 @@ class TrainConfig:
     )
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
     ltc: LtcConfig = field(default_factory=LtcConfig)
+    continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
 
     @property
     def algorithm(self) -> ReinforceConfig | LtcConfig:
@@ -197,7 +233,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad field."""
-        for owner in (self, self.reinforce, self.ltc):
+        for owner in (self, *(getattr(self, name) for name in SECTIONS)):
             for f in fields(owner):
                 choices = f.metadata.get("choices")
                 value = getattr(owner, f.name)
@@ -210,8 +246,8 @@ class TrainConfig:
         _check_non_negative(self, ("weight_decay",))
         if any(m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
-        self.reinforce.validate()
-        self.ltc.validate()
+        for section in SECTIONS:
+            getattr(self, section).validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +272,16 @@ class TrainConfig:
             elif default[key] != value:
                 changed[key] = value
         return changed
+
+
+def _check_alphas(alpha: list[float]) -> None:
+    if not alpha:
+        raise ConfigError("alpha needs at least one value")
+    for a in alpha:
+        if not (math.isfinite(a) and a >= 0):
+            raise ConfigError(f"alpha must be finite and >= 0, got {a}")
+    if len({float(a) for a in alpha}) != len(alpha):
+        raise ConfigError(f"alpha lists a value twice: {alpha}")
 
 
 def _check_at_least(owner: Any, names: tuple[str, ...], low: int) -> None:
@@ -424,6 +470,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         None: parser.add_argument_group("options of every algorithm"),
         "reinforce": parser.add_argument_group("REINFORCE options (--agent reinforce)"),
         "ltc": parser.add_argument_group("Learning-to-Cascade options (--agent ltc)"),
+        "continuation": parser.add_argument_group(
+            "continuation-value learner options (--agent continuation)"
+        ),
     }
     for section, f, flag in _cli_options():
         owner = defaults if section is None else getattr(defaults, section)

@@ -45,10 +45,16 @@ class NonFiniteError(RuntimeError):
 
 def algorithm_class(agent: str) -> type[Algorithm]:
     """The algorithm registered under ``agent``."""
+    from policycascade.agents.continuation_training import ContinuationTraining
     from policycascade.agents.ltc_training import LtcTraining
     from policycascade.agents.reinforce_training import ReinforceTraining
 
-    return {"reinforce": ReinforceTraining, "ltc": LtcTraining}[agent]
+    algorithms = {
+        "reinforce": ReinforceTraining,
+        "ltc": LtcTraining,
+        "continuation": ContinuationTraining,
+    }
+    return algorithms[agent]
 
 
 class RunHarness:

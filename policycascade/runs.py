@@ -31,18 +31,20 @@ METRICS_NAME = "metrics.json"
 
 
 def per_run_configs(config: TrainConfig) -> list[TrainConfig]:
-    """One config per run: a REINFORCE config per alpha, an LtC config as it is."""
-    if config.agent != "reinforce":
+    """One config per run: one per alpha for algorithms that have one, else the config."""
+    section = config.algorithm
+    if not hasattr(section, "alpha"):
         return [config]
     return [
-        dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, alpha=[a]))
-        for a in config.reinforce.alpha
+        dataclasses.replace(config, **{config.agent: dataclasses.replace(section, alpha=[a])})
+        for a in section.alpha
     ]
 
 
 def run_alpha(config: TrainConfig) -> float | None:
-    """The alpha of a one-run config (None for algorithms without one)."""
-    return config.reinforce.alpha[0] if config.agent == "reinforce" else None
+    """The alpha of a one-run config (None for algorithms without one, such as LtC)."""
+    alpha = getattr(config.algorithm, "alpha", None)
+    return None if alpha is None else alpha[0]
 
 
 def run_name(config: TrainConfig) -> str:
@@ -52,6 +54,10 @@ def run_name(config: TrainConfig) -> str:
         s = config.ltc
         detail = f"{s.form}__C{s.cost:g}__w{s.weight:g}__e{s.epsilon:g}"
         return f"{config.dataset}__ltc__{detail}__s{config.seed}__{stamp}"
+    if config.agent == "continuation":
+        c = config.continuation
+        detail = f"{c.feature_set}-{c.answer}__f{c.folds}__a{c.alpha[0]:g}"
+        return f"{config.dataset}__continuation__{detail}__s{config.seed}__{stamp}"
     r = config.reinforce
     agent = config.agent + ("-frozen" if r.freeze_classifiers else "")
     return f"{config.dataset}__{agent}__{r.baseline}__a{r.alpha[0]:g}__s{config.seed}__{stamp}"

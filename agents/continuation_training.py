@@ -1,0 +1,192 @@
+"""The continuation-value learner as a run-harness algorithm: classifiers, cross-fitting, rule.
+
+Three kinds of unit, one per harness epoch, each checkpointed:
+
+1. the classifiers, each trained alone with cross-entropy for ``classifier_epochs`` and
+   kept from its best validation epoch (the same procedure as the comparison's
+   reference, so the learned rule is the only difference);
+2. ``folds`` cross-fitting units: the same training on the other folds of the training
+   split, scoring the held-out fold, so that every training sample has outputs from
+   classifiers that never saw it (0 folds: the rule is fitted on the validation split);
+3. the stopping rule, fitted backwards from the last stage on those held-out outputs
+   (Longstaff & Schwartz 2001; :mod:`policycascade.agents.continuation`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from policycascade.agents.algorithm import Algorithm
+from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
+from policycascade.crossfit import fold_seed, stratified_folds, train_reference
+from policycascade.data import Split
+
+if TYPE_CHECKING:
+    from policycascade.harness import RunHarness
+
+
+class ContinuationTraining(Algorithm):
+    """Independent classifiers, cross-fitted outputs, then the continuation-value rule."""
+
+    name = "continuation"
+
+    def __init__(self, harness: RunHarness, train: bool = True):
+        super().__init__(harness, train)
+        if harness.alpha is None:
+            raise ValueError("the continuation-value learner needs an alpha")
+        self.settings = harness.config.continuation
+        self.cascade = harness.build_cascade()
+        self._initial_state = {k: v.clone() for k, v in self.cascade.state_dict().items()}
+        self.held_out_probs: torch.Tensor | None = None  # (train samples, K, C), NaN = not yet
+        self.fitted: ContinuationValueRule | None = None
+
+    @property
+    def num_epochs(self) -> int:
+        """Classifier training, one unit per fold, the rule."""
+        return 2 + self.settings.folds
+
+    @property
+    def classifier_epochs(self) -> int:
+        """Each classifier's cross-entropy budget."""
+        return self.settings.classifier_epochs
+
+    def _unfitted_rule(self) -> ContinuationValueRule:
+        s, h = self.settings, self.harness
+        return ContinuationValueRule(
+            self.cascade.num_stages,
+            h.data.num_classes,
+            self._cumulative_costs(),
+            h.alpha,
+            s.feature_set,
+            s.answer,
+            s.hidden,
+        )
+
+    def _cumulative_costs(self) -> torch.Tensor:
+        costs = self.cascade.costs().with_policy_macs(self._rule_macs())
+        return torch.tensor(costs.cumulative_macs, dtype=torch.float32) / costs.reference_macs
+
+    def _rule_macs(self) -> list[int]:
+        s, h = self.settings, self.harness
+        dummy = ContinuationValueRule(
+            self.cascade.num_stages,
+            h.data.num_classes,
+            torch.arange(1, self.cascade.num_stages + 1, dtype=torch.float32),
+            h.alpha,
+            s.feature_set,
+            s.answer,
+            s.hidden,
+        )
+        return dummy.policy_macs()
+
+    def policy_macs(self) -> list[int]:
+        """The rule's measured MACs per stage (its small per-stage models)."""
+        return self._rule_macs()
+
+    def rule(self) -> ContinuationValueRule | None:
+        """The fitted rule (None until its unit has run)."""
+        return self.fitted
+
+    def modules(self) -> list[tuple[str, nn.Module]]:
+        """The classifiers (trained outside the harness's optimiser steps)."""
+        return [(f"classifier stage {t}", c) for t, c in enumerate(self.cascade.classifiers)]
+
+    # -- units ---------------------------------------------------------------------------------
+
+    def _split(self, name: str, idx: torch.Tensor | None = None) -> Split:
+        h = self.harness
+        x, y = h.split_on_device(name)
+        if idx is not None:
+            idx = idx.to(h.device)
+            x, y = x[idx], y[idx]
+        return Split(h.inputs(x), y)
+
+    def _train(self, cascade: nn.Module, train: Split, seed: int) -> None:
+        c = self.harness.config
+        train_reference(
+            cascade,
+            train,
+            self._split("val"),
+            self.settings.classifier_epochs,
+            c.lr,
+            c.batch_size,
+            c.weight_decay,
+            seed,
+        )
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Unit ``epoch``: the classifiers, one cross-fitting fold, or the rule."""
+        h, s = self.harness, self.settings
+        if epoch == 0:
+            self._train(self.cascade, self._split("train"), h.config.seed)
+            return {"train/classifiers_trained": 1.0}
+        if epoch <= s.folds:
+            return self._cross_fit(epoch - 1)
+        return self._fit_rule()
+
+    def _cross_fit(self, fold: int) -> dict[str, float]:
+        """Train a copy of the cascade on the other folds and score the held-out one."""
+        h, s = self.harness, self.settings
+        _, y = h.split_on_device("train")
+        folds = stratified_folds(y.cpu(), s.folds, h.config.seed)
+        held_out = folds[fold]
+        rest = torch.cat([f for i, f in enumerate(folds) if i != fold])
+        cascade = h.build_cascade()
+        cascade.load_state_dict(self._initial_state)
+        seed = fold_seed(h.config.seed, fold, s.folds)
+        torch.manual_seed(seed)
+        self._train(cascade, self._split("train", rest), seed)
+        x, _ = h.split_on_device("train")
+        probs = h.eval_logits(cascade, x[held_out.to(h.device)]).softmax(-1).cpu()
+        if self.held_out_probs is None:
+            k, c = self.cascade.num_stages, h.data.num_classes
+            self.held_out_probs = torch.full((len(y), k, c), float("nan"))
+        self.held_out_probs[held_out] = probs
+        correct = (probs.argmax(-1) == y.cpu()[held_out].unsqueeze(1)).double().mean(0)
+        return {f"crossfit/fold_accuracy/stage{t}": float(a) for t, a in enumerate(correct)}
+
+    def _fit_rule(self) -> dict[str, float]:
+        """Fit the rule on the cross-fitted training outputs (or on validation with 0 folds)."""
+        h, s = self.harness, self.settings
+        if s.folds > 0:
+            probs, labels = self.held_out_probs, h.split_on_device("train")[1].cpu()
+        else:
+            val = h.outputs("val")
+            probs, labels = val.probs.cpu(), val.labels.cpu()
+        self.fitted = fit_continuation_rule(
+            probs,
+            labels,
+            self._cumulative_costs(),
+            h.alpha,
+            feature_set=s.feature_set,
+            answer=s.answer,
+            hidden=s.hidden,
+            weight_decay=s.weight_decay,
+            seed=h.config.seed,
+        ).to(h.device)
+        stop = (self.fitted.stop_scores(probs.to(h.device)) >= 0).double().mean(0)
+        return {f"policy/fit_stop_share/stage{t}": float(v) for t, v in enumerate(stop)}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Classifier weights, their initial weights, cross-fitted outputs so far, the rule."""
+        return {
+            "cascade": self.cascade.state_dict(),
+            "initial_cascade": self._initial_state,
+            "held_out_probs": self.held_out_probs,
+            "rule": None if self.fitted is None else self.fitted.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore every unit done so far."""
+        self.cascade.load_state_dict(state["cascade"])
+        self._initial_state = state["initial_cascade"]
+        self.held_out_probs = state["held_out_probs"]
+        rule = state["rule"]
+        self.fitted = None if rule is None else ContinuationValueRule.from_dict(rule)
+        if self.fitted is not None:
+            self.fitted.to(self.harness.device)
