@@ -219,20 +219,24 @@ def _fit_stage_model(
     val: torch.Tensor,
     weight_decay: float,
     max_rounds: int = 25,
-    patience: int = 2,
+    patience: int = 1,
+    min_improvement: float = 1e-4,
 ) -> None:
     """Fit by full-batch L-BFGS on the joint cross-entropy, early-stopped on ``val``.
 
     ``targets`` is (N, 2): the joint outcome class and the continuation's exit offset.
+    Each round is up to 20 L-BFGS iterations; fitting ends after ``patience`` rounds that
+    improve the held-out loss by less than ``min_improvement`` nats, keeping the best round.
     """
-    std = features[train].std(0)
-    model.mean.copy_(features[train].mean(0))
+    x_train, y_train, x_val, y_val = features[train], targets[train], features[val], targets[val]
+    std = x_train.std(0)
+    model.mean.copy_(x_train.mean(0))
     model.scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant -> 0
 
-    def loss(idx: torch.Tensor) -> torch.Tensor:
-        logits = model(features[idx])
-        return F.cross_entropy(logits[:, :OUTCOMES], targets[idx, 0]) + F.cross_entropy(
-            logits[:, OUTCOMES:], targets[idx, 1]
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        return F.cross_entropy(logits[:, :OUTCOMES], y[:, 0]) + F.cross_entropy(
+            logits[:, OUTCOMES:], y[:, 1]
         )
 
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
@@ -242,7 +246,7 @@ def _fit_stage_model(
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        total = loss(train) + weight_decay * sum(w.square().sum() for w in weights)
+        total = loss(x_train, y_train) + weight_decay * sum(w.square().sum() for w in weights)
         total.backward()
         return total
 
@@ -250,13 +254,12 @@ def _fit_stage_model(
     for _ in range(max_rounds):
         optimiser.step(closure)
         with torch.no_grad():
-            current = float(loss(val))
-        if current < best - 1e-6:
-            best, best_state, stale = current, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
+            current = float(loss(x_val, y_val))
+        stale = stale + 1 if current > best - min_improvement else 0
+        if current < best:
+            best, best_state = current, copy.deepcopy(model.state_dict())
+        if stale >= patience:
+            break
     model.load_state_dict(best_state)
 
 
