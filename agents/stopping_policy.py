@@ -80,14 +80,22 @@ class StoppingPolicy(nn.Module):
         Stage t's logit reads stage t's softmax only, so a prefix of the stages (early-exit
         inference) gives the same logits as the whole cascade's cached outputs.
         """
-        stages = min(probs.shape[1], self.num_stages - 1)
-        hidden = policy_features(probs[:, :stages], self.inputs).transpose(0, 1)  # (S', B, C)
-        layers = self._layers(slice(0, stages))
+        decisions = self.num_stages - 1
+        stages = min(probs.shape[1], decisions)
+        if stages < decisions:
+            # Every module runs, on a prefix too (padded with the last visited softmax, whose
+            # logits are dropped): one batched matmul of one shape, so a prefix's logits are
+            # bit for bit the whole cascade's. A single stage would take another matmul path,
+            # about 1e-8 off, enough to flip a decision at a logit of 0.
+            pad = probs[:, -1:].expand(-1, decisions - stages, -1)
+            probs = torch.cat([probs, pad], dim=1)
+        hidden = policy_features(probs[:, :decisions], self.inputs).transpose(0, 1)  # (K-1, B, C)
+        layers = self._layers(slice(0, decisions))
         for i, (weight, bias) in enumerate(layers):
             hidden = torch.baddbmm(bias, hidden, weight)
             if i < len(layers) - 1:
                 hidden = hidden.relu()
-        return hidden.squeeze(-1).transpose(0, 1)
+        return hidden.squeeze(-1).transpose(0, 1)[:, :stages]
 
     def stop_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """Probability of stopping at each stage (batch, K); the last column is 1."""

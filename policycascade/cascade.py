@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from policycascade.costs import StageCosts, count_macs
+from policycascade.costs import StageCosts, count_macs, eval_mode
 
 
 class Cascade(nn.Module):
@@ -94,29 +94,22 @@ class Cascade(nn.Module):
         ``transform`` (e.g. uint8 -> normalised float) is applied to each batch on the device.
         """
         transform = transform or (lambda batch: batch)
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
-        try:
+        with eval_mode(self):
             logits = torch.cat(
                 [
                     self(transform(x[i : i + batch_size].to(device)))
                     for i in range(0, len(x), batch_size)
                 ]
             )
-        finally:
-            self.train(was_training)
         return CascadeOutputs(probs=logits.float().softmax(-1), labels=y.to(device), costs=costs)
 
 
 def _check_logits(
     clf: nn.Module, sample: torch.Tensor, num_classes: int, name: str
 ) -> torch.Tensor:
-    was_training = clf.training
-    clf.eval()
-    with torch.no_grad():
+    with eval_mode(clf), torch.no_grad():
         out = clf(sample)
-    clf.train(was_training)
     if out.ndim != 2 or out.shape[-1] != num_classes:
         raise ValueError(
             f"classifier {name!r} must map a batch to (batch, {num_classes}) logits, "

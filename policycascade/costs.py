@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block; afterwards every submodule has its own flag back.
+
+    ``module.train(was_training)`` would not do: it sets one flag on the whole tree, so a
+    submodule kept in eval mode inside a training parent (a frozen classifier, say)
+    would come back in training mode.
+    """
+    training = [m for m in module.modules() if m.training]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 def count_macs(module: nn.Module, sample_input: torch.Tensor) -> int:
@@ -16,19 +35,14 @@ def count_macs(module: nn.Module, sample_input: torch.Tensor) -> int:
     torch's FLOP counter counts one multiply-add as 2 FLOPs (matmuls and
     convolutions only; normalisation, activations and pooling count 0), so MACs
     are its total divided by two. The module is run in eval mode without
-    gradients and its training flag is restored afterwards.
+    gradients and its modules' training flags are restored afterwards.
     """
     if sample_input.shape[0] != 1:
         raise ValueError(
             f"sample_input must hold one sample (batch size 1), got {tuple(sample_input.shape)}"
         )
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            module(sample_input)
-    finally:
-        module.train(was_training)
+    with eval_mode(module), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(sample_input)
     return int(counter.get_total_flops()) // 2
 
 

@@ -3,11 +3,13 @@ import torch
 from torch import nn
 
 from conftest import hand_outputs
-from policycascade.agents import StoppingModule, StoppingPolicy
-from policycascade.agents.stopping_policy import policy_features
+from policycascade.agents import LearnedRule, StoppingPolicy
+from policycascade.agents.rules import StoppingRule, stop_decisions
+from policycascade.agents.stopping_policy import ensemble_predictions, policy_features
+from policycascade.agents.thresholds import ThresholdRule
 from policycascade.cascade import Cascade
 from policycascade.costs import StageCosts, count_macs
-from policycascade.evaluation import ensemble_predictions, evaluate_exits, first_stop
+from policycascade.evaluation import evaluate_exits, evaluate_rule, first_stop
 from policycascade.models import build_cascade
 
 
@@ -74,13 +76,26 @@ def test_first_stop_and_ensemble():
     assert ensemble_predictions(probs, torch.tensor([[3.0, 1.0]]), torch.tensor([1])).item() == 0
 
 
+def separate_module(num_classes: int, hidden: int) -> nn.Sequential:
+    """One stage's stopping module written out: Linear-ReLU-Linear-ReLU-Linear -> stop logit."""
+    return nn.Sequential(
+        nn.Linear(num_classes, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 1),
+    )
+
+
 def test_stacked_stopping_policy_equals_separate_modules():
-    """The batched forward computes what K - 1 separate StoppingModules with the same weights do."""
+    """The batched forward computes what K - 1 separate MLPs with the same weights do."""
     torch.manual_seed(0)
     policy = StoppingPolicy(num_stages=4, num_classes=5, hidden=7)
+    rule = LearnedRule(policy)
     probs = torch.randn(9, 4, 5).softmax(-1)
+    decisions = stop_decisions(rule, probs)
     for t in range(3):
-        module = StoppingModule(5, 7)
+        module = separate_module(5, 7)
         with torch.no_grad():
             for linear, name in zip(
                 [module[0], module[2], module[4]], StoppingPolicy.LAYERS, strict=True
@@ -89,11 +104,13 @@ def test_stacked_stopping_policy_equals_separate_modules():
                 linear.bias.copy_(getattr(policy, f"{name}_bias")[t, 0])
         expected = module(policy_features(probs[:, t])).squeeze(-1)
         torch.testing.assert_close(policy(probs)[:, t], expected)
-        torch.testing.assert_close(policy.stage_logits(t, probs[:, t]), expected)
-        assert policy.stop_at_stage(t, probs[:, t]).tolist() == (expected >= 0).tolist()
-    assert policy.stop_at_stage(3, probs[:, 3]).all()
+        # stage t's logit from the history of the first t + 1 stages only
+        torch.testing.assert_close(policy(probs[:, : t + 1])[:, t], expected)
+        assert decisions[:, t].tolist() == (expected >= 0).tolist()
+    assert decisions[:, 3].all()  # the last stage always stops
+    assert policy(probs).shape == (9, 3) and policy(probs[:, :2]).shape == (9, 2)
     assert sum(p.numel() for p in policy.parameters()) == 3 * sum(
-        p.numel() for p in StoppingModule(5, 7).parameters()
+        p.numel() for p in separate_module(5, 7).parameters()
     )
 
 
@@ -110,3 +127,52 @@ def test_sorted_inputs_make_the_policy_blind_to_class_order():
     torch.testing.assert_close(sorted_policy(probs), plain(descending))
     with pytest.raises(ValueError, match="policy_inputs must be one of"):
         StoppingPolicy(num_stages=3, num_classes=5, inputs="probs")
+
+
+def test_outputs_and_count_macs_give_every_module_its_own_training_flag_back():
+    """A classifier kept in eval mode inside a training cascade stays in eval mode."""
+    cascade = Cascade([nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Linear(4, 3)], (4,), 3)
+    cascade.train()
+    cascade.classifiers[0].eval()
+    flags = [m.training for m in cascade.modules()]
+    cascade.outputs(torch.randn(5, 4), torch.zeros(5, dtype=torch.int64), StageCosts([1, 2]))
+    assert [m.training for m in cascade.modules()] == flags
+    count_macs(cascade, torch.randn(1, 4))
+    cascade.classifier_macs()
+    assert [m.training for m in cascade.modules()] == flags
+
+
+class ChargedRule:
+    """Max-softmax >= 0.5 that says it costs 7 MACs at every stage but the last."""
+
+    num_stages = 3
+
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        return history[:, :2].max(-1).values - 0.5
+
+    def policy_macs(self) -> list[int]:
+        return [7, 7, 0]
+
+
+def test_evaluate_rule_charges_the_rules_own_policy_macs():
+    # hand outputs carry no policy cost; sample 0 (stage-0 conf 0.6) exits at stage 0,
+    # sample 1 (0.5) too: both pay classifier 0 plus the rule's 7 MACs
+    out = hand_outputs()
+    rule = ChargedRule()
+    assert isinstance(rule, StoppingRule)
+    m = evaluate_rule(rule, out)
+    assert m["exit_distribution"] == [1.0, 0.0, 0.0]
+    assert m["mean_macs"] == 10 + 7
+    assert m["accuracy"] == 0.5 and m["macs_share"] == pytest.approx(17 / 100)
+    # outputs that already carry another rule's policy cost are re-priced with this rule's
+    charged_elsewhere = out.with_costs(out.costs.with_policy_macs([1000, 1000, 1000]))
+    assert evaluate_rule(rule, charged_elsewhere)["mean_macs"] == 17
+    # a rule that never stops early pays its module at stages 0 and 1, not at the last
+    never = ThresholdRule("max-softmax", [float("inf")] * 2)
+    assert evaluate_rule(never, out)["mean_macs"] == 140  # a threshold rule costs nothing
+    learned = LearnedRule(StoppingPolicy(3, 3, hidden=4))
+    with torch.no_grad():
+        learned.policy.layer3_bias.fill_(-1e3)  # never stop early
+    per_stage = learned.policy_macs()
+    assert per_stage[0] > 0 and per_stage[-1] == 0
+    assert evaluate_rule(learned, out)["mean_macs"] == 140 + per_stage[0] + per_stage[1]

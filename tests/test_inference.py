@@ -1,6 +1,7 @@
 """Early-exit inference equals the stopping MDP, runs later stages only on unstopped samples,
 and survives export to a bundle loaded without the training code."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -10,29 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from policycascade.agents.rules import stop_decisions
-from policycascade.agents.stopping_policy import StoppingPolicy
+from policycascade.agents import LearnedRule, StoppingPolicy
+from policycascade.agents.rules import exit_stages, stop_decisions
+from policycascade.agents.stopping_policy import ensemble_predictions
+from policycascade.agents.thresholds import ThresholdRule
 from policycascade.envs import STOP, CascadeStoppingEnv
-from policycascade.evaluation import first_stop
+from policycascade.evaluation import evaluate_rule, first_stop
 from policycascade.inference import early_exit_predict, export_bundle, load_bundle
 from policycascade.models import build_cascade
 
 N = 96  # even, so that median thresholds fall between two samples' confidences
-
-
-class MaxSoftmaxThresholds:
-    """Stop at stage t when the top softmax probability reaches tau[t]."""
-
-    def __init__(self, tau: list[float]):
-        self.tau, self.num_stages = tau, len(tau) + 1
-
-    def stop_at_stage(self, stage: int, probs: torch.Tensor) -> torch.Tensor:
-        if stage >= len(self.tau):
-            return torch.ones(len(probs), dtype=torch.bool)
-        return probs.max(-1).values >= self.tau[stage]
-
-    def policy_macs(self) -> list[int]:
-        return [0] * self.num_stages
 
 
 def digits_setup():
@@ -43,17 +31,19 @@ def digits_setup():
     return cascade, x, y
 
 
-def make_rule(kind: str, cascade, x, y):
+def make_rule(kind: str, cascade, x, y, ensemble: bool = False):
     """A deterministic rule whose stops are spread over the stages on these inputs."""
     probs = cascade.outputs(x, y, cascade.costs()).probs  # (sample, stage, class)
     if kind == "threshold":
-        return MaxSoftmaxThresholds([float(probs[:, t].max(-1).values.median()) for t in range(3)])
+        medians = [float(probs[:, t].max(-1).values.median()) for t in range(3)]
+        return ThresholdRule("max-softmax", medians)
     policy = StoppingPolicy(cascade.num_stages, cascade.num_classes, hidden=16)
     with torch.no_grad():  # centre each random module so that about half the samples stop
+        logits = policy(probs)
         for t in range(cascade.num_stages - 1):
-            logits = policy.stage_logits(t, probs[:, t])
-            policy.layer3_bias[t] -= logits.sort().values[N // 2 - 1 : N // 2 + 1].mean()
-    return policy.eval()
+            middle = logits[:, t].sort().values[N // 2 - 1 : N // 2 + 1].mean()
+            policy.layer3_bias[t] -= middle
+    return LearnedRule(policy, ensemble).eval()
 
 
 @pytest.fixture(params=["policy", "threshold"])
@@ -71,11 +61,14 @@ def test_early_exit_matches_env_stepped_sample_by_sample(setup):
     c = cascade.num_classes
     for i in range(N):
         obs, info = env.reset(options={"sample_index": i})
+        seen = []  # the softmaxes of the visited stages, as the env showed them
         terminated = False
         while not terminated:
-            probs = torch.from_numpy(obs[:c]).unsqueeze(0)
-            action = STOP if bool(rule.stop_at_stage(info["stage"], probs)) else 1 - STOP
-            obs, _, terminated, _, info = env.step(action)
+            seen.append(torch.from_numpy(obs[:c]))
+            history = torch.stack(seen).unsqueeze(0)  # (1, t + 1, C)
+            last = info["stage"] == cascade.num_stages - 1
+            stop = last or bool(rule.stop_scores(history)[0, info["stage"]] >= 0)
+            obs, _, terminated, _, info = env.step(STOP if stop else 1 - STOP)
         assert int(result.exit_stage[i]) == info["exit_stage"], i
         assert int(result.predictions[i]) == info["prediction"], i
         assert int(result.macs[i]) == info["macs"], i
@@ -121,7 +114,7 @@ def test_later_stages_run_only_on_samples_that_have_not_stopped(setup):
 
 def test_early_exit_skips_stages_nobody_reaches():
     cascade, x, _ = digits_setup()
-    rule = MaxSoftmaxThresholds([0.0, 0.0, 0.0])  # everyone stops at stage 0
+    rule = ThresholdRule("max-softmax", [0.0, 0.0, 0.0])  # everyone stops at stage 0
     logs = [[] for _ in range(cascade.num_stages)]
     cascade.classifiers = nn.ModuleList(
         BatchSizeRecorder(clf, log) for clf, log in zip(cascade.classifiers, logs, strict=True)
@@ -143,7 +136,8 @@ LOAD_IN_FRESH_PROCESS = textwrap.dedent(
 
     predictor = load_bundle("bundle.pt")
     torch.save(predictor.predict(torch.load("x.pt")).__dict__, "out.pt")
-    assert "policycascade.trainer" not in sys.modules, "the training code was imported"
+    training = {"policycascade.harness", "policycascade.agents.reinforce_training"}
+    assert not training & set(sys.modules), "the training code was imported"
     print(predictor.meta["kind"], predictor.rule_name, predictor.stage_names[-1])
     """
 )
@@ -163,7 +157,7 @@ def test_exported_policy_predicts_identically_in_a_fresh_process(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["policy", "StoppingPolicy", "cnn"]
+    assert done.stdout.split() == ["policy", "LearnedRule", "cnn"]
     expected = early_exit_predict(cascade, policy, x)
     got = torch.load(tmp_path / "out.pt")
     for key in ("predictions", "exit_stage", "macs"):
@@ -182,6 +176,26 @@ def test_exported_threshold_rule_predicts_identically_also_one_sample_at_a_time(
     # A batch of one is not specialised away by the export's dynamic batch dimension.
     one_by_one = torch.cat([loaded.predict(x[i : i + 1]).exit_stage for i in range(8)])
     assert torch.equal(one_by_one, expected.exit_stage[:8])
+
+
+def test_ensemble_answers_are_used_live_and_the_bundle_answers_with_the_arg_max(tmp_path):
+    cascade, x, y = digits_setup()
+    rule = make_rule("policy", cascade, x, y, ensemble=True)
+    outputs = cascade.outputs(x, y, cascade.costs(rule.policy_macs()))
+    exit_stage = exit_stages(rule, outputs.probs)
+    stop_probs = rule.policy.stop_probs(outputs.probs)
+    ensemble = ensemble_predictions(outputs.probs, stop_probs, exit_stage)
+    arg_max = outputs.probs[torch.arange(N), exit_stage].argmax(-1)
+    assert not torch.equal(ensemble, arg_max)  # the two answers differ on these inputs
+    live = early_exit_predict(cascade, rule, x)
+    assert torch.equal(live.exit_stage, exit_stage)
+    assert torch.equal(live.predictions, ensemble)
+    accuracy = float((live.predictions == y).double().mean())
+    assert accuracy == evaluate_rule(rule, outputs)["accuracy"]
+    export_bundle(tmp_path / "bundle.pt", cascade, rule)
+    exported = load_bundle(tmp_path / "bundle.pt").predict(x)
+    assert torch.equal(exported.exit_stage, exit_stage)
+    assert torch.equal(exported.predictions, arg_max)
 
 
 def test_export_bundle_rejects_meta_that_is_not_plain_data(tmp_path):
@@ -214,9 +228,49 @@ def test_bench_quick_json_smoke(capsys):
         "resnet56",
         "resnet110",
     ]
-    assert report["vector_env"]["ratio"] > 0
-    assert report["training_step"]["digits"]["ratio"] > 0
+    # no timed assertions: the derived numbers must agree with what was measured
+    for row in report["early_exit"]["digits"]["rows"] + report["early_exit"]["resnet"]["rows"]:
+        assert sum(row["exit_share"]) == pytest.approx(1.0)
+        assert row["speedup"] == pytest.approx(
+            row["reference_s_per_sample"] / row["early_exit_s_per_sample"]
+        )
+    digits = report["early_exit"]["digits"]
+    cumulative = list(itertools.accumulate(digits["classifier_macs"]))  # thresholds cost 0
+    for row in digits["rows"]:
+        mean_macs = sum(s * m for s, m in zip(row["exit_share"], cumulative, strict=True))
+        assert row["macs_speedup"] == pytest.approx(max(digits["classifier_macs"]) / mean_macs)
+    vector = report["vector_env"]
+    assert vector["num_envs"] == report["plan"]["num_envs"]
+    assert vector["ratio"] == pytest.approx(
+        vector["vector_env_steps_per_s"] / vector["sync_vector_env_steps_per_s"]
+    )
+    step = report["training_step"]["digits"]
+    assert (step["cascade"], step["batch_size"], step["device"]) == ("digits", 64, "cpu")
+    assert step["ratio"] == pytest.approx(step["reinforce_step_s"] / step["cross_entropy_step_s"])
+    assert step["reinforce_samples_per_s"] == pytest.approx(64 / step["reinforce_step_s"])
     assert "skipped" in report["train_job"]
+
+
+def test_bench_early_exit_agrees_with_the_cached_evaluation():
+    """The benchmark's exits and MACs are those of its rule on cached outputs of its inputs."""
+    from policycascade.bench import bench_early_exit, digits_cascade
+
+    cascade = digits_cascade()
+    torch.manual_seed(1)
+    x = torch.randn(64, *cascade.input_shape)  # the benchmark's inputs: its first draw
+    torch.manual_seed(1)
+    report = bench_early_exit(cascade, 64, {16: 48, 48: 48}, reps=1)
+    rule = ThresholdRule("max-softmax", report["thresholds"])
+    labels = torch.zeros(48, dtype=torch.int64)
+    outputs = cascade.outputs(x[:48], labels, cascade.costs(rule.policy_macs()))
+    cached = evaluate_rule(rule, outputs)
+    assert sum(share > 0 for share in cached["exit_distribution"]) >= 3  # exits spread out
+    assert [row["batch_size"] for row in report["rows"]] == [16, 48]
+    for row in report["rows"]:
+        assert row["samples"] == 48
+        assert row["exit_share"] == pytest.approx(cached["exit_distribution"])
+        speedup = outputs.costs.reference_macs / cached["mean_macs"]
+        assert row["macs_speedup"] == pytest.approx(speedup)
 
 
 def test_bench_epoch_times_the_trainer_and_a_dataloader_on_fake_cifar(capsys):

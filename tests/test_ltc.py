@@ -2,28 +2,25 @@
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policycascade.agents.ltc import (
-    WEIGHT_DECAY,
-    LtcThresholdRule,
-    MultiExitNet,
-    cascade_loss,
-    fit_ltc_thresholds,
-    ltc_loss,
-    multi_exit_ltc_loss,
-    train_ltc_cascade,
-    train_ltc_multi_exit,
-)
+from policycascade.agents.ltc import MultiExitNet, cascade_loss, ltc_loss, multi_exit_ltc_loss
+from policycascade.agents.ltc_training import LtcTraining
 from policycascade.agents.rules import StoppingRule, stop_decisions
+from policycascade.agents.thresholds import ThresholdRule
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.config import LtcConfig, TrainConfig
 from policycascade.costs import StageCosts, count_macs
 from policycascade.data import Split
-from policycascade.evaluation import evaluate_exits, first_stop
+from policycascade.data.splits import DataSplits
+from policycascade.evaluation import evaluate_exits, evaluate_rule, first_stop
+from policycascade.harness import RunHarness
+from policycascade.optimizers import build_optimizer
 from policycascade.supervised import batches
 
 torch.set_num_threads(1)
@@ -99,18 +96,70 @@ def val_outputs(n: int, k: int, macs: list[int], seed: int = 0) -> CascadeOutput
     return CascadeOutputs(logits.softmax(-1), labels, StageCosts(macs))
 
 
-def metrics_of(rule: LtcThresholdRule, outputs: CascadeOutputs) -> dict:
+def max_softmax(thresholds: list[float]) -> ThresholdRule:
+    return ThresholdRule("max-softmax", thresholds)
+
+
+def metrics_of(rule: StoppingRule, outputs: CascadeOutputs) -> dict:
     return evaluate_exits(outputs, first_stop(stop_decisions(rule, outputs.probs)))
 
 
-def test_threshold_rule_is_a_stopping_rule():
-    rule = LtcThresholdRule([0.7, float("inf")])
+def ltc_rule(outputs: CascadeOutputs, epsilon: float) -> ThresholdRule:
+    """LtcTraining's own threshold fit, with ``outputs`` as its validation split."""
+    ltc = LtcTraining.__new__(LtcTraining)  # the fit needs no cascade, only val outputs
+    ltc.harness = SimpleNamespace(outputs=lambda split: outputs)
+    ltc.settings, ltc.thresholds = LtcConfig(epsilon=epsilon), None
+    ltc._fit_thresholds()
+    return ltc.rule()
+
+
+def test_ltc_rule_is_a_max_softmax_threshold_rule():
+    rule = max_softmax([0.75, float("inf")])
     assert isinstance(rule, StoppingRule)
     assert rule.num_stages == 3 and rule.policy_macs() == [0, 0, 0]
-    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
-    assert rule.stop_at_stage(0, probs).tolist() == [True, False]  # conf == delta stops
-    assert rule.stop_at_stage(1, probs).tolist() == [False, False]  # +inf never stops
-    assert rule.stop_at_stage(2, probs).tolist() == [True, True]  # the last stage always does
+    probs = torch.tensor([[[0.75, 0.25]] * 3, [[0.625, 0.375]] * 3])
+    # conf == threshold stops (0.75 is exact in float32 and float64); +inf never stops;
+    # the last stage always does
+    assert stop_decisions(rule, probs).tolist() == [[True, False, True], [False, False, True]]
+
+
+def hand_two_stage() -> CascadeOutputs:
+    """K=2, MACs 10/100. Stage 0's confidences 0.9, 0.8, 0.7, 0.6; it is wrong on the 0.8 one.
+
+    Stage 1 is right on all four. Threshold 0.9 stops only sample 0: accuracy 1, mean MACs
+    (10 + 3 * 110) / 4 = 85. Any threshold in (0.6, 0.8] lets sample 1 out wrong (0.75);
+    0.6 stops everyone at stage 0: accuracy 0.75 at 10 MACs.
+    """
+    probs = torch.tensor(
+        [
+            [[0.9, 0.1], [0.95, 0.05]],
+            [[0.2, 0.8], [0.95, 0.05]],
+            [[0.7, 0.3], [0.95, 0.05]],
+            [[0.6, 0.4], [0.95, 0.05]],
+        ]
+    )
+    return CascadeOutputs(probs, torch.zeros(4, dtype=torch.int64), StageCosts([10, 100]))
+
+
+@pytest.mark.parametrize(
+    "epsilon, threshold, accuracy, mean_macs",
+    [(0.0, 0.9, 1.0, 85.0), (0.1, 0.9, 1.0, 85.0), (0.25, 0.6, 0.75, 10.0)],
+)
+def test_ltc_thresholds_on_a_hand_built_two_stage_cascade(epsilon, threshold, accuracy, mean_macs):
+    outputs = hand_two_stage()
+    rule = ltc_rule(outputs, epsilon)
+    assert rule.criterion == "max-softmax" and rule.thresholds == pytest.approx([threshold])
+    m = evaluate_rule(rule, outputs)
+    assert (m["accuracy"], m["mean_macs"]) == (accuracy, mean_macs)
+    # exhaustive: no threshold at all (every confidence, +-inf, and between them) is
+    # feasible and cheaper
+    candidates = [float("-inf"), 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, float("inf")]
+    feasible = [
+        evaluate_rule(max_softmax([d]), outputs)
+        for d in candidates
+        if evaluate_rule(max_softmax([d]), outputs)["accuracy"] >= (1 - epsilon) * 1.0
+    ]
+    assert m["mean_macs"] == min(f["mean_macs"] for f in feasible)
 
 
 EPSILONS = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
@@ -118,14 +167,13 @@ EPSILONS = [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 
 def test_two_stage_thresholds_are_the_exact_cheapest_feasible_and_monotone_in_epsilon():
     outputs = val_outputs(200, 2, [10, 100])
-    last_accuracy = metrics_of(LtcThresholdRule([float("inf")]), outputs)["accuracy"]
+    last_accuracy = metrics_of(max_softmax([float("inf")]), outputs)["accuracy"]
     candidates = outputs.probs[:, 0].max(-1).values.unique().tolist() + [float("inf")]
-    brute = [metrics_of(LtcThresholdRule([d]), outputs) for d in candidates]
+    brute = [metrics_of(max_softmax([d]), outputs) for d in candidates]
     mean_macs = []
     for epsilon in EPSILONS:
-        m = metrics_of(
-            fit_ltc_thresholds(outputs.probs, outputs.labels, epsilon, outputs.costs), outputs
-        )
+        m = metrics_of(ltc_rule(outputs, epsilon), outputs)
+        # LtC's constraint is relative: (1 - epsilon) x the last classifier's accuracy
         required = (1 - epsilon) * last_accuracy - 1e-12
         assert m["accuracy"] >= required
         assert m["mean_macs"] == min(b["mean_macs"] for b in brute if b["accuracy"] >= required)
@@ -137,9 +185,9 @@ def test_two_stage_thresholds_are_the_exact_cheapest_feasible_and_monotone_in_ep
 
 def test_three_stage_thresholds_are_feasible_and_no_single_threshold_can_do_cheaper():
     outputs = val_outputs(150, 3, [10, 40, 100], seed=1)
-    last_alone = metrics_of(LtcThresholdRule([float("inf")] * 2), outputs)
+    last_alone = metrics_of(max_softmax([float("inf")] * 2), outputs)
     for epsilon in (0.0, 0.05):
-        rule = fit_ltc_thresholds(outputs.probs, outputs.labels, epsilon, outputs.costs)
+        rule = ltc_rule(outputs, epsilon)
         fitted = metrics_of(rule, outputs)
         required = (1 - epsilon) * last_alone["accuracy"] - 1e-12
         assert fitted["accuracy"] >= required
@@ -148,13 +196,13 @@ def test_three_stage_thresholds_are_feasible_and_no_single_threshold_can_do_chea
             for delta in outputs.probs[:, t].max(-1).values.unique().tolist() + [float("inf")]:
                 thresholds = list(rule.thresholds)
                 thresholds[t] = delta
-                m = metrics_of(LtcThresholdRule(thresholds), outputs)
+                m = metrics_of(max_softmax(thresholds), outputs)
                 assert m["accuracy"] < required or m["mean_macs"] >= fitted["mean_macs"]
     with pytest.raises(ValueError, match="epsilon"):
-        fit_ltc_thresholds(outputs.probs, outputs.labels, 1.0, outputs.costs)
+        LtcConfig(epsilon=1.0).validate()
 
 
-# --- training ------------------------------------------------------------------------------
+# --- training through the run harness ------------------------------------------------------
 
 EPOCHS, LR, BATCH, SEED = 3, 1e-2, 16, 7
 
@@ -162,19 +210,6 @@ EPOCHS, LR, BATCH, SEED = 3, 1e-2, 16, 7
 def tiny_split(n: int, shape: tuple[int, ...], classes: int = 3) -> Split:
     g = torch.Generator().manual_seed(3)
     return Split(torch.randn(n, *shape, generator=g), torch.randint(classes, (n,), generator=g))
-
-
-def fit_reference(model: nn.Module, split: Split, seed: int, loss) -> nn.Module:
-    """Adam on ``loss(logits, idx)`` with batches drawn from ``seed``: the documented schedule."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    model.train()
-    for _ in range(EPOCHS):
-        for idx in batches(len(split), BATCH, g):
-            opt.zero_grad()
-            loss(model(split.x[idx]), idx).backward()
-            opt.step()
-    return model.eval()
 
 
 def tiny_cascade() -> Cascade:
@@ -190,13 +225,43 @@ def tiny_cascade() -> Cascade:
     )
 
 
-def test_sequential_training_follows_eq5_from_the_most_expensive_down():
+def ltc_harness(tmp_path, split: Split, num_classes: int, **ltc) -> RunHarness:
+    """An LtC run on ``split`` (train, val and test alike) on the CPU."""
+    config = TrainConfig(
+        agent="ltc",
+        lr=LR,
+        batch_size=BATCH,
+        seed=SEED,
+        device="cpu",
+        ltc=LtcConfig(epochs=EPOCHS, **ltc),
+    )
+    data = DataSplits("tiny", split, split, split, num_classes)
+    return RunHarness(config, tmp_path, show_progress=False, data=data)
+
+
+def fit_reference(model: nn.Module, split: Split, seed: int, loss) -> nn.Module:
+    """The documented schedule: the run's optimiser, ``EPOCHS`` epochs of batches from ``seed``."""
+    defaults = TrainConfig()
+    g = torch.Generator().manual_seed(seed)
+    opt = build_optimizer(defaults.optimizer, model.parameters(), LR, defaults.weight_decay)
+    model.train()
+    for _ in range(EPOCHS):
+        for idx in batches(len(split), BATCH, g):
+            opt.zero_grad()
+            loss(model(split.x[idx]), idx).backward()
+            opt.step()
+    return model.eval()
+
+
+def test_sequential_training_follows_eq5_from_the_most_expensive_down(tmp_path, monkeypatch):
     split = tiny_split(48, (4,))
     x, y = split.x, split.y
     initial = tiny_cascade()
-    trained = train_ltc_cascade(
-        copy.deepcopy(initial), split, 0.5, 2.0, EPOCHS, LR, BATCH, seed=SEED
-    )
+    monkeypatch.setattr(RunHarness, "build_cascade", lambda self: copy.deepcopy(initial))
+    harness = ltc_harness(tmp_path, split, 3, cost=0.5, weight=2.0)
+    metrics = harness.run()
+    trained = harness.cascade
+    assert harness.epoch == 3 * EPOCHS  # one part per model
 
     def plain_ce(logits, idx):
         return F.cross_entropy(logits, y[idx])
@@ -207,7 +272,7 @@ def test_sequential_training_follows_eq5_from_the_most_expensive_down():
     # Each cheaper model: CE + w L_casc against the already-trained next model's correctness.
     for m in (1, 0):
         with torch.no_grad():
-            next_correct = trained.classifiers[m + 1](x).argmax(-1) == y
+            next_correct = trained.classifiers[m + 1].eval()(x).argmax(-1) == y
 
         def ltc(logits, idx, next_correct=next_correct):
             return ltc_loss(logits, y[idx], next_correct[idx], 0.5, 2.0)
@@ -220,7 +285,10 @@ def test_sequential_training_follows_eq5_from_the_most_expensive_down():
             for a, b in zip(trained.classifiers[m].parameters(), ce_only.parameters(), strict=True)
         ]
         assert max(differences) > 1e-4  # the L_casc term changed the cheaper models
-    assert not trained.training
+    # every classifier is left in eval mode (batch norm on its running statistics)
+    assert not any(m.training for c in trained.classifiers for m in c.modules())
+    # the run ends with LtC's own thresholds, fitted on validation (here the same split)
+    assert metrics["thresholds"] == ltc_rule(harness.outputs("val"), 0.0).thresholds
 
 
 def test_multi_exit_net_exits_and_incremental_macs():
@@ -250,17 +318,21 @@ def test_multi_exit_net_exits_and_incremental_macs():
     assert cascade.outputs(x, torch.zeros(5, dtype=torch.int64), costs).probs.shape == (5, 3, 10)
 
 
-def test_multi_exit_training_updates_every_exit_and_feeds_the_threshold_fit():
+def test_multi_exit_training_updates_every_exit_and_feeds_the_threshold_fit(tmp_path):
     split = tiny_split(32, (1, 8, 8), classes=10)
-    torch.manual_seed(0)
-    net = MultiExitNet(num_classes=10)
+    harness = ltc_harness(tmp_path, split, 10, form="multi-exit")
+    ltc = harness.algorithm
+    net = ltc.net
+    assert isinstance(net, MultiExitNet) and ltc.num_epochs == EPOCHS  # one part: the whole net
     before = copy.deepcopy(net.state_dict())
-    trained = train_ltc_multi_exit(net, split, 0.5, 1.0, epochs=2, lr=LR, batch_size=BATCH, seed=0)
-    assert trained is net and not net.training
+    metrics = harness.run()
+    assert not net.training
     for name, value in net.named_parameters():
         assert not torch.equal(value, before[name]), name
-    cascade = net.as_cascade()
-    outputs = cascade.outputs(split.x, split.y, cascade.costs())
-    rule = fit_ltc_thresholds(outputs.probs, outputs.labels, 0.0, outputs.costs)
-    metrics = metrics_of(rule, outputs)
-    assert metrics["accuracy"] >= metrics["stage_accuracy"][-1] - 1e-12
+    # stages cost their increments: the run's cost table is the net's
+    assert harness.costs.classifier_macs == net.incremental_macs()
+    outputs = harness.outputs("val")
+    rule = ltc.rule()
+    assert metrics["thresholds"] == rule.thresholds
+    fitted = evaluate_rule(rule, outputs)
+    assert fitted["accuracy"] >= fitted["stage_accuracy"][-1] - 1e-12

@@ -86,7 +86,7 @@ def _estimates(agent, logits, labels, chunks=150, copies=40, seed=1):
     return torch.stack(out)
 
 
-def _make_agent(baseline, rollouts=1, train=True, estimator="sample", loss="zero-one"):
+def _make_agent(baseline, rollouts=1, train=True, loss="zero-one"):
     torch.manual_seed(0)
     agent = ReinforceAgent(
         K,
@@ -97,7 +97,6 @@ def _make_agent(baseline, rollouts=1, train=True, estimator="sample", loss="zero
         rollouts=rollouts,
         policy_hidden=8,
         train_classifiers=train,
-        label_estimator=estimator,
     )
     return agent
 
@@ -116,23 +115,22 @@ def _warm_up(agent, logits, labels):
 
 
 CASES = [
-    ("none", 1, False, "sample", "zero-one"),
-    ("moving-average", 1, False, "sample", "zero-one"),
-    ("optimal-constant", 1, False, "sample", "zero-one"),
-    ("value", 1, False, "sample", "zero-one"),
-    ("leave-one-out", 4, False, "sample", "zero-one"),
-    ("none", 1, True, "sample", "zero-one"),
-    ("optimal-constant", 1, True, "sample", "zero-one"),
-    ("leave-one-out", 3, True, "sample", "zero-one"),
-    ("optimal-constant", 1, True, "expected", "zero-one"),
-    ("optimal-constant", 1, True, "sample", "cross-entropy"),
+    ("none", 1, False, "zero-one"),
+    ("moving-average", 1, False, "zero-one"),
+    ("optimal-constant", 1, False, "zero-one"),
+    ("value", 1, False, "zero-one"),
+    ("leave-one-out", 4, False, "zero-one"),
+    ("none", 1, True, "zero-one"),
+    ("optimal-constant", 1, True, "zero-one"),
+    ("leave-one-out", 3, True, "zero-one"),
+    ("optimal-constant", 1, True, "cross-entropy"),
 ]
 
 
-@pytest.mark.parametrize("baseline, rollouts, train, estimator, loss", CASES)
-def test_estimator_is_unbiased(baseline, rollouts, train, estimator, loss):
+@pytest.mark.parametrize("baseline, rollouts, train, loss", CASES)
+def test_estimator_is_unbiased(baseline, rollouts, train, loss):
     logits, labels = _setup()
-    agent = _make_agent(baseline, rollouts, train, estimator, loss)
+    agent = _make_agent(baseline, rollouts, train, loss)
     _warm_up(agent, logits, labels)
     exact = _exact_gradient(agent, logits, labels)
     estimates = _estimates(agent, logits, labels)
@@ -180,7 +178,7 @@ def test_leave_one_out_needs_two_rollouts():
 def test_exact_policy_gradient_is_the_enumerated_gradient(train, loss, rollouts):
     """``policy_gradient="exact"`` differentiates the K-exit expectation, with no sampling noise."""
     logits, labels = _setup()
-    agent = _make_agent("optimal-constant", rollouts, train, "sample", loss)
+    agent = _make_agent("optimal-constant", rollouts, train, loss)
     agent.policy_gradient = "exact"
     params = list(agent.policy.parameters())
     lg = logits.clone().requires_grad_(True)
@@ -197,43 +195,5 @@ def test_exact_policy_gradient_is_the_enumerated_gradient(train, loss, rollouts)
 def test_unknown_policy_gradient_is_rejected():
     with pytest.raises(ValueError, match="policy_gradient must be one of"):
         ReinforceAgent(K, C, ALPHA, policy_gradient="pathwise")
-
-
-def test_backward_induction_loss_by_hand():
-    from policycascade.agents.reinforce import backward_induction_loss
-
-    # one sample, K = 3: stopping returns -0.5, -0.2, -0.4; stop probabilities 0.5, 0.25
-    stage_return = torch.tensor([[-0.5, -0.2, -0.4]])
-    stop_logits = torch.logit(torch.tensor([[0.5, 0.25]])).requires_grad_(True)
-    loss = backward_induction_loss(stop_logits, stage_return)
-    # stage 1: A = -0.2 - (-0.4) = 0.2 > 0 -> label 1; V_1 = 0.25 * -0.2 + 0.75 * -0.4 = -0.35
-    # stage 0: A = -0.5 - (-0.35) = -0.15 < 0 -> label 0
-    expected = 0.2 * -torch.tensor(0.25).log() + 0.15 * -torch.tensor(0.5).log()
-    torch.testing.assert_close(loss, expected)
-    (grad,) = torch.autograd.grad(loss, stop_logits)
-    torch.testing.assert_close(grad, torch.tensor([[0.15 * 0.5, 0.2 * (0.25 - 1)]]))
-
-
-def test_backward_induction_finds_the_best_stopping_rule():
-    """Free per-sample stop logits trained by the loss reach the optimal deterministic policy."""
-    from policycascade.agents.reinforce import backward_induction_loss
-
-    g = torch.Generator().manual_seed(0)
-    stage_return = -torch.rand(64, 4, generator=g)
-    logits = torch.full((64, 3), -8.0, requires_grad=True)  # start saturated at "never stop"
-    opt = torch.optim.Adam([logits], lr=0.1)
-    for _ in range(1500):
-        opt.zero_grad()
-        backward_induction_loss(logits, stage_return).backward()
-        opt.step()
-    exits = sample_exits(logits.detach() * 1e6)  # the deterministic policy
-    achieved = stage_return.gather(1, exits.unsqueeze(1)).squeeze(1)
-    # the best of the 2^(K-1) stop/continue rules for each sample exits at its best stage
-    torch.testing.assert_close(achieved, stage_return.max(1).values)
-    # From that saturated start the expected return's own gradient is ~p (1 - p) = 3e-4 as large.
-    start = torch.full((64, 3), -8.0, requires_grad=True)
-    (g_induction,) = torch.autograd.grad(backward_induction_loss(start, stage_return), start)
-    stop = torch.cat([torch.sigmoid(start), torch.ones(64, 1)], 1)
-    expected = -(exit_probabilities(stop) * stage_return).sum(1).mean()
-    (g_expected,) = torch.autograd.grad(expected, start)
-    assert g_induction.norm() > 1000 * g_expected.norm() > 0
+    with pytest.raises(ValueError, match="policy_gradient must be one of"):
+        ReinforceAgent(K, C, ALPHA, policy_gradient="backward-induction")  # removed

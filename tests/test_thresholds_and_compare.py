@@ -1,14 +1,18 @@
 import csv
 import json
+import signal
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import policycascade.harness
 from conftest import random_outputs
+from policycascade.agents import LearnedRule, StoppingPolicy
 from policycascade.agents.rules import stop_decisions
 from policycascade.agents.thresholds import (
     CRITERIA,
+    ScoreSearch,
     ThresholdRule,
     ThresholdSearch,
     apply_temperature,
@@ -16,9 +20,11 @@ from policycascade.agents.thresholds import (
     fit_temperature,
     oracle_exits,
 )
-from policycascade.compare import compare_outputs, macs_at_accuracy
+from policycascade.checkpoint import CHECKPOINT_NAME
+from policycascade.compare import CompareOptions, compare_outputs
 from policycascade.compare import main as compare_main
-from policycascade.evaluation import evaluate_exits, first_stop
+from policycascade.evaluation import evaluate_rule, first_stop
+from policycascade.protocol import macs_at_accuracy
 from policycascade.train import main as train_main
 
 
@@ -53,7 +59,7 @@ def _search(criterion="max-softmax", seed=0, temperature=False):
 def test_accuracy_drop_is_met_on_the_validation_data_it_was_fitted_on(criterion, epsilon):
     out, search = _search(criterion)
     rule = search.for_accuracy_drop(epsilon)
-    metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+    metrics = evaluate_rule(rule, out)
     last = metrics["stage_accuracy"][-1]
     assert metrics["accuracy"] >= last - epsilon - 1e-12
     assert metrics["mean_macs"] <= out.costs.cumulative_macs[-1]
@@ -65,7 +71,7 @@ def test_budget_is_met_and_more_budget_never_hurts(criterion):
     previous = -1.0
     for share in (0.05, 0.2, 0.5, 1.0):
         rule = search.for_budget(share * out.costs.reference_macs)
-        metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+        metrics = evaluate_rule(rule, out)
         assert metrics["mean_macs"] <= share * out.costs.reference_macs + 1e-9
         assert metrics["accuracy"] >= previous - 1e-12
         previous = metrics["accuracy"]
@@ -73,98 +79,234 @@ def test_budget_is_met_and_more_budget_never_hurts(criterion):
 
 def test_unreachable_targets_give_the_nearest_rule_not_the_opposite_extreme():
     out, search = _search()
-    best_accuracy = max(
-        evaluate_exits(out, first_stop(stop_decisions(r, out.probs)))["accuracy"]
-        for r in search.sweep(40)
-    )
+    best_accuracy = max(evaluate_rule(r, out)["accuracy"] for r in search.sweep(40))
     # an accuracy no thresholds reach (a policy trained on this split can report one)
-    rule = search.for_accuracy_drop(0.0, reference_accuracy=1.01)
-    metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+    rule = search.for_accuracy(1.01)
+    metrics = evaluate_rule(rule, out)
     assert metrics["accuracy"] >= best_accuracy - 1e-12
     # a budget below the first stage's cost: the cheapest rule, everything stops at stage 0
     rule = search.for_budget(1.0)
-    metrics = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
-    assert metrics["mean_macs"] == out.costs.cumulative_macs[0]
+    metrics = evaluate_rule(rule, out)
+    assert metrics["mean_macs"] == out.costs.classifier_macs[0]  # a threshold costs nothing
 
 
 def test_rule_decisions_follow_thresholds():
     rule = ThresholdRule("max-softmax", [0.6, float("inf")])
-    probs = torch.tensor([[0.7, 0.3], [0.55, 0.45]])
-    assert rule.stop_at_stage(0, probs).tolist() == [True, False]
-    assert rule.stop_at_stage(1, probs).tolist() == [False, False]
-    assert rule.stop_at_stage(2, probs).tolist() == [True, True]
+    probs = torch.tensor([[[0.7, 0.3]] * 3, [[0.55, 0.45]] * 3])
+    torch.testing.assert_close(
+        rule.stop_scores(probs),
+        torch.tensor([[0.7, float("-inf")], [0.55, float("-inf")]], dtype=torch.float64)
+        - torch.tensor([0.6, 0.0], dtype=torch.float64),
+        rtol=0,
+        atol=1e-7,
+    )
+    # stage 0 stops at 0.7 >= 0.6 only; +inf never stops; the last stage always does
+    assert stop_decisions(rule, probs).tolist() == [[True, False, True], [False, False, True]]
     with pytest.raises(ValueError, match="criterion"):
         ThresholdRule("certainty", [0.5])
+
+
+def learned_rule(k: int = 4, c: int = 5) -> LearnedRule:
+    torch.manual_seed(0)
+    return LearnedRule(StoppingPolicy(k, c, hidden=8)).eval()
+
+
+RULES = {
+    "threshold": lambda: ThresholdRule("entropy", [-1.2, -0.8, -0.5]),
+    "threshold+T": lambda: ThresholdRule("max-softmax", [0.3, 0.4, 0.5], [0.5, 1.0, 2.0, 3.0]),
+    "learned": learned_rule,
+}
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_stop_scores_on_every_history_prefix_equal_those_on_the_whole_cascade(name):
+    """Early-exit inference sees stages 0..t only; its scores are the cached evaluation's."""
+    rule = RULES[name]()
+    probs = random_outputs(64, 4, 5, seed=4).probs
+    whole = rule.stop_scores(probs)
+    assert whole.shape == (64, 3)
+    assert len(whole.unique()) > 100  # scores that differ between samples and stages
+    for t in range(4):
+        prefix = rule.stop_scores(probs[:, : t + 1])
+        assert prefix.shape == (64, min(t + 1, 3))
+        assert torch.equal(prefix, whole[:, : min(t + 1, 3)]), t
+    # stage t's score does not depend on any later stage's softmax
+    scrambled = probs.clone()
+    scrambled[:, 2:] = scrambled[:, 2:].flip(0)
+    assert torch.equal(rule.stop_scores(scrambled)[:, :2], whole[:, :2])
+
+
+class MaxSoftmaxScore:
+    """A "learned" score that happens to equal the max-softmax confidence (float32, no cost)."""
+
+    num_stages = 4
+
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        return history[:, : self.num_stages - 1].max(-1).values
+
+    def policy_macs(self) -> list[int]:
+        return [0] * self.num_stages
+
+
+def test_a_score_equal_to_max_softmax_reproduces_the_max_softmax_rules_exactly():
+    out = random_outputs(500, 4, 5, seed=5, macs=[10, 40, 160, 640])
+    test = random_outputs(300, 4, 5, seed=6, macs=[10, 40, 160, 640])
+    args = (out.probs, out.labels, out.costs)
+    thresholds = ThresholdSearch(*args, "max-softmax")
+    scores = ScoreSearch.for_rule(MaxSoftmaxScore(), *args)
+    ref = out.costs.reference_macs
+    fits = [lambda s: s.sweep(12)]
+    fits += [lambda s, e=e: [s.for_accuracy_drop(e)] for e in (0.0, 0.005, 0.01, 0.02, 0.1)]
+    fits += [lambda s, b=b: [s.for_budget(b * ref)] for b in (0.05, 0.1, 0.25, 0.5)]
+    fits += [lambda s, a=a: [s.for_reward(a)] for a in (0.0, 0.01, 0.3)]
+    distinct = set()
+    for fit in fits:
+        for expected, got in zip(fit(thresholds), fit(scores), strict=True):
+            for outputs in (out, test):
+                decisions = stop_decisions(expected, outputs.probs)
+                assert torch.equal(stop_decisions(got, outputs.probs), decisions)
+                mine, theirs = evaluate_rule(got, outputs), evaluate_rule(expected, outputs)
+                for key in ("accuracy", "mean_macs", "exit_distribution"):
+                    assert mine[key] == theirs[key], key
+            distinct.add(tuple(first_stop(decisions).tolist()))
+    assert len(distinct) > 10  # the fits cover many different operating points
 
 
 def test_oracle_is_never_beaten():
     val = random_outputs(300, 4, 5, seed=2)
     test = random_outputs(300, 4, 5, seed=3)
-    rows = compare_outputs(val, test, ["a", "b", "c", "d"], epsilons=(0.0, 0.02))
-    oracle = next(r for r in rows if r["policy"] == "oracle")
+    options = CompareOptions(epsilons=(0.0, 0.02))
+    rows = compare_outputs(val, test, ["a", "b", "c", "d"], options)
+    oracle = next(r for r in rows if r.policy == "oracle")
+    assert oracle.kind == "oracle"
     exits = oracle_exits(test.probs, test.labels)
     any_right = (test.probs.argmax(-1) == test.labels.unsqueeze(1)).any(1).double().mean()
-    assert oracle["accuracy"] == pytest.approx(float(any_right))
-    assert all(r["accuracy"] <= oracle["accuracy"] + 1e-12 for r in rows)
+    assert oracle.accuracy == pytest.approx(float(any_right))
+    assert all(r.accuracy <= oracle.accuracy + 1e-12 for r in rows)
     # and it is the cheapest way to be right: every right sample exits at its first right stage
     assert int(exits.max()) <= 3
-    singles = [r for r in rows if r["policy"] == "single"]
-    assert [r["macs_share"] for r in singles] == pytest.approx([10 / 270, 30 / 270, 90 / 270, 1.0])
+    singles = [r for r in rows if r.kind == "single"]
+    assert [r.point for r in singles] == ["a", "b", "c", "d"]
+    assert [r.macs_share for r in singles] == pytest.approx([10 / 270, 30 / 270, 90 / 270, 1.0])
+    assert {r.point for r in rows if r.policy == "max-softmax"} >= {"eps=0", "eps=0.02"}
+
+
+@pytest.mark.parametrize(
+    "stage_names, options, argument",
+    [
+        (["a", "b", "c"], None, "stage_names"),
+        (["a", "b", "c", "d"], CompareOptions(epsilons=(2.0,)), "epsilons"),
+        (["a", "b", "c", "d"], CompareOptions(budget_shares=(-1.0,)), "budget_shares"),
+        (["a", "b", "c", "d"], CompareOptions(criteria=("certainty",)), "criteria"),
+        (["a", "b", "c", "d"], CompareOptions(sweep_points=1), "sweep_points"),
+    ],
+)
+def test_compare_outputs_rejects_bad_arguments_naming_them(stage_names, options, argument):
+    val = random_outputs(50, 4, 5, seed=2)
+    with pytest.raises(ValueError, match=argument):
+        compare_outputs(val, val, stage_names, options)
 
 
 def test_macs_at_accuracy_interpolates_the_upper_envelope():
-    points = [(10, 0.5), (20, 0.7), (30, 0.65), (40, 0.9)]
+    points = [(0.5, 10), (0.7, 20), (0.65, 30), (0.9, 40)]  # (accuracy, macs)
     assert macs_at_accuracy(points, 0.5) == 10
-    assert macs_at_accuracy(points, 0.8) == pytest.approx(30)  # halfway from (20,.7) to (40,.9)
+    assert macs_at_accuracy(points, 0.8) == pytest.approx(30)  # halfway from (.7,20) to (.9,40)
     assert macs_at_accuracy(points, 0.95) is None
 
 
-def test_compare_cli_outputs_agree(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    fast = ["--pretrain-epochs", "3", "--epochs", "3", "--no-progress", "--logdir", str(runs)]
-    assert train_main(["--alpha", "0.01", *fast]) == 0
+FAST = ["--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Three finished runs (REINFORCE, LtC, multi-exit LtC) and one interrupted after epoch 1."""
+    root = tmp_path_factory.mktemp("runs")
+    reinforce = ["--alpha", "0.01", "--pretrain-epochs", "2", "--epochs", "1", *FAST]
+    runs = {}
+    for name, args in (
+        ("reinforce", reinforce),
+        ("ltc", ["--agent", "ltc", "--ltc-epochs", "1", *FAST]),
+        ("multi-exit", ["--agent", "ltc", "--ltc-form", "multi-exit", "--ltc-epochs", "1", *FAST]),
+    ):
+        assert train_main([*args, "--logdir", str(root / name)]) == 0
+        (runs[name],) = (root / name).iterdir()
+    real_save = policycascade.harness.save_atomic
+
+    def save_then_signal(state, path):
+        real_save(state, path)
+        signal.raise_signal(signal.SIGTERM)  # as if stopped right after the first epoch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policycascade.harness, "save_atomic", save_then_signal)
+        assert train_main([*reinforce, "--logdir", str(root / "interrupted")]) == 130
+    (runs["interrupted"],) = (root / "interrupted").iterdir()
+    return runs
+
+
+def test_compare_cli_outputs_agree(tiny_runs, tmp_path):
     out = tmp_path / "cmp"
     args = ["--out", str(out), "--criteria", "max-softmax", "entropy", "--sweep-points", "6"]
-    assert compare_main([str(runs), *args]) == 0
+    assert compare_main([str(tiny_runs["reinforce"]), str(tiny_runs["ltc"]), *args]) == 0
     payload = json.loads((out / "comparison.json").read_text())
     rows = payload["rows"]
-    policies = {r["policy"] for r in rows}
-    assert {"reinforce", "max-softmax", "entropy", "random", "oracle", "single"} <= policies
+    assert {r["trained_by"] for r in rows} == {"reinforce", "ltc"}
+    for trained_by in ("reinforce", "ltc"):
+        mine = [r for r in rows if r["trained_by"] == trained_by]
+        policies = {r["policy"] for r in mine}
+        assert {trained_by, f"{trained_by} score", "max-softmax", "entropy"} <= policies
+        assert {"random", "oracle", "single"} <= {r["kind"] for r in mine}
+        (own,) = (r for r in mine if r["kind"] == "own")
+        assert own["policy"] == trained_by
     with open(out / "comparison.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert len(csv_rows) == len(rows)
     for row, line in zip(rows, csv_rows, strict=True):
+        assert (line["policy"], line["point"]) == (row["policy"], row["point"])
         assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
         assert float(line["mean_macs"]) == pytest.approx(row["mean_macs"])
-    assert (out / "tradeoff.png").stat().st_size > 10_000
-    # TensorBoard: each policy's scalars equal its JSON points, means over seeds (one seed
-    # here, so they equal the rows too); step = mean MACs
-    assert {(a["policy"], a["point"], a["accuracy"]) for a in payload["aggregated"]} == {
-        (r["policy"], r["point"], r["accuracy"]) for r in rows
-    }
-    for policy, count in (("oracle", 1), ("single", 4), ("reinforce", 1), ("max-softmax", 17)):
-        points = (a for a in payload["aggregated"] if a["policy"] == policy)
+    for figure in ("tradeoff.png", "accuracy_by_exit.png"):
+        assert (out / figure).stat().st_size > 10_000
+    # TensorBoard: each (classifiers, policy) is a run whose scalars are its JSON points,
+    # means over seeds (one seed here, so they equal the rows too); step = mean MACs
+    assert {
+        (a["trained_by"], a["policy"], a["point"], a["accuracy"]) for a in payload["aggregated"]
+    } == {(r["trained_by"], r["policy"], r["point"], r["accuracy"]) for r in rows}
+    # max-softmax: 6 + 1 sweep points, 4 epsilons, 3 budgets, 3 matched to the REINFORCE
+    # policy (accuracy, MACs, reward at its alpha), 2 to LtC's thresholds (no alpha)
+    counts = {("reinforce", "max-softmax"): 17, ("ltc", "max-softmax"): 16}
+    counts |= {(t, p): n for t in ("reinforce", "ltc") for p, n in (("oracle", 1), ("single", 4))}
+    counts |= {("reinforce", "reinforce"): 1, ("ltc", "ltc"): 1}
+    for (trained_by, policy), count in counts.items():
+        points = (
+            a
+            for a in payload["aggregated"]
+            if (a["trained_by"], a["policy"]) == (trained_by, policy)
+        )
         expected = sorted(points, key=lambda r: r["mean_macs"])
-        events = EventAccumulator(str(out / "tensorboard" / policy))
+        events = EventAccumulator(str(out / "tensorboard" / "digits" / trained_by / policy))
         events.Reload()
         logged = events.Scalars("compare/accuracy")
-        assert len(logged) == len(expected) == count
+        assert len(logged) == len(expected) == count, (trained_by, policy)
         for event, row in zip(logged, expected, strict=True):
             assert event.step == round(row["mean_macs"])
             assert event.value == pytest.approx(row["accuracy"], abs=1e-6)
     summary = EventAccumulator(str(out / "tensorboard" / "summary"))
     summary.Reload()
-    assert "compare/tradeoff" in summary.Tags()["images"]
-    assert len(payload["savings"]) == 1 and payload["aggregated"]
-    # a run whose checkpoint no longer fits (another version's layout): one line, status 2
-    (checkpoint,) = runs.glob("*/checkpoint.pt")
-    state = torch.load(checkpoint, weights_only=False)
-    state["agent"] = {f"old.{key}": value for key, value in state["agent"].items()}
-    torch.save(state, checkpoint)
-    assert compare_main([str(runs), "--out", str(tmp_path / "cmp2")]) == 2
+    assert {"compare/tradeoff", "compare/accuracy_by_exit"} <= set(summary.Tags()["images"])
+    assert {s["trained_by"] for s in payload["savings"]} == {"reinforce", "ltc"}
+
+
+def test_compare_cli_stops_with_one_line_on_a_run_that_did_not_finish(tiny_runs, tmp_path, capsys):
+    run = tiny_runs["interrupted"]
+    assert torch.load(run / CHECKPOINT_NAME, weights_only=False)["epoch"] == 1  # of 3
+    out = tmp_path / "cmp"
+    assert compare_main([str(tiny_runs["reinforce"]), str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "does not fit this config's agent" in err and "Traceback" not in err
-    assert not (tmp_path / "cmp2").exists()
+    errors = [line for line in err.splitlines() if not line.startswith("evaluating ")]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("error: ") and "has not finished training" in errors[0]
+    assert f"--resume {run}" in errors[0] and "Traceback" not in err
+    assert not (out / "comparison.json").exists()
 
 
 def test_compare_rejects_a_directory_without_runs(tmp_path, capsys):
@@ -177,25 +319,21 @@ def test_reward_fit_beats_every_swept_rule_on_its_own_objective():
     for alpha in (0.0, 0.05, 0.5):
 
         def reward(rule, alpha=alpha):
-            m = evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))
+            m = evaluate_rule(rule, out)
             return m["accuracy"] - alpha * m["mean_macs"] / out.costs.reference_macs
 
         best = reward(search.for_reward(alpha))
         assert all(best >= reward(r) - 1e-12 for r in search.sweep(30))
     # a huge cost weight sends everything out at stage 0
     rule = search.for_reward(1e6)
-    cheapest = out.costs.cumulative_macs[0]
-    assert evaluate_exits(out, first_stop(stop_decisions(rule, out.probs)))["mean_macs"] == cheapest
+    cheapest = out.costs.classifier_macs[0]
+    assert evaluate_rule(rule, out)["mean_macs"] == cheapest
 
 
-def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    fast = ["--pretrain-epochs", "2", "--no-progress", "--logdir", str(runs)]
-    assert train_main(["--alpha", "0.01", "--epochs", "1", *fast]) == 0
-    assert train_main(["--agent", "ltc", "--ltc-form", "multi-exit", *fast]) == 0
+def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tiny_runs, tmp_path):
     out = tmp_path / "cmp"
     args = ["--out", str(out), "--criteria", "max-softmax", "--sweep-points", "4"]
-    assert compare_main([str(runs), *args]) == 0
+    assert compare_main([str(tiny_runs["reinforce"]), str(tiny_runs["multi-exit"]), *args]) == 0
     rows = json.loads((out / "comparison.json").read_text())["rows"]
     assert {"reinforce", "ltc"} <= {r["policy"] for r in rows}
     stages = {len(r["exit_distribution"]) for r in rows}
@@ -207,5 +345,6 @@ def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tmp_path, capsys):
         assert float(line["accuracy"]) == pytest.approx(row["accuracy"])
         assert (line["exit_share_stage3"] == "") == (len(row["exit_distribution"]) == 3)
     # two classifier sets (trained by REINFORCE and by LtC): their runs are kept apart
-    for policy in ("ltc", "max-softmax", "max-softmax__LtC_classifiers_"):
-        assert (out / "tensorboard" / policy).is_dir()
+    for trained_by in ("reinforce", "ltc"):
+        for policy in (trained_by, "max-softmax"):
+            assert (out / "tensorboard" / "digits" / trained_by / policy).is_dir()
