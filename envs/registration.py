@@ -582,14 +582,14 @@ def digits_outputs(
     data = load_dataset("digits", seed)
     torch.manual_seed(seed)
     cascade = build_cascade("digits", data.input_shape, data.num_classes)
-    hidden = defaults.policy_hidden
+    hidden = defaults.reinforce.policy_hidden
     if checkpoint is not None:
         from policycascade.checkpoint import load_checkpoint, state_dict_mismatch
 
         state = load_checkpoint(Path(checkpoint))
         try:
-            cascade.load_state_dict(state["cascade"])
-            hidden = state["config"]["policy_hidden"]
+            cascade.load_state_dict(state["state"]["cascade"])
+            hidden = state["config"].get("reinforce", {}).get("policy_hidden", hidden)
         except (KeyError, RuntimeError, TypeError) as error:
             raise ValueError(
                 f"checkpoint {checkpoint} does not hold the digits cascade's classifiers "
@@ -599,7 +599,7 @@ def digits_outputs(
         fit_classifiers(
             cascade,
             data.train,
-            defaults.pretrain_epochs,
+            defaults.reinforce.pretrain_epochs,
             defaults.lr,
             defaults.batch_size,
             defaults.weight_decay,

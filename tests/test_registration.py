@@ -11,17 +11,6 @@ from torch import nn
 import policycascade
 from policycascade.envs import CascadeStoppingEnv, CascadeStoppingVectorEnv
 
-# envs/registration.py digits_outputs() still reads the pre-restructure TrainConfig: it needs
-# defaults.reinforce.policy_hidden / .pretrain_epochs and, from a checkpoint,
-# state["state"]["cascade"] and state["config"]["reinforce"]["policy_hidden"].
-STALE_CONFIG = pytest.mark.xfail(
-    strict=True,
-    reason="envs/registration.py digits_outputs reads TrainConfig.policy_hidden and "
-    ".pretrain_epochs, now in TrainConfig.reinforce (AttributeError)",
-)
-
-
-@STALE_CONFIG
 def test_digits_id_is_registered_and_passes_env_checker():
     env = gym.make("policycascade/DigitsCascade-v0", alpha=1e-3, split="val")
     assert isinstance(env.unwrapped, CascadeStoppingEnv)
@@ -33,7 +22,6 @@ def test_digits_id_is_registered_and_passes_env_checker():
     assert isinstance(vec.unwrapped, CascadeStoppingVectorEnv)
 
 
-@STALE_CONFIG
 def test_namespaced_string_imports_the_package():
     code = (
         "import sys, gymnasium as gym\n"
