@@ -25,6 +25,9 @@ class Algorithm:
 
     name: str = ""
     cascade: Cascade
+    # True where the classifiers are trained exactly as the comparison's reference trains
+    # them (independently, per-classifier early stopping): the reference is then the run's own.
+    trains_like_reference: bool = False
 
     def __init__(self, harness: RunHarness, train: bool = True):
         self.harness, self.training_enabled = harness, train

@@ -32,6 +32,7 @@ class ContinuationTraining(Algorithm):
     """Independent classifiers, cross-fitted outputs, then the continuation-value rule."""
 
     name = "continuation"
+    trains_like_reference = True
 
     def __init__(self, harness: RunHarness, train: bool = True):
         super().__init__(harness, train)

@@ -328,6 +328,29 @@ class ThresholdSearch(ScoreSearch):
         )
 
 
+def best_reward_rule(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    costs: StageCosts,
+    alpha: float,
+    criteria: tuple[str, ...] = CRITERIA,
+) -> ThresholdRule:
+    """Of every criterion's best-reward thresholds on these (validation) outputs, the best.
+
+    What a user would otherwise deploy at cost weight ``alpha``: the threshold rule with
+    the highest validation reward ``accuracy - alpha * MACs / reference``.
+    """
+    best, best_reward = None, float("-inf")
+    for criterion in criteria:
+        search = ThresholdSearch(probs, labels, costs, criterion)
+        rule = search.for_reward(alpha)
+        accuracy, macs = search.evaluate_many(torch.tensor([rule.thresholds], dtype=torch.float64))
+        reward = float(episode_return(alpha, macs[0] / search.reference_macs, 1.0 - accuracy[0]))
+        if reward > best_reward:
+            best, best_reward = rule, reward
+    return best
+
+
 def oracle_exits(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exit at the first right stage (else the last): no policy beats it on these outputs."""
     return first_stop(probs.argmax(-1) == labels.unsqueeze(1))

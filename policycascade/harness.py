@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from policycascade.agents.algorithm import Algorithm
+from policycascade.agents.thresholds import best_reward_rule
 from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME, save_atomic
@@ -268,11 +269,21 @@ class RunHarness:
     def final_metrics(self) -> dict[str, Any]:
         """Test-split metrics of the rule and of each single classifier (metrics.json)."""
         test_outputs = self.outputs("test")
+        extras = self.algorithm.final_extras()
+        if self.alpha is not None:  # what the user would otherwise deploy at this alpha
+            val = self.outputs("val")
+            free = val.costs.with_policy_macs([0] * val.num_stages)
+            rule = best_reward_rule(val.probs, val.labels, free, self.alpha)
+            extras["best_threshold_rule"] = {
+                "criterion": rule.criterion,
+                "thresholds": rule.thresholds,
+                **evaluate_rule(rule, test_outputs),
+            }
         return {
             "agent": self.config.agent,
             "alpha": self.alpha,
             **self.evaluate("test", test_outputs),
-            **self.algorithm.final_extras(),
+            **extras,
             "single_classifiers": single_classifier_metrics(test_outputs, self.cascade.names),
             "val": self.evaluate("val"),
             "costs": self.costs.as_dict(),

@@ -97,22 +97,32 @@ def format_cost_table(table: dict[str, Any]) -> str:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """Test-split table: the learned policy against each single classifier."""
+    """Test-split table: the run's rule, the best validation-fitted threshold rule, singles."""
     k = len(metrics["exit_distribution"])
-    header = f"{'policy':<22}{'accuracy':>9}{'mean MACs':>12}{'MAC share':>11}  exits per stage"
-    title = "LtC" if metrics["alpha"] is None else f"alpha={metrics['alpha']:g}"
+    header = f"{'policy':<30}{'accuracy':>9}{'mean MACs':>12}{'MAC share':>11}  exits per stage"
+    alpha = metrics["alpha"]
+    title = metrics["agent"] if alpha is None else f"{metrics['agent']}, alpha={alpha:g}"
     lines = [f"test split, {title}", header, "-" * len(header)]
-    exits = " ".join(f"{s:5.1%}" for s in metrics["exit_distribution"])
-    lines.append(
-        f"{'LtC thresholds' if metrics['alpha'] is None else 'learned policy':<22}"
-        f"{metrics['accuracy']:>9.2%}{metrics['mean_macs']:>12,.0f}"
-        f"{metrics['macs_share']:>11.2%}  {exits}"
-    )
+
+    def line(name: str, m: dict[str, Any], exits: list[float]) -> str:
+        shares = " ".join(f"{s:5.1%}" for s in exits)
+        return (
+            f"{name:<30}{m['accuracy']:>9.2%}{m['mean_macs']:>12,.0f}{m['macs_share']:>11.2%}"
+            f"  {shares}"
+        )
+
+    own = "learned policy" if alpha is not None else f"{metrics['agent']} thresholds"
+    lines.append(line(own, metrics, metrics["exit_distribution"]))
+    rule = metrics.get("best_threshold_rule")
+    if rule is not None:
+        name = f"best threshold ({rule['criterion']})"
+        lines.append(line(name, rule, rule["exit_distribution"]))
     for t, single in enumerate(metrics["single_classifiers"]):
-        only = " ".join(f"{(1.0 if s == t else 0.0):5.0%}" for s in range(k))
+        lines.append(line(single["name"] + " alone", single, [float(s == t) for s in range(k)]))
+    if rule is not None:
         lines.append(
-            f"{single['name'] + ' alone':<22}{single['accuracy']:>9.2%}"
-            f"{single['mean_macs']:>12,.0f}{single['macs_share']:>11.2%}  {only}"
+            "best threshold: the threshold rule of any criterion with the best validation "
+            "reward at this alpha, measured on test"
         )
     return "\n".join(lines)
 
