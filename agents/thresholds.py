@@ -16,10 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 from policycascade.agents.rules import StoppingRule, first_stop, rule_predictions
+from policycascade.agents.stop_features import running_ensemble
 from policycascade.costs import StageCosts
 from policycascade.rewards import check_alpha, episode_return
 
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin")
+# Also available: the running ensemble's max-softmax, answering with the ensemble (the
+# information a history-reading learned rule has; measured to lose on digits and synthetic,
+# so it is not among the defaults of ``compare``).
+ENSEMBLE = "ensemble"
+ALL_CRITERIA = (*CRITERIA, ENSEMBLE)
 _EPS = 1e-12
 
 
@@ -71,8 +77,10 @@ class ThresholdRule:
     name: str = field(default="")
 
     def __post_init__(self):
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
+        if self.criterion not in ALL_CRITERIA:
+            raise ValueError(
+                f"criterion must be one of {list(ALL_CRITERIA)}, got {self.criterion!r}"
+            )
         if not self.name:
             self.name = self.criterion + ("+T" if self.temperatures else "")
 
@@ -89,7 +97,10 @@ class ThresholdRule:
             probs = history[:, t]
             if self.temperatures is not None:
                 probs = apply_temperature(probs, self.temperatures[t])
-            columns.append(confidence(probs, self.criterion))
+            if self.criterion == ENSEMBLE:
+                columns.append(running_ensemble(history[:, : t + 1])[:, -1].max(-1).values)
+            else:
+                columns.append(confidence(probs, self.criterion))
         if not columns:
             return history.new_zeros(len(history), 0)
         return torch.stack(columns, dim=1)
@@ -103,6 +114,13 @@ class ThresholdRule:
     def policy_macs(self) -> list[int]:
         """A threshold on a softmax statistic costs no multiply-accumulates."""
         return [0] * self.num_stages
+
+    def predictions(self, probs: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor | None:
+        """The running ensemble's answers for the ensemble criterion, else the exit's arg-max."""
+        if self.criterion != ENSEMBLE:
+            return None
+        answers = running_ensemble(probs).argmax(-1)  # (batch, K)
+        return answers.gather(1, exit_stage.to(answers.device).view(-1, 1)).squeeze(1)
 
 
 @dataclass
@@ -137,6 +155,18 @@ class ShiftedRule:
         return rule_predictions(self.base, probs, exit_stage)
 
 
+def stage_answers_of(rule: StoppingRule, probs: torch.Tensor) -> torch.Tensor | None:
+    """(sample, K) classes a rule answers when it stops at each stage; None: the arg-max."""
+    n, k = probs.shape[:2]
+    columns = []
+    for t in range(k):
+        answer = rule_predictions(rule, probs, torch.full((n,), t, dtype=torch.int64))
+        if answer is None:
+            return None
+        columns.append(answer.to(probs.device))
+    return torch.stack(columns, dim=1)
+
+
 class ScoreSearch:
     """Fits per-stage thresholds on a rule's validation stop scores.
 
@@ -154,11 +184,14 @@ class ScoreSearch:
         costs: StageCosts,
         make_rule: Callable[[list[float]], StoppingRule],
         num_candidates: int | None = 100,
+        answers: torch.Tensor | None = None,
     ):
         probs, labels = probs.cpu(), labels.cpu()  # a small float64 search: CPU is enough
         self.scores = scores.cpu().double()  # (sample, K - 1)
         self.make_rule = make_rule
-        self.correct = (probs.argmax(-1) == labels.unsqueeze(1)).to(torch.float64)
+        # (sample, K): the class answered on stopping at each stage (default: its arg-max)
+        answers = probs.argmax(-1) if answers is None else answers.cpu()
+        self.correct = (answers == labels.unsqueeze(1)).to(torch.float64)
         self.cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64)
         self.reference_macs = float(costs.reference_macs)
         quantiles = None
@@ -187,7 +220,7 @@ class ScoreSearch:
         costs: StageCosts,
         num_candidates: int | None = 100,
     ) -> ScoreSearch:
-        """The search over offsets of any rule's stop scores (its own MACs included)."""
+        """The search over offsets of any rule's stop scores (its own MACs and answers)."""
         return cls(
             rule.stop_scores(probs),
             probs,
@@ -195,6 +228,7 @@ class ScoreSearch:
             costs.with_policy_macs(rule.policy_macs()),
             lambda offsets: ShiftedRule(rule, offsets),
             num_candidates,
+            stage_answers_of(rule, probs),
         )
 
     def evaluate_many(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +359,7 @@ class ThresholdSearch(ScoreSearch):
             costs.with_policy_macs([0] * k),
             make_rule,
             num_candidates,
+            stage_answers_of(t, probs),
         )
 
 

@@ -20,6 +20,7 @@ from policycascade.agents.thresholds import (
     fit_temperature,
     oracle_exits,
 )
+from policycascade.cascade import CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME
 from policycascade.compare import CompareOptions, compare_outputs
 from policycascade.compare import main as compare_main
@@ -148,9 +149,18 @@ class MaxSoftmaxScore:
         return [0] * self.num_stages
 
 
+def _confidence_matters(outputs: CascadeOutputs, seed: int) -> CascadeOutputs:
+    """Labels that later stages get right more often, so the fitted rules spread out."""
+    g = torch.Generator().manual_seed(seed)
+    n, k, _ = outputs.probs.shape
+    stage = torch.randint(k, (n,), generator=g)
+    labels = outputs.probs[torch.arange(n), stage].argmax(-1)
+    return CascadeOutputs(outputs.probs, labels, outputs.costs)
+
+
 def test_a_score_equal_to_max_softmax_reproduces_the_max_softmax_rules_exactly():
-    out = random_outputs(500, 4, 5, seed=5, macs=[10, 40, 160, 640])
-    test = random_outputs(300, 4, 5, seed=6, macs=[10, 40, 160, 640])
+    out = _confidence_matters(random_outputs(500, 4, 5, seed=5, macs=[10, 40, 160, 640]), 0)
+    test = _confidence_matters(random_outputs(300, 4, 5, seed=6, macs=[10, 40, 160, 640]), 1)
     args = (out.probs, out.labels, out.costs)
     thresholds = ThresholdSearch(*args, "max-softmax")
     scores = ScoreSearch.for_rule(MaxSoftmaxScore(), *args)
