@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from policycascade.agents.thresholds import CRITERIA
+from policycascade.agents.thresholds import ALL_CRITERIA, CRITERIA
 from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
 from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
 from policycascade.compare.report import format_summary, make_figures, write_tensorboard
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--criteria",
         nargs="+",
         default=list(CRITERIA),
-        choices=CRITERIA,
-        help="confidence criteria of the threshold rules",
+        choices=ALL_CRITERIA,
+        help="confidence criteria of the threshold rules ('ensemble': the running ensemble's "
+        "max-softmax, answering with the ensemble)",
     )
     parser.add_argument(
         "--epsilons",

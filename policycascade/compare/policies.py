@@ -11,6 +11,7 @@ import torch
 
 from policycascade.agents.rules import StoppingRule
 from policycascade.agents.thresholds import (
+    ALL_CRITERIA,
     CRITERIA,
     ScoreSearch,
     ThresholdSearch,
@@ -48,9 +49,11 @@ class CompareOptions:
 
     def validate(self) -> CompareOptions:
         """Raise a ValueError naming the first bad argument."""
-        unknown = [c for c in self.criteria if c not in CRITERIA]
+        unknown = [c for c in self.criteria if c not in ALL_CRITERIA]
         if unknown or not self.criteria:
-            raise ValueError(f"criteria must be among {list(CRITERIA)}, got {list(self.criteria)}")
+            raise ValueError(
+                f"criteria must be among {list(ALL_CRITERIA)}, got {list(self.criteria)}"
+            )
         if any(not (0 <= e < 1) for e in self.epsilons):
             raise ValueError(f"epsilons must be in [0, 1), got {list(self.epsilons)}")
         if any(not (math.isfinite(b) and b > 0) for b in self.budget_shares):

@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from policycascade.agents.thresholds import CRITERIA
+from policycascade.agents.thresholds import ALL_CRITERIA
 from policycascade.compare.reference import REFERENCE
 from policycascade.compare.rows import Row
 from policycascade.protocol import macs_at_accuracy, macs_saved, normalised_area
@@ -20,7 +20,7 @@ HALF_POINT = 0.005
 
 def is_threshold_rule(row: Row) -> bool:
     """A confidence-threshold rule's fitted point (any criterion, temperature-scaled too)."""
-    return row.kind in ("curve", "matched") and row.policy.removesuffix("+T") in CRITERIA
+    return row.kind in ("curve", "matched") and row.policy.removesuffix("+T") in ALL_CRITERIA
 
 
 @dataclass
