@@ -57,7 +57,7 @@ def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> st
     if groups:
         lines += [
             "",
-            "MACs saved by each run's own policy against the envelope of every threshold rule",
+            "MACs saved by each run's own curve against the rule family chosen on validation",
             "(mean ± std over seeds; n = runs where both curves reach the accuracy):",
         ]
     for (dataset, trained_by, alpha, against), members in sorted(groups.items(), key=str):
@@ -68,8 +68,9 @@ def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> st
 
         own_area = mean_std(m.own_area for m in members)
         rules_area = mean_std(m.rules_area for m in members)
+        chosen = sorted({m.rule_criterion for m in members})
         lines += [
-            f"  {name}, rules on {against}:",
+            f"  {name}, best rule on validation ({'/'.join(chosen)}) on {against}:",
             f"    at its own accuracy {saved('macs_saved_vs_rules')}",
             "    its curve at the largest classifier's accuracy "
             f"{saved('curve_saved_at_largest')}, 0.5 points below "

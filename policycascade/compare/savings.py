@@ -1,7 +1,8 @@
 """What a run's own policy saves: against rules on its classifiers and against the largest alone.
 
 All curves are test-split operating points of rules fitted on validation; only their
-Pareto envelopes count (``policycascade.protocol``).
+Pareto envelopes count (``policycascade.protocol``). The rule family (criterion) compared
+with is the one with the best validation curve, so nothing is chosen on test.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class RunSavings:
     """One run's own policy against the envelope of threshold rules on some classifiers."""
 
     against: str  # whose classifiers the rules run on: "own classifiers" or "reference"
+    rule_criterion: str  # the rule family chosen on validation (largest validation area)
     run: str
     dataset: str
     seed: int
@@ -47,6 +49,28 @@ class RunSavings:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return asdict(self)
+
+
+def best_criterion_on_validation(members: list[Row]) -> str:
+    """The threshold-rule family whose *validation* curve has the largest area.
+
+    Choosing the criterion on test (the envelope of every family's test points) would
+    tune on the test split; all families are ranked on one common MAC range.
+    """
+    families: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in members:
+        if is_threshold_rule(r) and r.val_accuracy is not None:
+            families[r.policy].append((r.val_accuracy, r.val_mean_macs))
+    points = [p for family in families.values() for p in family]
+    low_acc = min(a for a, _ in points)
+    low_macs, high_macs = min(m for _, m in points), max(m for _, m in points)
+    if high_macs <= low_macs or low_acc >= 1.0:
+        return min(families)
+
+    def area(family: list[tuple[float, float]]) -> float:
+        return normalised_area(family, (low_acc, low_macs), (1.0, low_macs), high_macs)
+
+    return max(sorted(families), key=lambda name: area(families[name]))
 
 
 def run_savings(rows: list[Row]) -> list[RunSavings]:
@@ -73,7 +97,8 @@ def _savings(own: Row, mine: list[Row], members: list[Row], against: str) -> Run
     largest = max(singles, key=lambda r: r.mean_macs)
     cheapest = min(singles, key=lambda r: r.mean_macs)
     oracle = next(r for r in members if r.kind == "oracle")
-    rules = [(r.accuracy, r.mean_macs) for r in members if is_threshold_rule(r)]
+    criterion = best_criterion_on_validation(members)
+    rules = [(r.accuracy, r.mean_macs) for r in members if r.policy == criterion]
     score = f"{own.trained_by} score"
     own_curve = [(own.accuracy, own.mean_macs)] + [
         (r.accuracy, r.mean_macs) for r in mine if r.policy == score
@@ -83,6 +108,7 @@ def _savings(own: Row, mine: list[Row], members: list[Row], against: str) -> Run
     can_area = oracle.accuracy > cheapest.accuracy and largest.mean_macs > cheapest.mean_macs
     return RunSavings(
         against=against,
+        rule_criterion=criterion,
         run=own.run,
         dataset=own.dataset,
         seed=own.seed,
