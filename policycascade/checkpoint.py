@@ -30,6 +30,18 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(run_dir: str | Path, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """Delete what a kill during :func:`save_atomic` left beside a checkpoint; returns the paths.
+
+    Call it only where no other process writes to ``run_dir`` (when resuming the run).
+    """
+    removed = []
+    for stale in Path(run_dir).glob(f".{name}.tmp-*"):
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
 def state_dict_mismatch(error: Exception, limit: int = 300) -> str:
     """One line from a ``load_state_dict`` error: its missing or unexpected keys, cut short."""
     lines = [line.strip() for line in str(error).strip().splitlines()]
