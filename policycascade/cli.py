@@ -27,9 +27,12 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand's ``main``; returns its exit status (2 for a usage error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a usage error: the usage goes to stderr
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr)

@@ -132,10 +132,10 @@ class LtcConfig:
 
     def validate(self) -> None:
         """Check the LtC values; raise :class:`ConfigError` naming the first bad field."""
-        _check_at_least(self, ("epochs",), 1)
+        _check_at_least(self, ("epochs",), 1, "ltc.")
         if not (0 <= self.epsilon < 1):
             raise ConfigError(f"ltc.epsilon must be in [0, 1), got {self.epsilon}")
-        _check_non_negative(self, ("cost", "weight"))
+        _check_non_negative(self, ("cost", "weight"), "ltc.")
 
 
 @dataclass
@@ -284,10 +284,10 @@ def _check_alphas(alpha: list[float]) -> None:
         raise ConfigError(f"alpha lists a value twice: {alpha}")
 
 
-def _check_at_least(owner: Any, names: tuple[str, ...], low: int) -> None:
+def _check_at_least(owner: Any, names: tuple[str, ...], low: int, prefix: str = "") -> None:
     for name in names:
         if getattr(owner, name) < low:
-            raise ConfigError(f"{name} must be >= {low}, got {getattr(owner, name)}")
+            raise ConfigError(f"{prefix}{name} must be >= {low}, got {getattr(owner, name)}")
 
 
 def _check_positive(owner: Any, names: tuple[str, ...]) -> None:
@@ -297,11 +297,11 @@ def _check_positive(owner: Any, names: tuple[str, ...]) -> None:
             raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
 
-def _check_non_negative(owner: Any, names: tuple[str, ...]) -> None:
+def _check_non_negative(owner: Any, names: tuple[str, ...], prefix: str = "") -> None:
     for name in names:
         value = getattr(owner, name)
         if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+            raise ConfigError(f"{prefix}{name} must be a finite number >= 0, got {value}")
 
 
 def _field_types(owner: type = None) -> dict[str, Any]:
@@ -365,17 +365,25 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
         raise ConfigError(f"a config must be a mapping of option names to values, got {values!r}")
     base = base or TrainConfig()
     shared = {k: v for k, v in values.items() if k not in SECTIONS}
-    section_keys = [str(k).replace("-", "_") for k in shared]
-    misplaced = [
-        k for k in section_keys if any(k in s.__dataclass_fields__ for s in SECTIONS.values())
-    ]
-    misplaced = [k for k in misplaced if k not in TrainConfig.__dataclass_fields__]
-    if misplaced:
-        owner = next(n for n, s in SECTIONS.items() if misplaced[0] in s.__dataclass_fields__)
-        raise ConfigError(
-            f"config key {misplaced[0]!r} belongs in the {owner!r} section "
-            f"({owner}: {{{misplaced[0]}: ...}})"
-        )
+    agent = shared.get("agent", base.agent)
+    # The configured agent's section first: ``epochs`` belongs to both.
+    owners = sorted(SECTIONS, key=lambda name: name != agent)
+    for key in shared:
+        name = str(key).replace("-", "_")
+        if name in TrainConfig.__dataclass_fields__:
+            continue
+        owner = next((o for o in owners if name in SECTIONS[o].__dataclass_fields__), None)
+        if owner is not None:
+            raise ConfigError(
+                f"config key {key!r} belongs in the {owner!r} section ({owner}: {{{name}: ...}})"
+            )
+        for owner in owners:
+            close = difflib.get_close_matches(name, sorted(SECTIONS[owner].__dataclass_fields__), 1)
+            if close and not difflib.get_close_matches(name, _shared_names(), 1):
+                raise ConfigError(
+                    f"unknown config key {key!r}; did you mean {close[0]!r} in the {owner!r} "
+                    f"section ({owner}: {{{close[0]}: ...}})?"
+                )
     config = dataclasses.replace(base, **_updates(shared, TrainConfig, "config"))
     for name, section_type in SECTIONS.items():
         if name not in values or values[name] is None:
@@ -390,6 +398,10 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
         )
         config = dataclasses.replace(config, **{name: section})
     return config.validate()
+
+
+def _shared_names() -> list[str]:
+    return sorted(f.name for f in fields(TrainConfig) if f.name not in SECTIONS)
 
 
 CONFIG_PACKAGE = "policycascade.configs"

@@ -81,8 +81,10 @@ class RunHarness:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         seed_everything(config.seed, config.deterministic)
-        self.data: DataSplits = data or load_dataset(
-            config.dataset, config.seed, config.data_dir, config.download
+        self.data: DataSplits = (
+            data
+            if data is not None
+            else load_dataset(config.dataset, config.seed, config.data_dir, config.download)
         )
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)

@@ -28,18 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m policycascade.train",
         description=(
-            "Train a stopping policy over a cascade of classifiers with REINFORCE and print "
-            "its test-split accuracy and cost next to each single classifier. Every option can "
-            "also come from a YAML file (--config); the command line wins. One run directory "
-            "per alpha under --logdir holds TensorBoard events, checkpoint.pt, config.yaml and "
-            "metrics.json."
+            "Train a cascade and its stopping rule (REINFORCE, or Learning to Cascade with "
+            "--agent ltc) and print its test-split accuracy and cost next to each single "
+            "classifier. Every option can also come from a YAML file or a shipped config's "
+            "name (--config); the command line wins. One run directory per run (per alpha for "
+            "REINFORCE) under --logdir holds TensorBoard events, checkpoint.pt, config.yaml "
+            "and metrics.json."
         ),
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--config",
         metavar="YAML",
-        help="YAML file of options (default: the built-in values, equal to configs/digits.yaml)",
+        help="YAML file of options, or the name of a shipped config such as cifar10-resnet "
+        "(default: the built-in values, equal to the digits config)",
     )
     parser.add_argument(
         "--resume",
@@ -151,7 +153,10 @@ def _planned_runs(args: argparse.Namespace) -> list[tuple[TrainConfig, Path, boo
             raise ConfigError(
                 f"--resume continues a run with the config saved in it; drop {options}"
             )
-        config, _ = read_run(args.resume)
+        try:
+            config, _ = read_run(args.resume)
+        except USER_ERRORS as error:
+            raise ConfigError(f"--resume: {user_message(error)}") from None
         return [(config, Path(args.resume), True)]
     config = config_from_args(args)
     logdir = Path(config.logdir)

@@ -1,6 +1,5 @@
 """DistributedDataParallel on CPU: two gloo processes train one run together."""
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from policycascade.config import TrainConfig
+from policycascade.config import ReinforceConfig, TrainConfig
 
 DEFAULT = {"pretrain_epochs": 2, "epochs": 2}
 # Frozen classifiers (no batch norm in training mode) and the exact, sampling-free policy
@@ -21,6 +20,17 @@ SPLIT_INVARIANT = {
 }
 
 
+def _config(options: dict) -> TrainConfig:
+    return TrainConfig(device="cpu", reinforce=ReinforceConfig(alpha=[0.01], **options))
+
+
+def _parameters(harness) -> dict[str, torch.Tensor]:
+    params = {f"cascade.{k}": v.clone() for k, v in harness.cascade.state_dict().items()}
+    agent = harness.algorithm.agent.state_dict()
+    params.update({f"agent.{k}": v.clone() for k, v in agent.items()})
+    return params
+
+
 def _worker(rank: int, store_path: str, run_dir: str, out_dir: str, options: dict) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2"})
     torch.set_num_threads(1)
@@ -28,17 +38,20 @@ def _worker(rank: int, store_path: str, run_dir: str, out_dir: str, options: dic
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        from policycascade.trainer import Trainer
+        from policycascade.harness import RunHarness
 
-        config = dataclasses.replace(TrainConfig(), device="cpu", **options)
-        trainer = Trainer(config, 0.01, Path(run_dir), show_progress=False)
-        writer = SummaryWriter(run_dir) if trainer.dist.is_main else None
-        trainer.run(writer)
+        harness = RunHarness(_config(options), Path(run_dir), 0.01, show_progress=False)
+        start = _parameters(harness)
+        writer = SummaryWriter(run_dir) if harness.dist.is_main else None
+
+        def log(metrics, step):
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, step)
+
+        harness.run(log if writer is not None else None)
         if writer is not None:
             writer.close()
-        params = {f"cascade.{k}": v for k, v in trainer.cascade.state_dict().items()}
-        params.update({f"agent.{k}": v for k, v in trainer.agent.state_dict().items()})
-        torch.save(params, f"{out_dir}/rank{rank}.pt")
+        torch.save({"start": start, "end": _parameters(harness)}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -52,24 +65,30 @@ def test_two_processes_keep_identical_parameters_and_write_one_run(tmp_path):
         nprocs=2,
         join=True,
     )
-    a = torch.load(tmp_path / "rank0.pt")
-    b = torch.load(tmp_path / "rank1.pt")
+    a = torch.load(tmp_path / "rank0.pt")["end"]
+    b = torch.load(tmp_path / "rank1.pt")["end"]
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
-    # the classifiers did train (not merely stay at a shared initialisation)
+    # the classifiers did train (not merely stay at a shared initialisation): every stage moved
+    start = torch.load(tmp_path / "rank0.pt")["start"]
+    for stage in range(4):
+        keys = [k for k in a if k.startswith(f"cascade.classifiers.{stage}.")]
+        assert keys, stage
+        moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in keys)
+        assert moved > 1e-3, f"classifier stage {stage} did not train"
     single = Path(run_dir)
     assert [p.name for p in single.glob("checkpoint.pt")] == ["checkpoint.pt"]
     assert len(list(single.glob("events.out.tfevents.*"))) == 1
     assert not list(single.glob(".checkpoint.pt.tmp-*"))
     checkpoint = torch.load(single / "checkpoint.pt", weights_only=False)
     assert checkpoint["epoch"] == 4
-    for key, value in checkpoint["cascade"].items():
+    for key, value in checkpoint["state"]["cascade"].items():
         torch.testing.assert_close(value, a[f"cascade.{key}"], rtol=0, atol=0)
 
 
 def test_two_processes_equal_single_process_training_up_to_the_batch_split(tmp_path):
-    from policycascade.trainer import Trainer
+    from policycascade.harness import RunHarness
 
     (tmp_path / "two").mkdir()
     mp.spawn(
@@ -78,13 +97,13 @@ def test_two_processes_equal_single_process_training_up_to_the_batch_split(tmp_p
         nprocs=2,
         join=True,
     )
-    config = dataclasses.replace(TrainConfig(), device="cpu", **SPLIT_INVARIANT)
-    single = Trainer(config, 0.01, tmp_path, show_progress=False)
-    start = {k: v.clone() for k, v in single.agent.state_dict().items()}
-    single.run(None)
-    two = torch.load(tmp_path / "rank0.pt")
+    single = RunHarness(_config(SPLIT_INVARIANT), tmp_path, 0.01, show_progress=False)
+    agent = single.algorithm.agent
+    start = {k: v.clone() for k, v in agent.state_dict().items()}
+    single.run()
+    two = torch.load(tmp_path / "rank0.pt")["end"]
     moved = 0.0
-    for key, value in single.agent.state_dict().items():
+    for key, value in agent.state_dict().items():
         torch.testing.assert_close(
             two[f"agent.{key}"], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}"
         )

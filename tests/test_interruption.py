@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from policycascade.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_atomic
@@ -127,12 +128,18 @@ def test_sigterm_stops_after_a_saved_epoch_and_resume_finishes(tmp_path):
 
     state = load_checkpoint(run_dir)
     finished = state["epoch"]
-    assert 1 <= finished < 202 and state["config"]["epochs"] == 200
-    # Lower the run's length so that the resumed run trains two more epochs and ends.
-    pretrain = state["config"]["pretrain_epochs"]
-    state["config"]["epochs"] = max(finished - pretrain, 0) + 2
-    total = pretrain + state["config"]["epochs"]
+    assert 1 <= finished < 202 and state["config"]["reinforce"]["epochs"] == 200
+    assert not (run_dir / "metrics.json").exists()
+    # Lower the run's length (checkpoint and config.yaml alike) so that the resumed run
+    # trains two more epochs and ends.
+    pretrain = state["config"]["reinforce"]["pretrain_epochs"]
+    epochs = max(finished - pretrain, 0) + 2
+    total = pretrain + epochs
+    state["config"]["reinforce"]["epochs"] = epochs
     torch.save(state, run_dir / CHECKPOINT_NAME)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["reinforce"]["epochs"] = epochs
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     # The same entry point as `python -m policycascade.train --resume RUN_DIR`, run in-process
     # to spare a second torch import.
@@ -150,29 +157,31 @@ def test_sigterm_stops_after_a_saved_epoch_and_resume_finishes(tmp_path):
 
 
 def test_ltc_run_interrupted_after_a_saved_epoch_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import policycascade.ltc_run as ltc_run
+    import policycascade.harness as harness
 
-    fast = ["--agent", "ltc", "--pretrain-epochs", "3", "--no-progress", "--device", "cpu"]
+    fast = ["--agent", "ltc", "--ltc-epochs", "2", "--no-progress", "--device", "cpu"]
     assert main([*fast, "--logdir", str(tmp_path / "a")]) == 0
     saves = {"count": 0}
-    real_save = ltc_run.save_atomic
+    real_save = harness.save_atomic
 
     def save_then_signal(state, path):
         real_save(state, path)
         saves["count"] += 1
-        if saves["count"] == 5:  # part 1 (the MLP-256), epoch 2 of 3
+        if saves["count"] == 3:  # part 1 (the MLP-256), epoch 1 of 2
             signal.raise_signal(signal.SIGTERM)
 
-    monkeypatch.setattr(ltc_run, "save_atomic", save_then_signal)
+    monkeypatch.setattr(harness, "save_atomic", save_then_signal)
     assert main([*fast, "--logdir", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(ltc_run, "save_atomic", real_save)
+    monkeypatch.setattr(harness, "save_atomic", real_save)
     (run_b,) = (tmp_path / "b").iterdir()
     state = torch.load(run_b / "checkpoint.pt", weights_only=False)
-    assert state["thresholds"] is None and state["progress"]["part"] == 1
-    assert state["progress"]["fit"]["epoch"] == 2
+    assert state["algorithm"] == "ltc" and state["epoch"] == 3
+    assert state["state"]["thresholds"] is None and state["state"]["part"]["part"] == 1
+    assert state["state"]["part"]["schedule"]["last_epoch"] == 1  # 1 epoch of part 1 done
     assert not (run_b / "metrics.json").exists()
     assert main(["--resume", str(run_b), "--no-progress"]) == 0
     (run_a,) = (tmp_path / "a").iterdir()
     a = json.loads((run_a / "metrics.json").read_text())
     b = json.loads((run_b / "metrics.json").read_text())
+    assert a["thresholds"] is not None and a["epochs_trained"] == 8
     assert a == b  # bit for bit on the CPU

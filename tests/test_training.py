@@ -1,126 +1,117 @@
+"""Training through the run harness: learning, resume, NaN checks, precision, loading runs back."""
+
 import dataclasses
 import json
+import math
+import shutil
 
 import pytest
 import torch
-from torch.utils.tensorboard import SummaryWriter
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from policycascade.config import TrainConfig
+from policycascade.agents.reinforce_training import ReinforceTraining
+from policycascade.config import ConfigError, ReinforceConfig, TrainConfig
+from policycascade.harness import NonFiniteError, RunHarness
+from policycascade.runs import load_run, train_run
 from policycascade.supervised import cross_entropy_all_stages
 from policycascade.train import main
-from policycascade.trainer import Trainer
+
+
+def tiny(alpha: float = 0.01, **reinforce) -> TrainConfig:
+    """The digits defaults on the CPU with a short REINFORCE schedule."""
+    return TrainConfig(device="cpu", reinforce=ReinforceConfig(alpha=[alpha], **reinforce))
+
+
+def lengthen(run_dir, epochs: int) -> None:
+    """Give a run more REINFORCE epochs: its checkpoint and its config.yaml, kept in step."""
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state["config"]["reinforce"]["epochs"] = epochs
+    torch.save(state, run_dir / "checkpoint.pt")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["reinforce"]["epochs"] = epochs
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_short_training_raises_validation_reward(tmp_path, freeze):
-    config = dataclasses.replace(
-        TrainConfig(), pretrain_epochs=15, epochs=25, freeze_classifiers=freeze
-    )
-    trainer = Trainer(config, alpha=0.01, run_dir=tmp_path, show_progress=False)
-    trainer.run(SummaryWriter(str(tmp_path)))
-    rewards = [h["val/expected_reward"] for h in trainer.history]
-    at_policy_start = rewards[config.pretrain_epochs - 1]  # stopping modules still untrained
+    config = tiny(pretrain_epochs=15, epochs=25, freeze_classifiers=freeze)
+    harness = RunHarness(config, tmp_path, alpha=0.01, show_progress=False)
+    harness.run()
+    rewards = [h["val/expected_reward"] for h in harness.history]
+    assert len(rewards) == 40
+    at_policy_start = rewards[config.reinforce.pretrain_epochs - 1]  # stopping modules untrained
     assert max(rewards[-3:]) > at_policy_start + 0.05
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # Bit-for-bit is promised on the CPU; CUDA kernels may differ run to run.
-    fast = ["--alpha", "0.01", "--pretrain-epochs", "2", "--no-progress", "--device", "cpu"]
-    assert main([*fast, "--epochs", "4", "--logdir", str(tmp_path / "a")]) == 0
-    assert main([*fast, "--epochs", "4", "--logdir", str(tmp_path / "b")]) == 0
+    fast = ["--alpha", "0.01", "--pretrain-epochs", "1", "--no-progress", "--device", "cpu"]
+    assert main([*fast, "--epochs", "2", "--logdir", str(tmp_path / "a")]) == 0
+    assert main([*fast, "--epochs", "2", "--logdir", str(tmp_path / "b")]) == 0
     (full,) = (tmp_path / "a").iterdir()
     (other,) = (tmp_path / "b").iterdir()
-    # Rewind run b to its state after epoch 3 by retraining 3 epochs, then resume it.
+    # A run that stopped after 2 of the 3 epochs, in the middle of REINFORCE: train 1 + 1,
+    # then give it a second REINFORCE epoch and resume.
     assert main([*fast, "--epochs", "1", "--logdir", str(tmp_path / "c")]) == 0
     (short,) = (tmp_path / "c").iterdir()
-    state = torch.load(short / "checkpoint.pt", weights_only=False)
-    state["config"]["epochs"] = 4
-    torch.save(state, short / "checkpoint.pt")
+    lengthen(short, 2)
     assert main(["--resume", str(short), "--no-progress"]) == 0
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((other / "metrics.json").read_text())
     c = json.loads((short / "metrics.json").read_text())
+    assert a["epochs_trained"] == c["epochs_trained"] == 3
     assert a == b  # same seed, same config: identical metrics
-    assert c == a  # stopped after 3 of 6 epochs and resumed: identical too
+    assert c == a  # stopped after 2 of 3 epochs and resumed: identical too
 
 
-def test_non_finite_loss_stops_naming_epoch_step_and_stage_and_keeps_last_checkpoint(tmp_path):
-    import math
+def test_non_finite_loss_stops_naming_epoch_step_and_stage_and_keeps_last_checkpoint(
+    tmp_path, monkeypatch
+):
+    original = ReinforceTraining.train_epoch
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from policycascade.trainer import NonFiniteError
-
-    config = dataclasses.replace(TrainConfig(), pretrain_epochs=3, epochs=0)
-    trainer = Trainer(config, alpha=0.01, run_dir=tmp_path, show_progress=False)
-    original = trainer._pretrain_epoch
-
-    def poisoned_second_epoch():
-        if trainer.epoch == 1:
+    def poisoned_second_epoch(self, epoch):
+        if epoch == 1:
             with torch.no_grad():
-                trainer.cascade.classifiers[2][1].weight.fill_(float("nan"))
-        return original()
+                self.cascade.classifiers[2][1].weight.fill_(float("nan"))
+        return original(self, epoch)
 
-    trainer._pretrain_epoch = poisoned_second_epoch
-    writer = SummaryWriter(str(tmp_path))
+    monkeypatch.setattr(ReinforceTraining, "train_epoch", poisoned_second_epoch)
+    run_dir = tmp_path / "run"
     with pytest.raises(
         NonFiniteError,
         match=r"epoch 2, step 1: classifier stage 2 \('mlp-256'\).*checkpoint \(epoch 1\)",
     ):
-        trainer.run(writer)
-    writer.close()
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        train_run(tiny(pretrain_epochs=3, epochs=0), run_dir, show_progress=False)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert saved["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in saved["cascade"].values() if v.is_floating_point())
-    events = EventAccumulator(str(tmp_path))
+    cascade = saved["state"]["cascade"]
+    assert all(torch.isfinite(v).all() for v in cascade.values() if v.is_floating_point())
+    assert not (run_dir / "metrics.json").exists()
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("val/accuracy")] == [1]
     assert not math.isnan(events.Scalars("val/accuracy")[0].value)
 
 
-@pytest.mark.parametrize(
-    "inputs, least_agreement",
-    # a max over class positions is hard for a 16-unit module: measured 97.2% there
-    [("sorted-log-probs", 0.98), ("log-probs", 0.9)],
-)
-def test_warm_start_imitates_the_best_reward_threshold_rule(tmp_path, inputs, least_agreement):
-    from policycascade.agents.rules import stop_decisions
-    from policycascade.agents.thresholds import ThresholdSearch
-
-    config = dataclasses.replace(
-        TrainConfig(), pretrain_epochs=3, epochs=1, policy_init="max-softmax", policy_inputs=inputs
-    )
-    trainer = Trainer(config, alpha=0.03, run_dir=tmp_path, show_progress=False)
-    for _ in range(3):
-        trainer._pretrain_epoch()
-    report = trainer._warm_start_policy()
-    val = trainer.outputs("val")
-    rule = ThresholdSearch(val.probs, val.labels, trainer.costs, "max-softmax").for_reward(0.03)
-    expected = stop_decisions(rule, val.probs)
-    learned = stop_decisions(trainer.agent.policy, val.probs)
-    assert 0.05 < float(expected[:, :-1].float().mean()) < 0.95  # the rule really decides
-    agreement = float((learned[:, :-1] == expected[:, :-1]).float().mean())
-    assert agreement >= least_agreement
-    assert report["policy/warm_start_agreement"] == pytest.approx(agreement)
-
-
 def test_bf16_autocast_and_channels_last_reach_the_classifiers(tmp_path):
-    base = dataclasses.replace(TrainConfig(), pretrain_epochs=1, epochs=1, device="cpu")
-    fp32 = Trainer(base, alpha=0.01, run_dir=tmp_path, show_progress=False)
+    base = tiny(pretrain_epochs=1, epochs=1)
+    fp32 = RunHarness(base, tmp_path, alpha=0.01, show_progress=False)
     config = dataclasses.replace(base, precision="bf16", channels_last=True)
-    bf16 = Trainer(config, alpha=0.01, run_dir=tmp_path, show_progress=False)
+    bf16 = RunHarness(config, tmp_path, alpha=0.01, show_progress=False)
     cnn = bf16.cascade.classifiers[-1]
     conv = next(m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x = bf16._inputs(bf16.data.val.x[:64])
+    x = bf16.inputs(bf16.data.val.x[:64])
     assert x.is_contiguous(memory_format=torch.channels_last)
     bf16.cascade.load_state_dict(fp32.cascade.state_dict())
-    low, full = bf16._eval_logits(bf16.data.val.x[:64]), fp32._eval_logits(fp32.data.val.x[:64])
+    low = bf16.eval_logits(bf16.cascade, bf16.data.val.x[:64])
+    full = fp32.eval_logits(fp32.cascade, fp32.data.val.x[:64])
     assert low.dtype == full.dtype == torch.float32  # the policy and losses see fp32
     difference = float((low - full).abs().max())
     assert 0 < difference < 0.1 * float(full.abs().max())  # rounded to bf16, not another model
-    x, y = bf16._split_on_device("train")
-    cross_entropy_all_stages(bf16._classify(bf16.cascade, bf16._inputs(x[:64])), y[:64]).backward()
+    x, y = bf16.split_on_device("train")
+    cross_entropy_all_stages(bf16.classify(bf16.cascade, bf16.inputs(x[:64])), y[:64]).backward()
     assert all(torch.isfinite(p.grad).all() for p in bf16.cascade.parameters())
 
 
@@ -149,14 +140,76 @@ def test_fused_optimizer_takes_the_same_step_as_the_default_one(name):
 
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_step(tmp_path):
-    from policycascade.trainer import NonFiniteError
-
-    config = dataclasses.replace(TrainConfig(), pretrain_epochs=1, epochs=0)
-    trainer = Trainer(config, alpha=0.01, run_dir=tmp_path, show_progress=False)
-    weight = trainer.cascade.classifiers[1][2].weight
+    harness = RunHarness(tiny(pretrain_epochs=1, epochs=0), tmp_path, 0.01, show_progress=False)
+    weight = harness.cascade.classifiers[1][2].weight
     before = weight.detach().clone()
     weight.register_hook(lambda grad: grad * float("inf"))
     with pytest.raises(NonFiniteError, match=r"classifier stage 1 \('mlp-4x4'\).*step 1") as error:
-        trainer._pretrain_epoch()
+        harness.algorithm.pretrain_step(torch.arange(64))
     assert "No checkpoint was written: the run failed in its first epoch" in str(error.value)
     assert torch.equal(weight.detach(), before)  # the optimiser never stepped
+
+
+def _parameters(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_joint_step_updates_the_policy_and_the_classifiers_unless_frozen(tmp_path, freeze):
+    harness = RunHarness(
+        tiny(pretrain_epochs=1, epochs=1, freeze_classifiers=freeze),
+        tmp_path,
+        0.01,
+        show_progress=False,
+    )
+    training = harness.algorithm
+    classifiers, policy = _parameters(training.cascade), _parameters(training.agent)
+    step, supervised = training.joint_step(torch.arange(64), torch.arange(64, 96))
+    assert step.returns.shape == (1, 32)  # (rollout, batch): the 32 held-out samples
+    assert not torch.equal(_parameters(training.agent), policy)
+    if freeze:
+        assert float(supervised) == 0.0
+        assert torch.equal(_parameters(training.cascade), classifiers)
+    else:
+        assert float(supervised) > 0.0
+        assert not torch.equal(_parameters(training.cascade), classifiers)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2 + 1 epoch REINFORCE run: (config, run directory)."""
+    config = tiny(pretrain_epochs=2, epochs=1)
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    train_run(config, run_dir, show_progress=False)
+    return config, run_dir
+
+
+def test_load_run_gives_back_the_run_as_it_was_trained(tiny_run):
+    config, run_dir = tiny_run
+    run = load_run(run_dir)
+    assert run.config == config and run.finished
+    assert run.metrics == json.loads((run_dir / "metrics.json").read_text())
+    assert run.rule is not None
+    test = run.outputs("test")
+    assert test.probs.shape == (len(run.data.test.y), 4, 10)  # (sample, stage, class)
+    assert torch.equal(test.labels, run.data.test.y)
+    # The loaded cascade and policy score the test split exactly as the run did.
+    again = run.evaluate("test")
+    for key in ("accuracy", "mean_macs", "macs_share", "exit_distribution", "expected_reward"):
+        assert again[key] == pytest.approx(run.metrics[key], rel=1e-6), key
+    assert run.evaluate("val")["accuracy"] == pytest.approx(run.metrics["val"]["accuracy"])
+
+
+def test_load_run_and_resume_refuse_a_run_whose_config_yaml_was_edited(tiny_run, tmp_path):
+    config, original = tiny_run
+    run_dir = tmp_path / "edited"
+    shutil.copytree(original, run_dir)
+    edited = yaml.safe_load((run_dir / "config.yaml").read_text())
+    edited["reinforce"]["baseline"] = "none"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    message = r"config.yaml and the checkpoint disagree \(reinforce.baseline: 'none'"
+    with pytest.raises(ConfigError, match=message):
+        load_run(run_dir)
+    with pytest.raises(ConfigError, match=message):
+        train_run(config, run_dir, resume=True, show_progress=False)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] == 3  # untouched
