@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from policycascade.cascade import Cascade
 from policycascade.models.digits import DIGITS_STAGE_NAMES, digits_classifiers
 from policycascade.models.paper import PAPER_CASCADES, cost_table
+from policycascade.models.pretrained import pretrained_cascade, torchvision_classifier
 from policycascade.models.specialist import SPECIALIST_STAGE_NAMES, specialist_classifiers
 
 CASCADES = ["digits", "specialist", *PAPER_CASCADES]
@@ -33,4 +34,12 @@ def build_cascade(name: str, input_shape: Sequence[int], num_classes: int) -> Ca
     raise ValueError(f"cascade must be one of {CASCADES}, got {name!r}")
 
 
-__all__ = ["CASCADES", "PAPER_CASCADES", "build_cascade", "cost_table", "digits_classifiers"]
+__all__ = [
+    "CASCADES",
+    "PAPER_CASCADES",
+    "build_cascade",
+    "cost_table",
+    "digits_classifiers",
+    "pretrained_cascade",
+    "torchvision_classifier",
+]
