@@ -7,15 +7,24 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from policycascade.agents.thresholds import ALL_CRITERIA, CRITERIA
 from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
+from policycascade.compare.extras import parse_shift, shift_reports, subset_report
 from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
-from policycascade.compare.report import format_summary, make_figures, write_tensorboard
+from policycascade.compare.report import (
+    format_extras,
+    format_summary,
+    make_figures,
+    write_tensorboard,
+)
 from policycascade.compare.rows import aggregate, write_csv
 from policycascade.compare.runs import compare_run, expand_run_dirs
 from policycascade.compare.savings import run_savings
 from policycascade.config import HelpFormatter
 from policycascade.jsonio import write_json
+from policycascade.runs import load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="operating points on each rule's trade-off curve",
     )
     parser.add_argument(
+        "--subsets",
+        action="store_true",
+        help="also find each run's best sub-cascade (subsets ending with its largest "
+        "classifier): the one whose max-softmax rule reaches the last classifier's validation "
+        "accuracy with the fewest validation MACs, reported on test",
+    )
+    parser.add_argument(
+        "--shift",
+        nargs="+",
+        default=[],
+        metavar="KIND:SEVERITY",
+        help="also measure every run's own rule and the max-softmax rule on corrupted test "
+        "images (noise, blur or contrast, severity 1..5), before and after refitting each "
+        "rule to its clean exit shares on corrupted validation images (no labels)",
+    )
+    parser.add_argument(
         "--no-reference",
         action="store_true",
         help="skip the reference: the run's classifier family trained independently with the "
@@ -101,15 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             args.temperature,
             args.sweep_points,
         ).validate()
+        shifts = [parse_shift(text) for text in args.shift]
         run_dirs = expand_run_dirs(args.runs)
         out = _output_dir(args.out)
-        rows = []
-        for run_dir in run_dirs:
-            print(f"evaluating {run_dir.name}", file=sys.stderr)
+        rows, extras = [], {"subsets": [], "shift": []}
+        for run_dir in tqdm(run_dirs, desc="runs", leave=False, disable=len(run_dirs) < 2):
             try:
+                run = load_run(run_dir)
                 rows += compare_run(
-                    run_dir, options, out / "reference", reference=not args.no_reference
+                    run, options, out / "reference", reference=not args.no_reference
                 )
+                if args.subsets:
+                    extras["subsets"].append(subset_report(run, options.sweep_points))
+                extras["shift"] += [shift_reports(run, kind, level) for kind, level in shifts]
             except USER_ERRORS as error:
                 raise ValueError(f"run {run_dir}: {user_message(error)}") from None
     except USER_ERRORS as error:
@@ -121,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [r.as_dict() for r in rows],
         "aggregated": [vars(a) for a in aggregated],
         "savings": [s.as_dict() for s in savings],
+        **{key: value for key, value in extras.items() if value},
     }
     write_json(out / "comparison.json", payload, indent=1)
     write_csv(out / "comparison.csv", rows)
@@ -130,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=130)
     write_tensorboard(out, aggregated, savings, figures, rows)
     print(format_summary(aggregated, savings))
+    print(format_extras(extras))
     print(
         f"\nwrote {out}/comparison.json, comparison.csv, tradeoff.png, accuracy_by_exit.png, "
         f"tensorboard/ (tensorboard --logdir {out}/tensorboard)"

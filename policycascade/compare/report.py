@@ -189,3 +189,24 @@ def write_tensorboard(
             hparams["alpha"] = float(row.alpha)
         writer.add_hparams(hparams, metrics, run_name=".")
         writer.close()
+
+
+def format_extras(extras: dict[str, list[dict[str, Any]]]) -> str:
+    """One line per best sub-cascade and per shifted policy."""
+    lines = []
+    for s in extras.get("subsets", []):
+        best, saved = s["best"], s["macs_saved"]
+        saved_text = "n/a" if saved is None else f"{saved:+.1%}"
+        lines.append(
+            f"best sub-cascade of {s['run']}: {'+'.join(best['names'])} (chosen on validation); "
+            f"test MACs saved vs the full cascade at equal accuracy {saved_text}"
+        )
+    for shift in extras.get("shift", []):
+        for name, r in shift["policies"].items():
+            lines.append(
+                f"{shift['shift']} {shift['run'][:40]} {name}: accuracy "
+                f"{r['in_accuracy']:.2%} -> {r['shifted_accuracy']:.2%}, MACs "
+                f"{r['in_mean_macs']:,.0f} -> {r['shifted_mean_macs']:,.0f}, exit drift "
+                f"{r['exit_drift_tv']:.3f} (total variation)"
+            )
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ from policycascade.checkpoint import CHECKPOINT_NAME
 from policycascade.compare.policies import CompareOptions, Matched, compare_outputs, rule_rows
 from policycascade.compare.reference import REFERENCE, reference_outputs
 from policycascade.compare.rows import Row, make_row
-from policycascade.runs import LoadedRun, load_run
+from policycascade.runs import LoadedRun
 
 
 def expand_run_dirs(paths: list[str]) -> list[Path]:
@@ -39,7 +39,7 @@ def run_meta(run: LoadedRun) -> dict:
 
 
 def compare_run(
-    run_dir: Path,
+    run: LoadedRun,
     options: CompareOptions,
     reference_cache: Path | None = None,
     reference: bool = True,
@@ -49,12 +49,11 @@ def compare_run(
     With ``reference``, classifiers trained independently with the run's epoch budget
     (:mod:`policycascade.compare.reference`) get the same rules: the user's alternative.
     """
-    run = load_run(run_dir)
     if not run.finished or run.rule is None:
         raise ValueError(
-            f"run {run_dir} has not finished training (epoch {run.harness.epoch} of "
+            f"run {run.run_dir} has not finished training (epoch {run.harness.epoch} of "
             f"{run.harness.algorithm.num_epochs}); continue it with "
-            f"policycascade train --resume {run_dir}"
+            f"policycascade train --resume {run.run_dir}"
         )
     val, test = run.outputs("val"), run.outputs("test")
     meta = run_meta(run)
