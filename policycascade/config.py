@@ -199,7 +199,12 @@ class TrainConfig:
     )
     cascade: str = _opt("digits", "classifier family that forms the cascade", tuple(CASCADES))
     agent: str = _opt(
-        "reinforce", "algorithm that trains the cascade and its stopping rule", AGENTS
+        "continuation",
+        "algorithm that trains the cascade and its stopping rule: 'continuation' (independent "
+        "classifiers, then a stopping rule fitted by continuation-value regression on "
+        "cross-fitted outputs), 'reinforce' (Guan et al.: joint REINFORCE) or 'ltc' (Learning "
+        "to Cascade with max-softmax thresholds)",
+        AGENTS,
     )
     batch_size: int = _opt(64, "training mini-batch size")
     optimizer: str = _opt("adam", "optimiser of the classifiers", OPTIMIZERS)
@@ -467,8 +472,15 @@ def _cli_options() -> list[tuple[str | None, Any, str]]:
     options = [o for o in options if o[1].name not in SECTIONS]
     for section, section_type in SECTIONS.items():
         for f in fields(section_type):
+            if f.name == "alpha" and section != ALPHA_FLAG_SECTION:
+                continue  # one --alpha for every algorithm that has one (config_from_args)
             options.append((section, f, "--" + CLI_PREFIX[section] + f.name.replace("_", "-")))
     return options
+
+
+# ``--alpha`` is declared once, with the REINFORCE section's field, and goes to the section of
+# whichever agent is chosen (every algorithm with a reward has an ``alpha``).
+ALPHA_FLAG_SECTION = "reinforce"
 
 
 def _dest(section: str | None, name: str) -> str:
@@ -497,6 +509,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             "help": help_text,
         }
         group = groups[section]
+        if flag == "--alpha":
+            group = groups[None]
+            kwargs["help"] = (
+                "cost weight(s) in the reward -loss - alpha * cost (cost 1 = the most expensive "
+                f"classifier) of every agent but ltc; several values train one run each "
+                f"(default: {default})"
+            )
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -538,6 +557,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         else:
             values.setdefault(section, {})[f.name] = value
     agent = values.get("agent", base.agent)
+    alpha = values.get(ALPHA_FLAG_SECTION, {}).get("alpha")
+    if alpha is not None and agent != ALPHA_FLAG_SECTION:
+        del values[ALPHA_FLAG_SECTION]["alpha"]
+        if not values[ALPHA_FLAG_SECTION]:
+            del values[ALPHA_FLAG_SECTION]
+        if "alpha" not in SECTIONS[agent].__dataclass_fields__:
+            raise ConfigError(
+                f"--alpha does not apply to --agent {agent} (it picks its operating point "
+                "otherwise; see --help)"
+            )
+        values.setdefault(agent, {})["alpha"] = alpha
     for section in SECTIONS:
         if section in values and section != agent:
             flags = [
