@@ -317,8 +317,9 @@ class RunHarness:
         }
 
     def save(self) -> None:
-        """Write the checkpoint atomically (main process only)."""
+        """Write the checkpoint atomically (main process only), creating ``run_dir`` if needed."""
         if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
     def load(self, checkpoint: dict[str, Any]) -> None:

@@ -35,11 +35,13 @@ def lengthen(run_dir, epochs: int) -> None:
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_short_training_raises_validation_reward(tmp_path, freeze):
-    config = tiny(pretrain_epochs=15, epochs=25, freeze_classifiers=freeze)
-    harness = RunHarness(config, tmp_path, alpha=0.01, show_progress=False)
+    # Measured: the reward gains about 0.1 over its value at the policy's start within 6
+    # REINFORCE epochs and stays there (joint and frozen alike).
+    config = tiny(pretrain_epochs=15, epochs=10, freeze_classifiers=freeze)
+    harness = RunHarness(config, tmp_path / "run", alpha=0.01, show_progress=False)
     harness.run()
     rewards = [h["val/expected_reward"] for h in harness.history]
-    assert len(rewards) == 40
+    assert len(rewards) == 25
     at_policy_start = rewards[config.reinforce.pretrain_epochs - 1]  # stopping modules untrained
     assert max(rewards[-3:]) > at_policy_start + 0.05
 
