@@ -12,6 +12,7 @@ from policycascade import cli, runs
 from policycascade.agents.reinforce_training import ReinforceTraining
 from policycascade.config import (
     ConfigError,
+    ContinuationConfig,
     LtcConfig,
     ReinforceConfig,
     TrainConfig,
@@ -23,8 +24,18 @@ from policycascade.runs import unique_run_dir
 from policycascade.train import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--pretrain-epochs", "3", "--epochs", "2", "--no-progress"]
-TINY = ["--pretrain-epochs", "1", "--epochs", "0", "--no-progress", "--device", "cpu"]
+FAST = ["--agent", "reinforce", "--pretrain-epochs", "3", "--epochs", "2", "--no-progress"]
+TINY = [
+    "--agent",
+    "reinforce",
+    "--pretrain-epochs",
+    "1",
+    "--epochs",
+    "0",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_digits_yaml_equals_the_defaults():
@@ -48,7 +59,7 @@ def test_unknown_key_gets_did_you_mean_and_bad_types_name_the_field():
     with pytest.raises(
         ConfigError, match="unknown reinforce section key 'baselin'; did you mean 'baseline'"
     ):
-        config_from_dict({"reinforce": {"baselin": "none"}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"baselin": "none"}})
     with pytest.raises(
         ConfigError, match="unknown config key 'baselin'; did you mean 'baseline' in the 'reinf"
     ):
@@ -56,20 +67,22 @@ def test_unknown_key_gets_did_you_mean_and_bad_types_name_the_field():
     with pytest.raises(ConfigError, match="unknown config key 'seeed'; did you mean 'seed'"):
         config_from_dict({"seeed": 1})
     with pytest.raises(ConfigError, match="epochs must be an integer, got 'ten'"):
-        config_from_dict({"reinforce": {"epochs": "ten"}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"epochs": "ten"}})
     with pytest.raises(ConfigError, match="alpha must be finite and >= 0, got -0.1"):
-        config_from_dict({"reinforce": {"alpha": -0.1}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"alpha": -0.1}})
     with pytest.raises(ConfigError, match="baseline must be one of"):
-        config_from_dict({"reinforce": {"baseline": "mean"}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"baseline": "mean"}})
     with pytest.raises(ConfigError, match="leave-one-out' needs rollouts >= 2"):
-        config_from_dict({"reinforce": {"baseline": "leave-one-out"}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"baseline": "leave-one-out"}})
     with pytest.raises(ConfigError, match=r"alpha lists a value twice: \[0.1, 0.1\]"):
-        config_from_dict({"reinforce": {"alpha": [0.1, 0.1]}})
+        config_from_dict({"agent": "reinforce", "reinforce": {"alpha": [0.1, 0.1]}})
 
 
 def test_an_option_outside_its_section_names_the_section_of_the_agent():
+    with pytest.raises(ConfigError, match="'alpha' belongs in the 'continuation' section"):
+        config_from_dict({"alpha": 0.1})  # the default agent's
     with pytest.raises(ConfigError, match="'alpha' belongs in the 'reinforce' section"):
-        config_from_dict({"alpha": 0.1})
+        config_from_dict({"agent": "reinforce", "alpha": 0.1})
     # ``epochs`` is an option of both algorithms: the configured agent's section is meant
     with pytest.raises(ConfigError, match="'epochs' belongs in the 'reinforce' section"):
         config_from_dict({"epochs": 3})
@@ -80,8 +93,10 @@ def test_an_option_outside_its_section_names_the_section_of_the_agent():
 def test_a_section_of_the_other_algorithm_is_rejected():
     with pytest.raises(ConfigError, match="a 'reinforce' section but agent is 'ltc'"):
         config_from_dict({"agent": "ltc", "reinforce": {"alpha": [0.1]}})
-    with pytest.raises(ConfigError, match="a 'ltc' section but agent is 'reinforce'"):
+    with pytest.raises(ConfigError, match="a 'ltc' section but agent is 'continuation'"):
         config_from_dict({"ltc": {"cost": 0.3}})
+    with pytest.raises(ConfigError, match="a 'reinforce' section but agent is 'continuation'"):
+        config_from_dict({"reinforce": {"baseline": "none"}})
     ltc = config_from_dict({"agent": "ltc", "ltc": {"cost": 0.3, "epochs": 2}})
     assert ltc.ltc == LtcConfig(cost=0.3, epochs=2) and ltc.reinforce == ReinforceConfig()
     assert set(ltc.to_dict()) & {"reinforce", "ltc"} == {"ltc"}  # only the agent's section
@@ -94,8 +109,15 @@ def test_a_flag_of_the_other_algorithm_is_rejected():
     with pytest.raises(ConfigError, match="--ltc-cost applies to --agent ltc only"):
         config_from_args(parser.parse_args(["--ltc-cost", "0.3"]))
     # the agent may come from the config file
-    with pytest.raises(ConfigError, match="--alpha applies to --agent reinforce only"):
+    with pytest.raises(ConfigError, match="--alpha does not apply to --agent ltc"):
         config_from_args(parser.parse_args(["--config", "ltc-cifar100-2", "--alpha", "0.1"]))
+    with pytest.raises(ConfigError, match="--baseline applies to --agent reinforce only"):
+        config_from_args(parser.parse_args(["--baseline", "none"]))  # the default agent
+    # --alpha goes to the section of whichever agent is chosen
+    parsed = config_from_args(parser.parse_args(["--alpha", "0.02", "0.05"]))
+    assert parsed.continuation.alpha == [0.02, 0.05] and parsed.reinforce.alpha == [1e-3]
+    parsed = config_from_args(parser.parse_args(["--agent", "reinforce", "--alpha", "0.02"]))
+    assert parsed.reinforce.alpha == [0.02] and parsed.continuation.alpha == [1e-3]
     config = config_from_args(parser.parse_args(["--agent", "ltc", "--ltc-epochs", "2"]))
     assert config.agent == "ltc" and config.ltc.epochs == 2
 
@@ -104,14 +126,15 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    flags = [
-        f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in ("reinforce", "ltc")
-    ]
+    sections = ("reinforce", "ltc", "continuation")
+    flags = [f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.name not in sections]
     flags += [f"--{f.name}" for f in dataclasses.fields(ReinforceConfig)]
     flags += [f"--ltc-{f.name}" for f in dataclasses.fields(LtcConfig)]
+    flags += [f"--cv-{f.name}" for f in dataclasses.fields(ContinuationConfig) if f.name != "alpha"]
     for flag in flags:
         assert flag.replace("_", "-") in text, flag
     assert "REINFORCE options" in text and "Learning-to-Cascade options" in text
+    assert "continuation-value learner options" in text
     for flag in ("--config", "--resume", "--device", "--logdir"):
         assert flag in text
     # each config option states its own default once; the CLI's None placeholder never shows
@@ -234,6 +257,7 @@ def test_a_value_error_inside_training_is_a_bug_with_a_traceback_not_a_usage_err
         raise ValueError("shapes do not line up")
 
     monkeypatch.setattr(ReinforceTraining, "pretrain_step", broken_step)
-    argv = ["--pretrain-epochs", "1", "--epochs", "0", "--no-progress", "--logdir", str(tmp_path)]
+    argv = ["--agent", "reinforce", "--pretrain-epochs", "1", "--epochs", "0", "--no-progress"]
+    argv += ["--logdir", str(tmp_path)]
     with pytest.raises(RuntimeError, match="training failed unexpectedly: shapes do not line up"):
         main(argv)

@@ -21,7 +21,9 @@ SPLIT_INVARIANT = {
 
 
 def _config(options: dict) -> TrainConfig:
-    return TrainConfig(device="cpu", reinforce=ReinforceConfig(alpha=[0.01], **options))
+    return TrainConfig(
+        device="cpu", agent="reinforce", reinforce=ReinforceConfig(alpha=[0.01], **options)
+    )
 
 
 def _parameters(harness) -> dict[str, torch.Tensor]:

@@ -103,7 +103,17 @@ def test_sigterm_stops_after_a_saved_epoch_and_resume_finishes(tmp_path):
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen(
-            [*command, "--alpha", "0.01", "--pretrain-epochs", "2", "--epochs", "200"]
+            [
+                *command,
+                "--agent",
+                "reinforce",
+                "--alpha",
+                "0.01",
+                "--pretrain-epochs",
+                "2",
+                "--epochs",
+                "200",
+            ]
             + ["--logdir", str(logdir)],
             stdout=stdout,
             stderr=stderr,

@@ -11,6 +11,7 @@ from torch import nn
 import policycascade
 from policycascade.envs import CascadeStoppingEnv, CascadeStoppingVectorEnv
 
+
 def test_digits_id_is_registered_and_passes_env_checker():
     env = gym.make("policycascade/DigitsCascade-v0", alpha=1e-3, split="val")
     assert isinstance(env.unwrapped, CascadeStoppingEnv)

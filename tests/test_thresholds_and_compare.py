@@ -231,7 +231,8 @@ FAST = ["--no-progress", "--device", "cpu"]
 def tiny_runs(tmp_path_factory):
     """Three finished runs (REINFORCE, LtC, multi-exit LtC) and one interrupted after epoch 1."""
     root = tmp_path_factory.mktemp("runs")
-    reinforce = ["--alpha", "0.01", "--pretrain-epochs", "2", "--epochs", "1", *FAST]
+    reinforce = ["--agent", "reinforce", "--alpha", "0.01", "--pretrain-epochs", "2"]
+    reinforce += ["--epochs", "1", *FAST]
     runs = {}
     for name, args in (
         ("reinforce", reinforce),

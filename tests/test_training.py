@@ -20,7 +20,9 @@ from policycascade.train import main
 
 def tiny(alpha: float = 0.01, **reinforce) -> TrainConfig:
     """The digits defaults on the CPU with a short REINFORCE schedule."""
-    return TrainConfig(device="cpu", reinforce=ReinforceConfig(alpha=[alpha], **reinforce))
+    return TrainConfig(
+        device="cpu", agent="reinforce", reinforce=ReinforceConfig(alpha=[alpha], **reinforce)
+    )
 
 
 def lengthen(run_dir, epochs: int) -> None:
@@ -48,7 +50,17 @@ def test_short_training_raises_validation_reward(tmp_path, freeze):
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # Bit-for-bit is promised on the CPU; CUDA kernels may differ run to run.
-    fast = ["--alpha", "0.01", "--pretrain-epochs", "1", "--no-progress", "--device", "cpu"]
+    fast = [
+        "--agent",
+        "reinforce",
+        "--alpha",
+        "0.01",
+        "--pretrain-epochs",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     assert main([*fast, "--epochs", "2", "--logdir", str(tmp_path / "a")]) == 0
     assert main([*fast, "--epochs", "2", "--logdir", str(tmp_path / "b")]) == 0
     (full,) = (tmp_path / "a").iterdir()
