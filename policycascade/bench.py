@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from gymnasium.vector import SyncVectorEnv
 
+from policycascade.agents.reinforce_training import STEP_SCALARS, step_scalars
 from policycascade.agents.thresholds import ThresholdRule, confidence
 from policycascade.cascade import Cascade
 from policycascade.cli_support import OneLineParser
@@ -346,8 +347,9 @@ def training_steps(
     The run harness is built on random data of ``input_shape`` with the default
     configuration and ``policy_split="train"`` (one data stream, as in Guan et al.), so
     the joint step is every classifier's forward, the agent's loss plus the cross-entropy
-    of all stages, one backward and both optimisers' steps; the logged scalars are read
-    as the training epoch reads them.
+    of all stages, one backward and both optimisers' steps. Each step does what the
+    training epoch does per step: its NaN checks deferred, its logged scalars summed on
+    the device (the epoch reads both once; here each step's checks are read as it ends).
     """
     defaults = TrainConfig()
     config = dataclasses.replace(
@@ -368,14 +370,18 @@ def training_steps(
     def batch() -> torch.Tensor:
         return torch.randperm(n, generator=generator)[:batch_size].to(device)
 
+    sums = torch.zeros(len(STEP_SCALARS), dtype=torch.float64, device=device)
+
     def reinforce_step() -> None:
         idx = batch()
-        step, supervised = algorithm.joint_step(idx, idx)
-        for value in (step.returns.mean(), step.loss, step.baseline_loss, supervised):
-            float(value.detach())  # the training epoch reads these for its logs every step
+        with harness.check_finite_deferred():
+            step, supervised = algorithm.joint_step(idx, idx)
+            sums.add_(step_scalars(step, supervised) * len(idx))
 
     def cross_entropy_step() -> None:
-        float(algorithm.pretrain_step(batch()).detach())
+        idx = batch()
+        with harness.check_finite_deferred():
+            sums[0].add_(algorithm.pretrain_step(idx).detach().double() * len(idx))
 
     return reinforce_step, cross_entropy_step
 
