@@ -235,7 +235,7 @@ class RunHarness:
             self._read_deferred_checks()
 
     @contextlib.contextmanager
-    def check_finite_deferred(self) -> Iterator[None]:
+    def check_finite_deferred(self, enabled: bool | None = None) -> Iterator[None]:
         """Read the NaN/inf checks of :meth:`check_finite` and :meth:`optimise` in bulk.
 
         Inside, a check records flags on the device instead of synchronising with the
@@ -243,12 +243,17 @@ class RunHarness:
         A failed step's update is skipped on the device, so none reaches the weights,
         and the error raised on reading names the first failed check, as the immediate
         check would have (the steps after it ran in vain). Optimisers without a fused
-        kernel are checked before each of their steps, as outside.
+        kernel are checked before each of their steps, as outside. ``enabled`` defaults
+        to off on the CPU, where a check waits for nothing and recording costs more
+        (digits joint step: about 0.1 ms more per step, measured side by side).
         """
-        previous, self._deferred = self._deferred, _DeferredChecks()
+        if enabled is None:
+            enabled = self.device.type != "cpu"
+        previous, self._deferred = self._deferred, _DeferredChecks() if enabled else None
         try:
             yield
-            self._read_deferred_checks()
+            if enabled:
+                self._read_deferred_checks()
         finally:
             self._deferred = previous
 

@@ -1,6 +1,5 @@
 """The REINFORCE estimator against the exact gradient, enumerated over the K exit points."""
 
-import contextlib
 import dataclasses
 
 import pytest
@@ -240,7 +239,7 @@ def test_non_finite_loss_names_epoch_step_and_stage_deferred_or_not(tmp_path, de
     weights = [p.detach().clone() for p in algorithm.cascade.parameters()]
     with torch.no_grad():
         algorithm.cascade.classifiers[2][1].weight[0, 0] = float("nan")
-    checks = harness.check_finite_deferred() if deferred else contextlib.nullcontext()
+    checks = harness.check_finite_deferred(enabled=deferred)
     with pytest.raises(NonFiniteError) as error, checks:
         for step in range(1, 4):  # deferred: read on leaving, after the steps that followed
             algorithm.joint_step(idx, idx, step)
@@ -262,7 +261,7 @@ def test_deferred_non_finite_gradient_is_skipped_on_the_device_and_named(tmp_pat
     before = weight.detach().clone()
     steps_before = algorithm.classifier_optimizer.state[weight]["step"].clone()
     weight.register_hook(lambda grad: grad * float("inf"))
-    with pytest.raises(NonFiniteError) as error, harness.check_finite_deferred():
+    with pytest.raises(NonFiniteError) as error, harness.check_finite_deferred(enabled=True):
         for step in range(1, 3):
             algorithm.pretrain_step(idx, step)
     assert str(error.value).startswith(
