@@ -340,7 +340,11 @@ def bench_vector_env(cascade: Cascade, plan: Plan) -> dict:
 
 
 def training_steps(
-    cascade_name: str, input_shape: tuple[int, ...], batch_size: int, device: torch.device
+    cascade_name: str,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    defer_checks: bool | None = None,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The REINFORCE algorithm's own joint step and its own cross-entropy step, each on a batch.
 
@@ -350,6 +354,8 @@ def training_steps(
     of all stages, one backward and both optimisers' steps. Each step does what the
     training epoch does per step: its NaN checks deferred, its logged scalars summed on
     the device (the epoch reads both once; here each step's checks are read as it ends).
+    ``defer_checks`` is passed to ``check_finite_deferred`` (default: deferred off the CPU).
+    Both steps carry the algorithm they drive as their ``algorithm`` attribute.
     """
     defaults = TrainConfig()
     config = dataclasses.replace(
@@ -374,15 +380,16 @@ def training_steps(
 
     def reinforce_step() -> None:
         idx = batch()
-        with harness.check_finite_deferred():
+        with harness.check_finite_deferred(defer_checks):
             step, supervised = algorithm.joint_step(idx, idx)
             sums.add_(step_scalars(step, supervised) * len(idx))
 
     def cross_entropy_step() -> None:
         idx = batch()
-        with harness.check_finite_deferred():
+        with harness.check_finite_deferred(defer_checks):
             sums[0].add_(algorithm.pretrain_step(idx).detach().double() * len(idx))
 
+    reinforce_step.algorithm = cross_entropy_step.algorithm = algorithm
     return reinforce_step, cross_entropy_step
 
 
