@@ -42,13 +42,12 @@ class MovingAverageBaseline(Baseline):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     def forward(self, returns, score_sq_norms, first_probs):
-        baseline = torch.full_like(returns, float(self.value))
+        baseline = self.value.to(returns.dtype, copy=True).expand_as(returns)
         mean = returns.detach().mean().to(self.value.dtype)
-        if bool(self.initialised):
-            self.value.mul_(self.momentum).add_((1.0 - self.momentum) * mean)
-        else:
-            self.value.copy_(mean)
-            self.initialised.fill_(True)
+        # torch.where rather than an ``if``: reading the flag would wait for the device.
+        updated = self.value * self.momentum + (1.0 - self.momentum) * mean
+        self.value.copy_(torch.where(self.initialised, updated, mean))
+        self.initialised.fill_(True)
         return baseline, returns.new_zeros(())
 
 

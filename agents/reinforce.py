@@ -47,10 +47,28 @@ def sample_exits(
     stop_logits: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Sample each episode's exit stage from stop logits (batch, K - 1)."""
-    uniform = torch.rand(stop_logits.shape, generator=generator, device=stop_logits.device)
-    stops = uniform < torch.sigmoid(stop_logits.detach())
+    return _sample_exits(torch.sigmoid(stop_logits.detach()), generator)
+
+
+def _sample_exits(stop: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    uniform = torch.rand(stop.shape, generator=generator, device=stop.device)
+    stops = uniform < stop
     stops = torch.cat([stops, torch.ones_like(stops[:, :1])], dim=1)
     return stops.to(torch.uint8).argmax(dim=1)
+
+
+def sample_categorical(
+    probs: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One class per row of ``probs`` (batch, C): ``torch.multinomial(probs, 1)``, unchecked.
+
+    The same exponential race (argmax of p / Exp(1)) and the same random numbers as
+    torch's own one-sample path, so the draws are identical, but without the two
+    host synchronisations with which multinomial validates its input on every call.
+    (A non-finite input makes the loss non-finite, which the harness checks.)
+    """
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.div(probs, race, out=race).argmax(-1)
 
 
 def _decision_masks(
@@ -63,15 +81,25 @@ def _decision_masks(
 
 def decision_log_prob(stop_logits: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor:
     """Log P(the decisions that lead to ``exit_stage``) = sum_{t<k} log(1-pi_t) + log pi_k."""
-    continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
+    return _decision_log_prob(stop_logits, *_decision_masks(exit_stage, stop_logits.shape[1]))
+
+
+def _decision_log_prob(
+    stop_logits: torch.Tensor, continued: torch.Tensor, stopped: torch.Tensor
+) -> torch.Tensor:
     log_continue, log_stop = F.logsigmoid(-stop_logits), F.logsigmoid(stop_logits)
     return (log_continue * continued + log_stop * stopped).sum(1)
 
 
 def decision_score_sq_norm(stop_logits: torch.Tensor, exit_stage: torch.Tensor) -> torch.Tensor:
     """|d log P(decisions) / d stop logits|^2 per episode (the output-layer score)."""
-    continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
-    stop = torch.sigmoid(stop_logits.detach())
+    masks = _decision_masks(exit_stage, stop_logits.shape[1])
+    return _decision_score_sq_norm(torch.sigmoid(stop_logits.detach()), *masks)
+
+
+def _decision_score_sq_norm(
+    stop: torch.Tensor, continued: torch.Tensor, stopped: torch.Tensor
+) -> torch.Tensor:
     score = -stop * continued + (1.0 - stop) * stopped
     return score.square().sum(1)
 
@@ -193,19 +221,24 @@ class ReinforceAgent(nn.Module):
             log_probs, probs = log_probs.detach(), probs.detach()
         # Policy reads the softmax; in joint training its gradient reaches the classifiers too.
         stop_logits = self.policy(probs)
-        stop_logits = repeat(stop_logits, "b k -> (m b) k", m=m)
-        log_probs_m = repeat(log_probs, "b k c -> (m b) k c", m=m)
-        labels_m = repeat(labels, "b -> (m b)", m=m)
-        exit_stage = sample_exits(stop_logits, generator)
-        rows = torch.arange(len(exit_stage), device=logits.device)
-        exit_log_probs = log_probs_m[rows, exit_stage]  # (M*B, C)
-        log_prob = decision_log_prob(stop_logits, exit_stage)
-        score_sq = decision_score_sq_norm(stop_logits, exit_stage)
+        log_probs_m, labels_m = log_probs, labels
+        if m > 1:  # rollout-major copies, (m b); one rollout needs no copy
+            stop_logits = repeat(stop_logits, "b k -> (m b) k", m=m)
+            log_probs_m = repeat(log_probs, "b k c -> (m b) k c", m=m)
+            labels_m = repeat(labels, "b -> (m b)", m=m)
+        stop = torch.sigmoid(stop_logits.detach())
+        exit_stage = _sample_exits(stop, generator)
+        continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
+        exit_index = exit_stage.view(-1, 1, 1).expand(-1, 1, log_probs_m.shape[2])
+        exit_log_probs = log_probs_m.gather(1, exit_index).squeeze(1)  # (M*B, C)
+        log_prob = _decision_log_prob(stop_logits, continued, stopped)
+        score_sq = _decision_score_sq_norm(stop, continued, stopped)
         if self.sample_prediction:
             exit_probs = exit_log_probs.detach().exp()
-            predictions = torch.multinomial(exit_probs, 1, generator=generator).squeeze(1)
-            log_prob = log_prob + exit_log_probs.gather(1, predictions.unsqueeze(1)).squeeze(1)
-            chosen = exit_probs.gather(1, predictions.unsqueeze(1)).squeeze(1)
+            predictions = sample_categorical(exit_probs, generator)
+            chosen_index = predictions.unsqueeze(1)
+            log_prob = log_prob + exit_log_probs.gather(1, chosen_index).squeeze(1)
+            chosen = exit_probs.gather(1, chosen_index).squeeze(1)
             score_sq = score_sq + 1.0 - 2.0 * chosen + exit_probs.square().sum(1)
             loss = prediction_loss(exit_probs, predictions, labels_m, self.loss_name)
         else:
@@ -234,13 +267,14 @@ class ReinforceAgent(nn.Module):
         else:
             # Score-function term, plus the pathwise term when the return is differentiable.
             surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
+        probs = probs.detach()
         return ReinforceStep(
             loss=surrogate,
             baseline_loss=baseline_loss,
             returns=returns_mb.detach(),
             advantages=advantages.view(m, -1),
             exit_stage=exit_stage,
-            probs=repeat(probs.detach(), "b k c -> (m b) k c", m=m),
+            probs=repeat(probs, "b k c -> (m b) k c", m=m) if m > 1 else probs,
         )
 
     @torch.no_grad()

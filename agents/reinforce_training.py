@@ -71,6 +71,7 @@ class ReinforceTraining(Algorithm):
         ).to(harness.device)
         # Training forwards go through DDP when several processes train together.
         self.train_cascade = harness.parallel(self.cascade)
+        self._cumulative_costs: tuple[Any, torch.Tensor] | None = None  # (costs, tensor)
         self.classifier_optimizer = self.classifier_schedule = None
         self.policy_optimizer = self.policy_schedule = None
         if train:
@@ -106,9 +107,13 @@ class ReinforceTraining(Algorithm):
 
     @property
     def cumulative_costs(self) -> torch.Tensor:
-        """Normalised cost of exiting at each stage, (K,), on the device."""
-        costs = np.cumsum(self.harness.costs.stage_costs)
-        return torch.tensor(costs, dtype=torch.float32, device=self.harness.device)
+        """Normalised cost of exiting at each stage, (K,), on the device (built once per costs)."""
+        costs = self.harness.costs
+        if self._cumulative_costs is None or self._cumulative_costs[0] is not costs:
+            cumulative = np.cumsum(costs.stage_costs)
+            tensor = torch.tensor(cumulative, dtype=torch.float32, device=self.harness.device)
+            self._cumulative_costs = (costs, tensor)
+        return self._cumulative_costs[1]
 
     def policy_macs(self) -> list[int]:
         """The stopping modules' measured MACs."""
@@ -163,12 +168,16 @@ class ReinforceTraining(Algorithm):
 
     def _pretrain_epoch(self) -> dict[str, float]:
         h = self.harness
-        total, count = 0.0, 0
-        for step, idx in enumerate(h.train_batches(h.num_samples("train"))):
-            idx = h.to_device(idx)
-            loss = self.pretrain_step(idx, step)
-            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
-        return {"pretrain/loss": total / count}
+        # Summed on the device and read once: no host synchronisation per step.
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        count = 0
+        with h.check_finite_deferred():
+            for step, idx in enumerate(h.train_batches(h.num_samples("train"))):
+                idx = h.to_device(idx)
+                loss = self.pretrain_step(idx, step)
+                total += loss.detach().double() * len(idx)
+                count += len(idx)
+        return {"pretrain/loss": float(total) / count}
 
     def pretrain_step(self, idx: torch.Tensor, step: int = 0) -> torch.Tensor:
         """One cross-entropy step of every classifier on training samples ``idx``; its loss."""
@@ -202,16 +211,18 @@ class ReinforceTraining(Algorithm):
         frozen_logits = None
         if r.freeze_classifiers:
             frozen_logits = h.eval_logits(self.cascade, h.split_on_device(r.policy_split)[0])
-        sums: dict[str, float] = {}
+        # The logged scalars are summed on the device and read once: no host
+        # synchronisation per step (nor for the NaN checks, read in bulk).
+        sums = torch.zeros(len(STEP_SCALARS), dtype=torch.float64, device=h.device)
         count = 0
-        for step_index, (idx, policy_idx) in enumerate(pairs):
-            idx, policy_idx = h.to_device(idx), h.to_device(policy_idx)
-            step, supervised = self.joint_step(idx, policy_idx, step_index, frozen_logits)
-            n = len(policy_idx)
-            for key, value in _step_scalars(step, supervised).items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) * n
-            count += n
-        metrics = {key: value / count for key, value in sums.items()}
+        with h.check_finite_deferred():
+            for step_index, (idx, policy_idx) in enumerate(pairs):
+                idx, policy_idx = h.to_device(idx), h.to_device(policy_idx)
+                step, supervised = self.joint_step(idx, policy_idx, step_index, frozen_logits)
+                n = len(policy_idx)
+                sums += step_scalars(step, supervised) * n
+                count += n
+        metrics = dict(zip(STEP_SCALARS, (sums / count).tolist(), strict=True))
         metrics["train/grad_variance"] = policy_gradient_variance(
             self.agent.policy, step.probs, step.exit_stage, step.advantages.reshape(-1)
         )
@@ -311,11 +322,16 @@ def _state(obj: Any) -> dict[str, Any] | None:
     return None if obj is None else obj.state_dict()
 
 
-def _step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {
-        "train/reward": step.returns.mean(),
-        "train/loss_policy": step.loss,
-        "train/loss_baseline": step.baseline_loss,
-        "train/loss_supervised": supervised,
-        "train/advantage_std": step.advantages.std(),
-    }
+STEP_SCALARS = (  # what step_scalars returns, in order
+    "train/reward",
+    "train/loss_policy",
+    "train/loss_baseline",
+    "train/loss_supervised",
+    "train/advantage_std",
+)
+
+
+def step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> torch.Tensor:
+    """The logged scalars of one joint step (named by :data:`STEP_SCALARS`), float64, (5,)."""
+    values = (step.returns.mean(), step.loss, step.baseline_loss, supervised, step.advantages.std())
+    return torch.stack([value.detach().double() for value in values])

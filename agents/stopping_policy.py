@@ -68,11 +68,12 @@ class StoppingPolicy(nn.Module):
             self.register_parameter(f"{name}_weight", nn.Parameter(weight))
             self.register_parameter(f"{name}_bias", nn.Parameter(bias))
 
-    def _layers(self, stages: slice | int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            (getattr(self, f"{name}_weight")[stages], getattr(self, f"{name}_bias")[stages])
-            for name in self.LAYERS
-        ]
+    def _layers(self, stages: slice | int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of each layer, of the stages ``stages`` (default: all, not sliced)."""
+        layers = [(getattr(self, f"{n}_weight"), getattr(self, f"{n}_bias")) for n in self.LAYERS]
+        if stages is None:
+            return layers
+        return [(weight[stages], bias[stages]) for weight, bias in layers]
 
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
         """Stop logits (batch, min(S, K - 1)) from the visited stages' softmaxes (batch, S, class).
@@ -90,12 +91,13 @@ class StoppingPolicy(nn.Module):
             pad = probs[:, -1:].expand(-1, decisions - stages, -1)
             probs = torch.cat([probs, pad], dim=1)
         hidden = policy_features(probs[:, :decisions], self.inputs).transpose(0, 1)  # (K-1, B, C)
-        layers = self._layers(slice(0, decisions))
+        layers = self._layers()
         for i, (weight, bias) in enumerate(layers):
             hidden = torch.baddbmm(bias, hidden, weight)
             if i < len(layers) - 1:
                 hidden = hidden.relu()
-        return hidden.squeeze(-1).transpose(0, 1)[:, :stages]
+        stop_logits = hidden.squeeze(-1).transpose(0, 1)
+        return stop_logits if stages == decisions else stop_logits[:, :stages]
 
     def stop_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """Probability of stopping at each stage (batch, K); the last column is 1."""

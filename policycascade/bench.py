@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from gymnasium.vector import SyncVectorEnv
 
+from policycascade.agents.reinforce_training import STEP_SCALARS, step_scalars
 from policycascade.agents.thresholds import ThresholdRule, confidence
 from policycascade.cascade import Cascade
 from policycascade.cli_support import OneLineParser
@@ -339,15 +340,22 @@ def bench_vector_env(cascade: Cascade, plan: Plan) -> dict:
 
 
 def training_steps(
-    cascade_name: str, input_shape: tuple[int, ...], batch_size: int, device: torch.device
+    cascade_name: str,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    device: torch.device,
+    defer_checks: bool | None = None,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The REINFORCE algorithm's own joint step and its own cross-entropy step, each on a batch.
 
     The run harness is built on random data of ``input_shape`` with the default
     configuration and ``policy_split="train"`` (one data stream, as in Guan et al.), so
     the joint step is every classifier's forward, the agent's loss plus the cross-entropy
-    of all stages, one backward and both optimisers' steps; the logged scalars are read
-    as the training epoch reads them.
+    of all stages, one backward and both optimisers' steps. Each step does what the
+    training epoch does per step: its NaN checks deferred, its logged scalars summed on
+    the device (the epoch reads both once; here each step's checks are read as it ends).
+    ``defer_checks`` is passed to ``check_finite_deferred`` (default: deferred off the CPU).
+    Both steps carry the algorithm they drive as their ``algorithm`` attribute.
     """
     defaults = TrainConfig()
     config = dataclasses.replace(
@@ -368,15 +376,20 @@ def training_steps(
     def batch() -> torch.Tensor:
         return torch.randperm(n, generator=generator)[:batch_size].to(device)
 
+    sums = torch.zeros(len(STEP_SCALARS), dtype=torch.float64, device=device)
+
     def reinforce_step() -> None:
         idx = batch()
-        step, supervised = algorithm.joint_step(idx, idx)
-        for value in (step.returns.mean(), step.loss, step.baseline_loss, supervised):
-            float(value.detach())  # the training epoch reads these for its logs every step
+        with harness.check_finite_deferred(defer_checks):
+            step, supervised = algorithm.joint_step(idx, idx)
+            sums.add_(step_scalars(step, supervised) * len(idx))
 
     def cross_entropy_step() -> None:
-        float(algorithm.pretrain_step(batch()).detach())
+        idx = batch()
+        with harness.check_finite_deferred(defer_checks):
+            sums[0].add_(algorithm.pretrain_step(idx).detach().double() * len(idx))
 
+    reinforce_step.algorithm = cross_entropy_step.algorithm = algorithm
     return reinforce_step, cross_entropy_step
 
 

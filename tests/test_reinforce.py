@@ -1,11 +1,14 @@
 """The REINFORCE estimator against the exact gradient, enumerated over the K exit points."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import hand_outputs
 from policycascade.agents import ReinforceAgent, exit_probabilities, expected_return
-from policycascade.agents.reinforce import decision_log_prob, sample_exits
+from policycascade.agents.reinforce import decision_log_prob, sample_categorical, sample_exits
+from policycascade.harness import NonFiniteError
 
 B, K, C, ALPHA = 5, 3, 4, 0.3
 CUMULATIVE = torch.tensor([0.1, 0.4, 1.4])
@@ -197,3 +200,73 @@ def test_unknown_policy_gradient_is_rejected():
         ReinforceAgent(K, C, ALPHA, policy_gradient="pathwise")
     with pytest.raises(ValueError, match="policy_gradient must be one of"):
         ReinforceAgent(K, C, ALPHA, policy_gradient="backward-induction")  # removed
+
+
+def test_sample_categorical_draws_what_multinomial_draws():
+    probs = torch.softmax(torch.randn(200, 7, generator=torch.Generator().manual_seed(3)), -1)
+    ours = sample_categorical(probs, torch.Generator().manual_seed(5))
+    torch_own = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
+    assert torch.equal(ours, torch_own)
+
+
+def digits_harness(tmp_path, **reinforce):
+    """A digits run on 128 random samples, joint REINFORCE on the training stream."""
+    from policycascade.config import TrainConfig
+    from policycascade.data import DataSplits, Split
+    from policycascade.harness import RunHarness
+
+    defaults = TrainConfig()
+    config = dataclasses.replace(
+        defaults,
+        cascade="digits",
+        device="cpu",
+        batch_size=32,
+        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train", **reinforce),
+    )
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randn(128, 1, 8, 8, generator=g), torch.randint(10, (128,), generator=g))
+    data = DataSplits("random", split, split, split, 10)
+    return RunHarness(config, tmp_path, 1e-3, show_progress=False, data=data)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_non_finite_loss_names_epoch_step_and_stage_deferred_or_not(tmp_path, deferred):
+    harness = digits_harness(tmp_path)
+    algorithm = harness.algorithm
+    harness.epoch = 1  # as if one epoch were checkpointed
+    idx = torch.arange(32)
+    algorithm.joint_step(idx, idx, 0)  # a good step first
+    weights = [p.detach().clone() for p in algorithm.cascade.parameters()]
+    with torch.no_grad():
+        algorithm.cascade.classifiers[2][1].weight[0, 0] = float("nan")
+    checks = harness.check_finite_deferred(enabled=deferred)
+    with pytest.raises(NonFiniteError) as error, checks:
+        for step in range(1, 4):  # deferred: read on leaving, after the steps that followed
+            algorithm.joint_step(idx, idx, step)
+    assert str(error.value).startswith(
+        "joint training loss became nan in epoch 2, step 2: classifier stage 2 ('mlp-256') "
+        "produced non-finite logits. The last good checkpoint (epoch 1)"
+    )
+    after = list(algorithm.cascade.parameters())
+    untouched = [torch.equal(a, b) for a, b in zip(after, weights, strict=True)]
+    assert untouched.count(False) == 1  # only the poisoned weight: no step was taken
+
+
+def test_deferred_non_finite_gradient_is_skipped_on_the_device_and_named(tmp_path):
+    harness = digits_harness(tmp_path)
+    algorithm = harness.algorithm
+    idx = torch.arange(32)
+    algorithm.pretrain_step(idx, 0)
+    weight = algorithm.cascade.classifiers[1][2].weight
+    before = weight.detach().clone()
+    steps_before = algorithm.classifier_optimizer.state[weight]["step"].clone()
+    weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteError) as error, harness.check_finite_deferred(enabled=True):
+        for step in range(1, 3):
+            algorithm.pretrain_step(idx, step)
+    assert str(error.value).startswith(
+        "gradients of the classifier stage 1 ('mlp-4x4') became non-finite in epoch 1, step 2, "
+        "with a finite loss; no optimiser step was taken."
+    )
+    assert torch.equal(weight.detach(), before)
+    assert torch.equal(algorithm.classifier_optimizer.state[weight]["step"], steps_before)
