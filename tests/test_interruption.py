@@ -167,7 +167,7 @@ def test_sigterm_stops_after_a_saved_epoch_and_resume_finishes(tmp_path):
 
 
 def test_ltc_run_interrupted_after_a_saved_epoch_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import policycascade.harness as harness
+    import policycascade.checkpointing as harness
 
     fast = ["--agent", "ltc", "--ltc-epochs", "2", "--no-progress", "--device", "cpu"]
     assert main([*fast, "--logdir", str(tmp_path / "a")]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import policycascade.harness
+import policycascade.checkpointing
 from conftest import random_outputs
 from policycascade.agents import LearnedRule, StoppingPolicy
 from policycascade.agents.rules import stop_decisions
@@ -241,14 +241,14 @@ def tiny_runs(tmp_path_factory):
     ):
         assert train_main([*args, "--logdir", str(root / name)]) == 0
         (runs[name],) = (root / name).iterdir()
-    real_save = policycascade.harness.save_atomic
+    real_save = policycascade.checkpointing.save_atomic
 
     def save_then_signal(state, path):
         real_save(state, path)
         signal.raise_signal(signal.SIGTERM)  # as if stopped right after the first epoch
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(policycascade.harness, "save_atomic", save_then_signal)
+        patch.setattr(policycascade.checkpointing, "save_atomic", save_then_signal)
         assert train_main([*reinforce, "--logdir", str(root / "interrupted")]) == 130
     (runs["interrupted"],) = (root / "interrupted").iterdir()
     return runs
