@@ -360,6 +360,7 @@ def training_steps(
     defaults = TrainConfig()
     config = dataclasses.replace(
         defaults,
+        agent="reinforce",
         cascade=cascade_name,
         device=str(device),
         batch_size=batch_size,

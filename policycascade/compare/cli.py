@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs = expand_run_dirs(args.runs)
         out = _output_dir(args.out)
         rows, extras = [], {"subsets": [], "shift": []}
-        for run_dir in tqdm(run_dirs, desc="runs", leave=False, disable=len(run_dirs) < 2):
+        for run_dir in tqdm(run_dirs, desc="runs", leave=False, disable=None):  # off without a tty
             try:
                 run = load_run(run_dir)
                 rows += compare_run(
@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                     extras["subsets"].append(subset_report(run, options.sweep_points))
                 extras["shift"] += [shift_reports(run, kind, level) for kind, level in shifts]
             except USER_ERRORS as error:
-                raise ValueError(f"run {run_dir}: {user_message(error)}") from None
+                message = user_message(error)
+                if str(run_dir) not in message:
+                    message = f"run {run_dir}: {message}"
+                raise ValueError(message) from None
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR
