@@ -41,13 +41,15 @@ class ContinuationTraining(Algorithm):
         self.settings = harness.config.continuation
         self.cascade = harness.build_cascade()
         self._initial_state = {k: v.clone() for k, v in self.cascade.state_dict().items()}
+        if harness.pretrained:
+            self.cascade.requires_grad_(False)
         self.held_out_probs: torch.Tensor | None = None  # (train samples, K, C), NaN = not yet
         self.fitted: ContinuationValueRule | None = None
 
     @property
     def num_epochs(self) -> int:
-        """Classifier training, one unit per fold, the rule."""
-        return 2 + self.settings.folds
+        """Classifier training, a unit per fold, the rule (only the rule for given classifiers)."""
+        return 1 if self.harness.pretrained else 2 + self.settings.folds
 
     @property
     def classifier_epochs(self) -> int:
@@ -121,6 +123,8 @@ class ContinuationTraining(Algorithm):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Unit ``epoch``: the classifiers, one cross-fitting fold, or the rule."""
         h, s = self.harness, self.settings
+        if h.pretrained:  # a user's trained classifiers: fit on their fit (or val) split
+            return self._fit_rule()
         if epoch == 0:
             self._train(self.cascade, self._split("train"), h.config.seed)
             return {"train/classifiers_trained": 1.0}
@@ -152,7 +156,10 @@ class ContinuationTraining(Algorithm):
     def _fit_rule(self) -> dict[str, float]:
         """Fit the rule on the cross-fitted training outputs (or on validation with 0 folds)."""
         h, s = self.harness, self.settings
-        if s.folds > 0:
+        if h.pretrained:
+            fit = h.outputs("train")
+            probs, labels = fit.probs.cpu(), fit.labels.cpu()
+        elif s.folds > 0:
             probs, labels = self.held_out_probs, h.split_on_device("train")[1].cpu()
         else:
             val = h.outputs("val")

@@ -17,6 +17,7 @@ from torch import nn
 
 from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.data import DataSplits, Split
 from policycascade.envs.stopping_env import CascadeStoppingEnv, check_env_alpha, check_integer
 from policycascade.envs.vector_env import CascadeStoppingVectorEnv
 from policycascade.rewards import check_loss_name
@@ -531,6 +532,26 @@ def _owns(env_id: str, registered: RegisteredCascade) -> bool:
     """Whether gymnasium's entry for ``env_id`` is still the one ``registered`` was made for."""
     entry = gym.registry[env_id].entry_point
     return isinstance(entry, functools.partial) and entry.args[0] is registered
+
+
+def registered_splits(registered: RegisteredCascade) -> DataSplits:
+    """A registered cascade's samples as train/val/test splits for the run harness.
+
+    ``fit`` is the training split; without one, the rule is fitted on ``val``.
+    """
+
+    def split(name: str, fallback: str) -> Split:
+        x, y = registered.data(name if name in registered.split_names else fallback)
+        return Split(torch.as_tensor(x), torch.as_tensor(y))
+
+    val = split("val", registered.default_split)
+    return DataSplits(
+        registered.env_id.split("/")[-1],
+        split("fit", "val" if "val" in registered.split_names else registered.default_split),
+        val,
+        split("test", registered.default_split),
+        registered.cascade.num_classes,
+    )
 
 
 def registered_cascade(env_id: str) -> RegisteredCascade:

@@ -11,8 +11,8 @@ register_builtin()
 
 
 def __getattr__(name: str):
-    """``policycascade.load_run`` without importing the training stack on every import."""
-    if name in ("load_run", "LoadedRun"):
+    """``load_run`` and ``train_policy`` without importing the training stack on every import."""
+    if name in ("load_run", "LoadedRun", "train_policy"):
         from policycascade import runs
 
         return getattr(runs, name)
@@ -27,5 +27,6 @@ __all__ = [
     "count_macs",
     "load_run",
     "register_cascade",
+    "train_policy",
 ]
 __version__ = "0.1.0"

@@ -191,6 +191,12 @@ class TrainConfig:
     ``agent``; options given for the other algorithm are rejected, not ignored.
     """
 
+    env: str = _opt(
+        "",
+        "a cascade registered with register_cascade, as gymnasium names it ('mypkg.cascades:"
+        "policycascade/MyCascade-v0' imports mypkg.cascades first): its frozen classifiers and "
+        "its splits replace --dataset and --cascade (--agent continuation only)",
+    )
     dataset: str = _opt("digits", "data set to train and evaluate on", DATASETS)
     data_dir: str = _opt("data", "directory that holds (or receives) the real image data sets")
     download: bool = _opt(False, "download a missing data set through torchvision (needs network)")
@@ -253,6 +259,11 @@ class TrainConfig:
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.env and self.agent != "continuation":
+            raise ConfigError(
+                f"env {self.env!r} holds frozen, trained classifiers: it needs --agent "
+                f"continuation, got {self.agent!r}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from policycascade.checkpointing import CHECKPOINT_FORMAT, Checkpointing
 from policycascade.config import TrainConfig
 from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
 from policycascade.distributed import broadcast_buffers, current_context
+from policycascade.envs.registration import registered_cascade, registered_splits
 from policycascade.evaluation import evaluate_exits, evaluate_rule
 from policycascade.finite import FiniteChecks, NonFiniteError
 from policycascade.models import build_cascade
@@ -75,6 +76,9 @@ class RunHarness(FiniteChecks, Checkpointing):
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         seed_everything(config.seed, config.deterministic)
+        self.registered = registered_cascade(config.env) if config.env else None
+        if self.registered is not None:  # a user's frozen classifiers and splits
+            data = registered_splits(self.registered)
         self.data: DataSplits = (
             data
             if data is not None
@@ -91,8 +95,18 @@ class RunHarness(FiniteChecks, Checkpointing):
 
     # -- what algorithms use ---------------------------------------------------------------
 
+    @property
+    def pretrained(self) -> bool:
+        """Whether the classifiers come trained (a registered cascade) and stay frozen."""
+        return self.registered is not None
+
     def build_cascade(self) -> Cascade:
-        """The configured cascade family on the device (channels-last if configured)."""
+        """The configured cascade family on the device (channels-last if configured).
+
+        For a registered cascade: its own classifiers, on the device.
+        """
+        if self.registered is not None:
+            return self.registered.cascade.to(self.device).eval()
         cascade = build_cascade(
             self.config.cascade, self.data.input_shape, self.data.num_classes
         ).to(self.device)

@@ -56,8 +56,9 @@ def run_name(config: TrainConfig) -> str:
         return f"{config.dataset}__ltc__{detail}__s{config.seed}__{stamp}"
     if config.agent == "continuation":
         c = config.continuation
+        data = config.env.split("/")[-1] if config.env else config.dataset
         detail = f"{c.feature_set}-{c.answer}__f{c.folds}__a{c.alpha[0]:g}"
-        return f"{config.dataset}__continuation__{detail}__s{config.seed}__{stamp}"
+        return f"{data}__continuation__{detail}__s{config.seed}__{stamp}"
     r = config.reinforce
     agent = config.agent + ("-frozen" if r.freeze_classifiers else "")
     return f"{config.dataset}__{agent}__{r.baseline}__a{r.alpha[0]:g}__s{config.seed}__{stamp}"
@@ -270,6 +271,35 @@ class LoadedRun:
     def evaluate(self, split: str) -> dict[str, Any]:
         """The run's stopping rule on a split."""
         return self.harness.evaluate(split, self.outputs(split))
+
+
+def train_policy(
+    env: str,
+    alpha: float = 1e-2,
+    logdir: str | Path = "runs",
+    seed: int = 0,
+    show_progress: bool = False,
+    **continuation: Any,
+) -> LoadedRun:
+    """Learn a stopping rule for a registered cascade and return the finished run.
+
+    ``env`` is an id from ``register_cascade`` (or ``"module:id"``, which imports the module
+    that registers it). The classifiers stay as they are; the rule is fitted on the ``fit``
+    split (else ``val``) by the continuation-value learner (``continuation`` overrides its
+    options, e.g. ``feature_set="class"``). The run directory under ``logdir`` holds the same
+    files as any run: checkpoint, config.yaml, metrics.json and TensorBoard events.
+    """
+    values = {
+        "env": env,
+        "agent": "continuation",
+        "seed": seed,
+        "logdir": str(logdir),
+        "continuation": {"alpha": [alpha], **continuation},
+    }
+    (config,) = per_run_configs(config_from_dict(values))
+    run_dir = unique_run_dir(Path(logdir), run_name(config))
+    train_run(config, run_dir, show_progress=show_progress)
+    return load_run(run_dir)
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:

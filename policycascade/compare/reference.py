@@ -27,8 +27,6 @@ def reference_outputs(
 ) -> tuple[CascadeOutputs, CascadeOutputs, list[str]]:
     """(val, test) outputs of reference classifiers for ``run``'s setting, and the stage names."""
     config, harness = run.config, run.harness
-    if harness.algorithm.trains_like_reference:  # the run's classifiers are the reference
-        return run.outputs("val").to("cpu"), run.outputs("test").to("cpu"), run.cascade.names
     epochs = harness.algorithm.classifier_epochs
     key = f"{config.dataset}__{config.cascade}__s{config.seed}__e{epochs}.pt"
     cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)

@@ -30,7 +30,7 @@ def expand_run_dirs(paths: list[str]) -> list[Path]:
 def run_meta(run: LoadedRun) -> dict:
     """The labels every row of a run carries."""
     return {
-        "dataset": run.config.dataset,
+        "dataset": run.data.name,
         "run": run.run_dir.name,
         "seed": run.config.seed,
         "trained_by": run.harness.algorithm.label,
@@ -67,7 +67,8 @@ def compare_run(
         label, own_val["accuracy"], own_val["mean_macs"], own_test["exit_distribution"], run.alpha
     )
     rows += compare_outputs(val, test, run.cascade.names, options, [matched], **meta)
-    if reference:
+    # Classifiers trained as the reference trains them are the reference: no second copy.
+    if reference and not run.harness.algorithm.trains_like_reference:
         ref_val, ref_test, names = reference_outputs(run, reference_cache)
         ref_meta = {**meta, "trained_by": REFERENCE}
         rows += compare_outputs(ref_val, ref_test, names, options, [matched], **ref_meta)
