@@ -218,6 +218,7 @@ def digits_harness(tmp_path, **reinforce):
     defaults = TrainConfig()
     config = dataclasses.replace(
         defaults,
+        agent="reinforce",
         cascade="digits",
         device="cpu",
         batch_size=32,
