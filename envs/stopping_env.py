@@ -80,6 +80,21 @@ def _is_index(value: Any, size: int) -> bool:
 RESET_OPTIONS = ("sample_index",)
 
 
+def step_info(
+    stage: Any, sample: Any, prediction: Any, label: Any, macs: Any, exit_stage: Any
+) -> dict:
+    """The ``info`` of a step, the same keys for the single and the batched environment."""
+    return {
+        "stage": stage,
+        "sample_index": sample,
+        "prediction": prediction,
+        "label": label,
+        "correct": prediction == label,
+        "macs": macs,
+        "exit_stage": exit_stage,
+    }
+
+
 class CascadeStoppingEnv(gym.Env):
     """Decide, one classifier at a time, when to stop and answer.
 
@@ -180,15 +195,8 @@ class CascadeStoppingEnv(gym.Env):
     def _info(self, exit_stage: int) -> dict[str, Any]:
         prediction = int(self._probs[self._sample, self._stage].argmax())
         label = int(self._labels[self._sample])
-        return {
-            "stage": self._stage,
-            "sample_index": self._sample,
-            "prediction": prediction,
-            "label": label,
-            "correct": prediction == label,
-            "macs": self._cumulative_macs[self._stage],
-            "exit_stage": exit_stage,
-        }
+        macs = self._cumulative_macs[self._stage]
+        return step_info(self._stage, self._sample, prediction, label, macs, exit_stage)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

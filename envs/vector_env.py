@@ -20,6 +20,7 @@ from policycascade.envs.stopping_env import (
     check_reset_options,
     check_seed,
     observation_space,
+    step_info,
 )
 from policycascade.rewards import check_loss_name, prediction_loss, step_reward
 from policycascade.runtime import resolve_device
@@ -108,15 +109,9 @@ class CascadeStoppingVectorEnv(VectorEnv):
     def _info(self, exit_stage: torch.Tensor) -> dict[str, torch.Tensor]:
         prediction = self._probs[self._sample, self._stage].argmax(-1)
         label = self._labels[self._sample]
-        return {
-            "stage": self._stage.clone(),
-            "sample_index": self._sample.clone(),
-            "prediction": prediction,
-            "label": label,
-            "correct": prediction == label,
-            "macs": self._cumulative_macs[self._stage],
-            "exit_stage": exit_stage,
-        }
+        macs = self._cumulative_macs[self._stage]
+        stage, sample = self._stage.clone(), self._sample.clone()
+        return step_info(stage, sample, prediction, label, macs, exit_stage)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
