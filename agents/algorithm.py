@@ -9,6 +9,7 @@ from torch import nn
 
 from policycascade.agents.rules import StoppingRule
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.checkpoint import state_dict_mismatch
 
 if TYPE_CHECKING:
     from policycascade.harness import RunHarness
@@ -71,13 +72,31 @@ class Algorithm:
         """Algorithm-specific entries of metrics.json."""
         return {}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: weights, optimisers, schedules, own state."""
+    def saved_parts(self) -> dict[str, Any]:
+        """Named modules, optimisers and schedules (None where absent) a checkpoint holds."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: weights, optimisers, schedules, own state."""
+        return {
+            name: None if part is None else part.state_dict()
+            for name, part in self.saved_parts().items()
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (optimisers only when training is enabled)."""
-        raise NotImplementedError
+        """Restore :meth:`state_dict`'s output; a module that does not fit is named."""
+        for name, part in self.saved_parts().items():
+            if isinstance(part, nn.Module):
+                try:
+                    part.load_state_dict(state[name])
+                except RuntimeError as error:
+                    raise ValueError(
+                        f"checkpoint in {self.harness.run_dir} does not fit this config's "
+                        f"{name} (written by another version or configuration?): "
+                        f"{state_dict_mismatch(error)}"
+                    ) from None
+        optimisers = {k: v for k, v in self.saved_parts().items() if not isinstance(v, nn.Module)}
+        load_optimizers(optimisers, state)
 
 
 def load_optimizers(objects: dict[str, Any], state: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from policycascade.agents.algorithm import Algorithm, load_optimizers
+from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.reinforce import (
     ReinforceAgent,
     ReinforceStep,
@@ -26,7 +26,6 @@ from policycascade.agents.reinforce import (
 )
 from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
-from policycascade.checkpoint import state_dict_mismatch
 from policycascade.optimizers import build_optimizer
 from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
@@ -284,42 +283,16 @@ class ReinforceTraining(Algorithm):
         h.check_finite(loss, "joint training loss", step_index, logits)
         return supervised, step, loss
 
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Weights of the cascade and agent, optimisers and schedules."""
+    def saved_parts(self) -> dict[str, Any]:
+        """The weights, optimisers and schedules a checkpoint holds (None: not training)."""
         return {
-            "cascade": self.cascade.state_dict(),
-            "agent": self.agent.state_dict(),
-            "classifier_optimizer": _state(self.classifier_optimizer),
-            "policy_optimizer": _state(self.policy_optimizer),
-            "classifier_schedule": _state(self.classifier_schedule),
-            "policy_schedule": _state(self.policy_schedule),
+            "cascade": self.cascade,
+            "agent": self.agent,
+            "classifier_optimizer": self.classifier_optimizer,
+            "policy_optimizer": self.policy_optimizer,
+            "classifier_schedule": self.classifier_schedule,
+            "policy_schedule": self.policy_schedule,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore weights (a mismatch names the module) and, when training, the optimisers."""
-        for name, module in (("cascade", self.cascade), ("agent", self.agent)):
-            try:
-                module.load_state_dict(state[name])
-            except RuntimeError as error:
-                raise ValueError(
-                    f"checkpoint in {self.harness.run_dir} does not fit this config's {name} "
-                    f"(written by another version or configuration?): {state_dict_mismatch(error)}"
-                ) from None
-        load_optimizers(
-            {
-                "classifier_optimizer": self.classifier_optimizer,
-                "policy_optimizer": self.policy_optimizer,
-                "classifier_schedule": self.classifier_schedule,
-                "policy_schedule": self.policy_schedule,
-            },
-            state,
-        )
-
-
-def _state(obj: Any) -> dict[str, Any] | None:
-    return None if obj is None else obj.state_dict()
 
 
 STEP_SCALARS = (  # what step_scalars returns, in order
