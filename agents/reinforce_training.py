@@ -26,6 +26,7 @@ from policycascade.agents.reinforce import (
 )
 from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
+from policycascade.compiled import maybe_compile
 from policycascade.optimizers import build_optimizer
 from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
@@ -68,8 +69,13 @@ class ReinforceTraining(Algorithm):
             policy_gradient=r.policy_gradient,
             policy_inputs=r.policy_inputs,
         ).to(harness.device)
-        # Training forwards go through DDP when several processes train together.
-        self.train_cascade = harness.parallel(self.cascade)
+        # Training forwards go through DDP when several processes train together, and through
+        # torch.compile where configured (eager on failure, with a one-line notice).
+        compile_, device = harness.config.compile, harness.device
+        self.train_cascade = maybe_compile(
+            harness.parallel(self.cascade), compile_, "the classifiers", device=device
+        )
+        self.agent_step = maybe_compile(self.agent, compile_, "the REINFORCE agent", device=device)
         self._cumulative_costs: tuple[Any, torch.Tensor] | None = None  # (costs, tensor)
         self.classifier_optimizer = self.classifier_schedule = None
         self.policy_optimizer = self.policy_schedule = None
@@ -253,7 +259,7 @@ class ReinforceTraining(Algorithm):
                 if frozen_logits is not None
                 else h.eval_logits(self.cascade, px[policy_idx])
             )
-            step = self.agent(
+            step = self.agent_step(
                 policy_logits, py[policy_idx], self.cumulative_costs, h.sample_generator
             )
             policy_loss = step.loss + step.baseline_loss
@@ -276,7 +282,7 @@ class ReinforceTraining(Algorithm):
         supervised = cross_entropy_all_stages(logits, labels, trained_classes_of(self.cascade))
         frozen = without_parameter_gradients(self.agent) if held_out else contextlib.nullcontext()
         with frozen:
-            step = self.agent(logits, labels, self.cumulative_costs, h.sample_generator)
+            step = self.agent_step(logits, labels, self.cumulative_costs, h.sample_generator)
         loss = self.settings.supervised_weight * supervised + step.loss
         if not held_out:
             loss = loss + step.baseline_loss

@@ -233,6 +233,12 @@ class TrainConfig:
     channels_last: bool = _opt(
         False, "keep image batches and convolution weights in channels-last memory layout"
     )
+    compile: str = _opt(
+        "auto",
+        "torch.compile the training forward passes (REINFORCE): 'auto' on CUDA only, 'on', "
+        "'off'; a failure to compile falls back to eager with a one-line notice",
+        ("auto", "on", "off"),
+    )
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
     ltc: LtcConfig = field(default_factory=LtcConfig)
     continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
