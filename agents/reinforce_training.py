@@ -46,6 +46,20 @@ def without_parameter_gradients(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def epoch_batches(
+    harness: RunHarness, policy_split: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(training batch, policy batch) pairs; a held-out policy split is cycled alongside."""
+    train_batches = harness.train_batches(harness.num_samples("train"))
+    if policy_split == "train":
+        return list(zip(train_batches, train_batches, strict=True))
+    n_policy = harness.num_samples(policy_split)
+    policy_batches: list[torch.Tensor] = []
+    while len(policy_batches) < len(train_batches):
+        policy_batches += harness.train_batches(n_policy)
+    return list(zip(train_batches, policy_batches, strict=False))
+
+
 class ReinforceTraining(Algorithm):
     """Pre-training epochs, then REINFORCE epochs; ends with the learned stopping policy."""
 
@@ -195,23 +209,10 @@ class ReinforceTraining(Algorithm):
         h.optimise(loss, [self.classifier_optimizer], step)
         return loss
 
-    def _epoch_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(training batch, policy batch) pairs; a held-out policy split is cycled alongside."""
-        h = self.harness
-        n_train = h.num_samples("train")
-        train_batches = h.train_batches(n_train)
-        if self.settings.policy_split == "train":
-            return list(zip(train_batches, train_batches, strict=True))
-        n_policy = h.num_samples(self.settings.policy_split)
-        policy_batches: list[torch.Tensor] = []
-        while len(policy_batches) < len(train_batches):
-            policy_batches += h.train_batches(n_policy)
-        return list(zip(train_batches, policy_batches, strict=False))
-
     def _reinforce_epoch(self) -> dict[str, float]:
         """One REINFORCE epoch; one optimiser step per batch for the policy and the classifiers."""
         h, r = self.harness, self.settings
-        pairs = self._epoch_batches()
+        pairs = epoch_batches(self.harness, self.settings.policy_split)
         # Frozen classifiers: their outputs on the policy split are computed once.
         frozen_logits = None
         if r.freeze_classifiers:
