@@ -19,7 +19,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from policycascade.agents.rules import StoppingRule
 from policycascade.cascade import Cascade, CascadeOutputs
-from policycascade.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from policycascade.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+)
 from policycascade.config import ConfigError, TrainConfig, config_from_dict
 from policycascade.data import DataSplits
 from policycascade.distributed import init_from_environment
@@ -154,6 +159,7 @@ def train_run(
     if resume:
         _, checkpoint = read_run(run_dir, map_location=harness.device)
         harness.load(checkpoint)
+        remove_stale_temporaries(run_dir)  # what a kill during a checkpoint write left
     elif harness.dist.is_main:
         write_config(run_dir, config)
     if not harness.dist.is_main:  # in a distributed run only rank 0 logs and writes files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -162,7 +163,20 @@ def _planned_runs(args: argparse.Namespace) -> list[tuple[TrainConfig, Path, boo
     logdir = Path(config.logdir)
     if logdir.exists() and not logdir.is_dir():
         raise ConfigError(f"logdir {str(logdir)!r} is a file, not a directory")
+    if not args.dry_run:
+        check_writable(logdir, "logdir")
     return [(c, unique_run_dir(logdir, run_name(c)), False) for c in per_run_configs(config)]
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and make sure files can be written there, before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        raise ConfigError(f"{what} {str(folder)!r} cannot be created: {reason}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(folder)!r} is not writable: permission denied")
 
 
 def main(argv: list[str] | None = None) -> int:
