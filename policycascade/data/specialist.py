@@ -22,10 +22,9 @@ predicted class tells a rule when to trust it, its max-softmax does not.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from policycascade.data.splits import DataSplits, Split
-from policycascade.data.synthetic import NUM_CLASSES, SIZES, _sample, _templates
+from policycascade.data.splits import DataSplits
+from policycascade.data.synthetic import _templates, splits_from_templates
 
 SPECIALTY_CLASSES = tuple(range(8))  # what the specialist stage is trained on
 TWINS = {8: 0, 9: 1}  # twin class -> the specialty class whose template it copies
@@ -52,10 +51,4 @@ def load_specialist(
     if not 0.0 <= hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
     templates = specialist_templates(template_seed)
-    assert templates.shape[0] == NUM_CLASSES
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for name, size in SIZES.items():
-        x, y = _sample(rng, templates, size, hard_fraction)
-        splits[name] = Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).to(torch.int64))
-    return DataSplits("specialist", splits["train"], splits["val"], splits["test"], NUM_CLASSES)
+    return splits_from_templates("specialist", templates, seed, hard_fraction)

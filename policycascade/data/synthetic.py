@@ -57,9 +57,16 @@ def load_synthetic(
     if not 0.0 <= hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
     templates = _templates(np.random.default_rng(template_seed))
+    return splits_from_templates("synthetic", templates, seed, hard_fraction)
+
+
+def splits_from_templates(
+    name: str, templates: np.ndarray, seed: int, hard_fraction: float
+) -> DataSplits:
+    """Train, val and test splits (``SIZES``) of easy and hard samples of class templates."""
     rng = np.random.default_rng(seed)
     splits = {}
-    for name, size in SIZES.items():
+    for split, size in SIZES.items():
         x, y = _sample(rng, templates, size, hard_fraction)
-        splits[name] = Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).to(torch.int64))
-    return DataSplits("synthetic", splits["train"], splits["val"], splits["test"], NUM_CLASSES)
+        splits[split] = Split(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).to(torch.int64))
+    return DataSplits(name, splits["train"], splits["val"], splits["test"], len(templates))
