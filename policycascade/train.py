@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,14 +170,27 @@ def _planned_runs(args: argparse.Namespace) -> list[tuple[TrainConfig, Path, boo
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and make sure files can be written there, before any work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = os.strerror(error.errno).lower() if error.errno else str(error)
-        raise ConfigError(f"{what} {str(folder)!r} cannot be created: {reason}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {str(folder)!r} is not writable: permission denied")
+    """Make sure ``folder`` exists or can be created, and takes files, before any work.
+
+    Nothing is created here: the nearest existing folder above it must be a writable folder.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"{what} {str(folder)!r} cannot be created: {str(existing)!r} is not a directory"
+        )
+    unwritable = ConfigError(
+        f"{what} {str(folder)!r} cannot be written: {str(existing)!r} is read-only or "
+        "permission is denied"
+    )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise unwritable
+    try:  # a real write (access() says yes to root on read-only file systems such as /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".policycascade-probe-", dir=existing))
+    except OSError:
+        raise unwritable from None
 
 
 def main(argv: list[str] | None = None) -> int:

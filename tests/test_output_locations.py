@@ -19,14 +19,14 @@ def test_logdir_below_a_regular_file_is_a_one_line_error(tmp_path, capsys, monke
     (tmp_path / "precious.txt").write_text("keep me")
     monkeypatch.setattr("policycascade.harness.load_dataset", _never)  # checked before data
     assert main(["--logdir", str(tmp_path / "precious.txt" / "sub"), *TINY]) == 2
-    assert "cannot be created: not a directory" in _one_line_error(capsys)
+    assert "is not a directory" in _one_line_error(capsys)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_logdir_on_a_read_only_file_system_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setattr("policycascade.harness.load_dataset", _never)
     assert main(["--logdir", "/sys/policycascade-test/runs", *TINY]) == 2
-    assert "cannot be created" in _one_line_error(capsys)
+    assert "cannot be written" in _one_line_error(capsys)
 
 
 def test_an_unwritable_logdir_is_refused_before_training(tmp_path, capsys, monkeypatch):
@@ -35,7 +35,7 @@ def test_an_unwritable_logdir_is_refused_before_training(tmp_path, capsys, monke
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     monkeypatch.setattr("policycascade.harness.load_dataset", _never)
     assert main(["--logdir", str(tmp_path / "runs"), *TINY]) == 2
-    assert "is not writable: permission denied" in _one_line_error(capsys)
+    assert "read-only or permission is denied" in _one_line_error(capsys)
 
 
 def test_resume_removes_a_temporary_checkpoint_left_by_a_kill(tmp_path, capsys):
