@@ -141,7 +141,7 @@ def _locate(key: str, data_dir: str | Path, download: bool) -> list[Path]:
     if layout.torchvision_class is not None:
         how = (
             "Point data_dir (--data-dir) at a directory that holds a copy, "
-            "or pass download=True on a machine with internet access."
+            "or add --download (download: true in a config) on a machine with internet access."
         )
     else:
         steps = layout.manual_steps.format(folder=folders[0])
