@@ -562,8 +562,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     A flag of an algorithm other than the configured ``agent`` is rejected.
     """
     base = TrainConfig()
+    file_sections: list[str] = []
     if getattr(args, "config", None):
-        base = config_from_dict(load_config_file(args.config), base)
+        file_values = load_config_file(args.config)
+        base = config_from_dict(file_values, base)
+        file_sections = [name for name in SECTIONS if name in file_values]
     values: dict[str, Any] = {}
     for section, f, _ in _cli_options():
         value = getattr(args, _dest(section, f.name), None)
@@ -574,6 +577,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         else:
             values.setdefault(section, {})[f.name] = value
     agent = values.get("agent", base.agent)
+    ignored = [name for name in file_sections if name != agent]
+    if ignored:
+        raise ConfigError(
+            f"--agent {agent} but the config file {args.config!r} sets the {ignored[0]!r} "
+            "section, whose options would be ignored; use a config of that agent"
+        )
     alpha = values.get(ALPHA_FLAG_SECTION, {}).get("alpha")
     if alpha is not None and agent != ALPHA_FLAG_SECTION:
         del values[ALPHA_FLAG_SECTION]["alpha"]

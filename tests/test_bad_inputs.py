@@ -7,6 +7,7 @@ with the message a user gets.
 """
 
 import dataclasses
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +29,8 @@ from policycascade.harness import RunHarness
 from policycascade.train import main
 
 # -- the command line -------------------------------------------------------------------------
+
+BAD_INPUTS_DOC = (Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md").read_text()
 
 # Flags of the REINFORCE section (--alpha is every agent's): cases that use them choose that agent.
 REINFORCE_FLAGS = {
@@ -184,6 +187,12 @@ CLI_CASES = [
     ),
     pytest.param(
         None,
+        ["--config", "cifar10-resnet", "--agent", "ltc"],
+        ["--agent ltc", "'cifar10-resnet'", "'reinforce' section", "ignored"],
+        id="agent-other-than-the-config-files",
+    ),
+    pytest.param(
+        None,
         ["--agent", "ltc", "--ltc-epsilon", "1"],
         ["epsilon", "[0, 1)", "1.0"],
         id="ltc-epsilon-1",
@@ -220,6 +229,9 @@ def test_cli_usage_error_is_one_line_naming_field_and_value(
     status, err = run_cli([*argv, "--logdir", str(logdir), "--no-progress"], capsys)
     assert_usage_error(status, err, *fragments)
     assert not logdir.exists()  # nothing was started
+    # docs/bad-inputs.md quotes this message exactly (paths as the doc writes them)
+    message = err.strip().replace(str(config), "bad.yaml").replace(str(tmp_path) + "/", "")
+    assert message in BAD_INPUTS_DOC, f"docs/bad-inputs.md does not quote: {message}"
 
 
 def test_cli_device_cuda_without_cuda(monkeypatch, tmp_path, capsys):
