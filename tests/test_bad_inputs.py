@@ -580,6 +580,8 @@ def test_api_rejects_bad_input_naming_the_field(call, error, fragments):
         call()
     for fragment in fragments:
         assert fragment in str(raised.value), f"{fragment!r} missing from {raised.value!r}"
+    message = str(raised.value).splitlines()[0]
+    assert message in BAD_INPUTS_DOC, f"docs/bad-inputs.md does not quote: {message}"
 
 
 @pytest.mark.parametrize(
