@@ -360,3 +360,19 @@ def test_compare_a_multi_exit_ltc_run_beside_a_four_stage_run(tiny_runs, tmp_pat
     for trained_by in ("reinforce", "ltc"):
         for policy in (trained_by, "max-softmax"):
             assert (out / "tensorboard" / "digits" / trained_by / policy).is_dir()
+
+
+def test_compare_subsets_and_shift_extras(tiny_runs, tmp_path, capsys):
+    out = tmp_path / "extras"
+    args = ["--out", str(out), "--criteria", "max-softmax", "--sweep-points", "4", "--no-reference"]
+    args += ["--subsets", "--shift", "noise:2", "contrast:5"]
+    assert compare_main([str(tiny_runs["reinforce"]), *args]) == 0
+    payload = json.loads((out / "comparison.json").read_text())
+    (subset,) = payload["subsets"]
+    assert subset["best"]["stages"][-1] == 3  # sub-cascades end with the largest classifier
+    shifts = {entry["shift"]: entry["policies"] for entry in payload["shift"]}
+    assert set(shifts) == {"noise:2", "contrast:5"}
+    contrast = shifts["contrast:5"]["max-softmax eps=0"]
+    assert contrast["shifted_accuracy"] < contrast["in_accuracy"]  # a strong shift hurts
+    assert "best sub-cascade" in capsys.readouterr().out
+    assert compare_main([str(tiny_runs["reinforce"]), "--out", str(out), "--shift", "fog:3"]) == 2

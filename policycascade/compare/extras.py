@@ -46,9 +46,10 @@ def shift_reports(run: LoadedRun, kind: str, severity: int) -> dict[str, Any]:
 
     def shifted(split: str):
         x, y = h.split_on_device(split)
-        return run.cascade.outputs(
-            corrupt(x, kind, severity, generator), y, h.costs, transform=h.inputs
-        )
+        # float images are corrupted within the range they are stored in (normalised or not)
+        value_range = (0.0, 1.0) if x.dtype == torch.uint8 else (float(x.min()), float(x.max()))
+        noisy = corrupt(x, kind, severity, generator, value_range)
+        return run.cascade.outputs(noisy, y, h.costs, transform=h.inputs)
 
     val, test = run.outputs("val"), run.outputs("test")
     val_shifted, test_shifted = shifted("val"), shifted("test")
