@@ -157,7 +157,7 @@ def test_missing_dataset_error_names_folder_files_and_remedy(name, tmp_path):
     if name.startswith("imagenet"):
         assert "image-net.org" in message
     else:
-        assert "download=True" in message
+        assert "--download" in message  # the CLI flag, as a user types it
 
 
 def test_missing_single_file_is_named(tmp_path):
