@@ -29,8 +29,9 @@ def reference_outputs(
     config, harness = run.config, run.harness
     epochs = harness.algorithm.classifier_epochs
     key = f"{config.dataset}__{config.cascade}__s{config.seed}__e{epochs}.pt"
+    torch.manual_seed(config.seed)  # the reference's initial weights, fixed by the seed
     cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
-    costs = cascade.costs()
+    costs = cascade.costs()  # measured MACs: they do not depend on the weights
     cached = None if cache_dir is None else cache_dir / key
     if cached is not None and cached.is_file():
         saved = torch.load(cached, weights_only=True)
@@ -39,8 +40,6 @@ def reference_outputs(
             CascadeOutputs(saved["test_probs"], saved["test_labels"], costs),
             cascade.names,
         )
-    torch.manual_seed(config.seed)
-    cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
     cascade.to(harness.device)
 
     def as_inputs(split: Split) -> Split:
