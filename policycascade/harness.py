@@ -207,12 +207,13 @@ class RunHarness(FiniteChecks, Checkpointing):
 
     def final_metrics(self) -> dict[str, Any]:
         """Test-split metrics of the rule and of each single classifier (metrics.json)."""
-        test_outputs = self.outputs("test")
+        test_outputs, val_outputs = self.outputs("test"), self.outputs("val")
         extras = self.algorithm.final_extras()
         if self.alpha is not None:  # what the user would otherwise deploy at this alpha
-            val = self.outputs("val")
-            free = val.costs.with_policy_macs([0] * val.num_stages)
-            rule = best_reward_rule(val.probs, val.labels, free, self.alpha)
+            # (a threshold search prices its rules at 0 MACs of their own)
+            rule = best_reward_rule(
+                val_outputs.probs, val_outputs.labels, val_outputs.costs, self.alpha
+            )
             extras["best_threshold_rule"] = {
                 "criterion": rule.criterion,
                 "thresholds": rule.thresholds,
@@ -224,7 +225,7 @@ class RunHarness(FiniteChecks, Checkpointing):
             **self.evaluate("test", test_outputs),
             **extras,
             "single_classifiers": single_classifier_metrics(test_outputs, self.cascade.names),
-            "val": self.evaluate("val"),
+            "val": self.evaluate("val", val_outputs),
             "costs": self.costs.as_dict(),
             "stage_names": self.cascade.names,
             "epochs_trained": self.epoch,
