@@ -56,25 +56,15 @@ class ContinuationTraining(Algorithm):
         """Each classifier's cross-entropy budget."""
         return self.settings.classifier_epochs
 
-    def _unfitted_rule(self) -> ContinuationValueRule:
-        s, h = self.settings, self.harness
-        return ContinuationValueRule(
-            self.cascade.num_stages,
-            h.data.num_classes,
-            self._cumulative_costs(),
-            h.alpha,
-            s.feature_set,
-            s.answer,
-            s.hidden,
-        )
-
     def _cumulative_costs(self) -> torch.Tensor:
-        costs = self.cascade.costs().with_policy_macs(self._rule_macs())
+        """Normalised cost of exiting at each stage, the rule's own MACs included."""
+        costs = self.harness.costs
         return torch.tensor(costs.cumulative_macs, dtype=torch.float32) / costs.reference_macs
 
-    def _rule_macs(self) -> list[int]:
+    def policy_macs(self) -> list[int]:
+        """The rule's measured MACs per stage (its small per-stage models)."""
         s, h = self.settings, self.harness
-        dummy = ContinuationValueRule(
+        shape_only = ContinuationValueRule(  # the fitted rule's architecture, to count its MACs
             self.cascade.num_stages,
             h.data.num_classes,
             torch.arange(1, self.cascade.num_stages + 1, dtype=torch.float32),
@@ -83,11 +73,7 @@ class ContinuationTraining(Algorithm):
             s.answer,
             s.hidden,
         )
-        return dummy.policy_macs()
-
-    def policy_macs(self) -> list[int]:
-        """The rule's measured MACs per stage (its small per-stage models)."""
-        return self._rule_macs()
+        return shape_only.policy_macs()
 
     def rule(self) -> ContinuationValueRule | None:
         """The fitted rule (None until its unit has run)."""
