@@ -102,7 +102,9 @@ class Cascade(nn.Module):
                     for i in range(0, len(x), batch_size)
                 ]
             )
-        return CascadeOutputs(probs=logits.float().softmax(-1), labels=y.to(device), costs=costs)
+        return CascadeOutputs(
+            probs=logits.float().softmax(-1), labels=y.to(device), costs=costs, names=self.names
+        )
 
 
 def _check_logits(
@@ -129,6 +131,7 @@ class CascadeOutputs:
     probs: torch.Tensor  # (sample, stage, class), softmax probabilities
     labels: torch.Tensor  # (sample,), int64
     costs: StageCosts
+    names: list[str] | None = None  # stage names, cheapest first; None: unnamed
 
     def __post_init__(self):
         if self.probs.ndim != 3:
@@ -143,6 +146,10 @@ class CascadeOutputs:
             )
         if k != self.costs.num_stages:
             raise ValueError(f"probs has {k} stages but costs describe {self.costs.num_stages}")
+        if self.names is not None:
+            self.names = [str(name) for name in self.names]
+            if len(self.names) != k:
+                raise ValueError(f"names must hold {k} stage names, got {self.names}")
 
     @property
     def num_samples(self) -> int:
@@ -161,8 +168,8 @@ class CascadeOutputs:
 
     def to(self, device: torch.device | str) -> CascadeOutputs:
         """The same outputs on another device."""
-        return CascadeOutputs(self.probs.to(device), self.labels.to(device), self.costs)
+        return CascadeOutputs(self.probs.to(device), self.labels.to(device), self.costs, self.names)
 
     def with_costs(self, costs: StageCosts) -> CascadeOutputs:
         """The same predictions under another stopping rule's stage costs."""
-        return CascadeOutputs(self.probs, self.labels, costs)
+        return CascadeOutputs(self.probs, self.labels, costs, self.names)

@@ -1,0 +1,229 @@
+"""A fitted stopping rule as a JSON file: saved from torch, read back by torch or by numpy.
+
+The file names the cascade the rule was fitted for (stage names, classes, costs), so a
+rule applied to another cascade's outputs is refused, and, when calibration outputs
+are given, what the rule did on them (exit shares, mean cost, accuracy) for a drift
+monitor. :mod:`policycascade.serving` applies the file with numpy alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from policycascade.agents.rules import StoppingRule
+from policycascade.agents.thresholds import ShiftedRule, ThresholdRule
+from policycascade.cascade import CascadeOutputs
+from policycascade.evaluation import evaluate_rule
+from policycascade.serving import FORMAT, VERSION, ServingRule, decode_float, encode_float
+
+# float32 scores computed by torch and by numpy differ by a few rounding errors (log, exp and
+# sums are not bitwise the same); 1e-5 * max(1, |t|) is ~100 float32 ulps of the scale
+ROUNDING_SLACK = 1e-5
+_RESERVED = (
+    "format",
+    "version",
+    "family",
+    "parameters",
+    "num_stages",
+    "num_classes",
+    "stage_names",
+    "costs",
+    "calibration",
+)
+
+
+def rule_to_dict(rule: StoppingRule, outputs: CascadeOutputs | None = None) -> dict[str, Any]:
+    """JSON-ready description of ``rule``; with calibration ``outputs``, also its cascade.
+
+    Given ``outputs``, a finite threshold (offset) t that some calibration score
+    reaches by less than ``ROUNDING_SLACK * max(1, |t|)`` is lowered by that margin, but
+    never past the middle of the gap to the next lower calibration score: no calibration
+    decision changes, and a sample sitting on the threshold still stops when numpy
+    computes its score a few float32 rounding errors lower than torch did. The fitted
+    values are kept under ``fitted_thresholds`` (``fitted_offsets``).
+    """
+    family, params = _parameters(rule)
+    data: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "family": family,
+        "parameters": params,
+        "num_stages": rule.num_stages,
+        "num_classes": None,
+        "stage_names": None,
+        "costs": None,
+    }
+    if outputs is None:
+        return data
+    if outputs.num_stages != rule.num_stages:
+        raise ValueError(
+            f"outputs have {outputs.num_stages} stages but the rule has {rule.num_stages}"
+        )
+    _lower_by_rounding_margin(data, rule, outputs.probs)
+    costs = outputs.costs
+    data["num_classes"] = outputs.num_classes
+    data["stage_names"] = outputs.names or [f"stage{t}" for t in range(outputs.num_stages)]
+    data["costs"] = {
+        "unit": costs.unit,
+        "classifier": costs.classifier_macs,
+        "alone": costs.alone_macs,
+        "policy": list(rule.policy_macs()),
+    }
+    metrics = evaluate_rule(rule_from_dict(data), outputs)
+    data["calibration"] = {
+        "num_samples": metrics["num_samples"],
+        "exit_shares": metrics["exit_distribution"],
+        "mean_cost": metrics["mean_macs"],
+        "cost_unit": costs.unit,
+        "accuracy": metrics["accuracy"],
+    }
+    return data
+
+
+def save_rule(
+    rule: StoppingRule,
+    path: str | Path,
+    outputs: CascadeOutputs | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``rule`` (see :func:`rule_to_dict`) and ``extra`` blocks to ``path``; return the dict.
+
+    ``extra`` adds top-level blocks (a ``guarantee``, say); it cannot replace the rule's own.
+    """
+    data = rule_to_dict(rule, outputs)
+    for key, value in (extra or {}).items():
+        if key in _RESERVED:
+            raise ValueError(f"extra must not replace the rule's own block {key!r}")
+        data[key] = value
+    text = json.dumps(data, indent=2, allow_nan=False)
+    Path(path).write_text(text + "\n")
+    return data
+
+
+def load_rule(path: str | Path, outputs: CascadeOutputs | None = None) -> StoppingRule:
+    """The torch rule saved at ``path``; with ``outputs``, first check it is their cascade's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no rule file at {str(path)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not JSON: {err}") from None
+    ServingRule(data, repr(str(path)))  # the format checks, shared with serving
+    if outputs is not None:
+        check_rule_outputs(data, outputs, repr(str(path)))
+    return rule_from_dict(data)
+
+
+def rule_from_dict(data: dict[str, Any]) -> StoppingRule:
+    """The torch rule :func:`rule_to_dict` described."""
+    params = data["parameters"]
+    if data["family"] == "threshold":
+        return _threshold_rule(params)
+    if data["family"] == "shifted-threshold":
+        offsets = [decode_float(v, "offsets") for v in params["offsets"]]
+        return ShiftedRule(_threshold_rule(params["base"]["parameters"]), offsets, params["name"])
+    raise ValueError(f"unknown rule family {data['family']!r}")
+
+
+def check_rule_outputs(data: dict[str, Any], outputs: CascadeOutputs, source: str = "rule") -> None:
+    """One-line ValueError when ``outputs`` are not from the cascade the rule was fitted for."""
+    names = outputs.names or [f"stage{t}" for t in range(outputs.num_stages)]
+    theirs = (outputs.num_stages, outputs.num_classes, names, outputs.costs.classifier_macs)
+    costs = data.get("costs") or {}
+    ours = (
+        data["num_stages"],
+        data.get("num_classes"),
+        data.get("stage_names"),
+        costs.get("classifier"),
+    )
+    same = all(o is None or o == t for o, t in zip(ours, theirs, strict=True))
+    if not same:
+        raise ValueError(
+            f"the rule in {source} was fitted for stages {ours[2]} ({ours[0]} stages, "
+            f"{ours[1]} classes, classifier costs {ours[3]}); these outputs have stages "
+            f"{names} ({theirs[0]} stages, {theirs[1]} classes, classifier costs {theirs[3]})"
+        )
+
+
+def _parameters(rule: StoppingRule) -> tuple[str, dict[str, Any]]:
+    if isinstance(rule, ThresholdRule):
+        return "threshold", _threshold_parameters(rule)
+    if isinstance(rule, ShiftedRule):
+        if not isinstance(rule.base, ThresholdRule):
+            raise TypeError(
+                "a ShiftedRule can be saved only over a ThresholdRule, got a ShiftedRule over "
+                f"{type(rule.base).__name__}"
+            )
+        return "shifted-threshold", {
+            "base": {"family": "threshold", "parameters": _threshold_parameters(rule.base)},
+            "offsets": [encode_float(v) for v in rule.offsets],
+            "name": rule.name,
+        }
+    raise TypeError(
+        f"save_rule supports ThresholdRule and ShiftedRule over a ThresholdRule, got "
+        f"{type(rule).__name__}"
+    )
+
+
+def _threshold_parameters(rule: ThresholdRule) -> dict[str, Any]:
+    return {
+        "criterion": rule.criterion,
+        "thresholds": [encode_float(v) for v in rule.thresholds],
+        "temperatures": None
+        if rule.temperatures is None
+        else [float(t) for t in rule.temperatures],
+        "name": rule.name,
+    }
+
+
+def _threshold_rule(params: dict[str, Any]) -> ThresholdRule:
+    return ThresholdRule(
+        params["criterion"],
+        [decode_float(v, "thresholds") for v in params["thresholds"]],
+        params.get("temperatures"),
+        params.get("name", ""),
+    )
+
+
+def _lower_by_rounding_margin(
+    data: dict[str, Any], rule: StoppingRule, probs: torch.Tensor
+) -> None:
+    """Lower each finite cut by a rounding margin within its calibration gap (rule_to_dict)."""
+    params = data["parameters"]
+    if data["family"] == "threshold":
+        scores = rule.confidences(probs).double().cpu()  # stop iff confidence >= threshold
+        key = "thresholds"
+    else:
+        scores = rule.base.stop_scores(probs).double().cpu()  # stop iff base score >= offset
+        key = "offsets"
+    fitted = [decode_float(v, key) for v in params[key]]
+    lowered = [_lowered(scores[:, t], cut) for t, cut in enumerate(fitted)]
+    if lowered != fitted:
+        params[f"fitted_{key}"] = [encode_float(v) for v in fitted]
+        params[key] = [encode_float(v) for v in lowered]
+
+
+def _lowered(scores: torch.Tensor, cut: float) -> float:
+    """``cut`` lowered by the rounding margin, staying above the middle of the gap below it."""
+    if not math.isfinite(cut):
+        return cut
+    slack = ROUNDING_SLACK * max(1.0, abs(cut))
+    if not bool(((scores >= cut) & (scores < cut + slack)).any()):
+        return cut  # no calibration sample stops by less than a rounding margin
+    lowered = cut - slack
+    below = scores[scores < cut]
+    if len(below):
+        lower = float(below.max())
+        lowered = max(lowered, lower + (cut - lower) / 2)
+        if not lower < lowered:
+            return cut  # two scores one rounding error apart: nothing to gain
+    return lowered if lowered < cut else cut
+
+
+__all__ = ["check_rule_outputs", "load_rule", "rule_from_dict", "rule_to_dict", "save_rule"]
