@@ -2,13 +2,18 @@
 
 A run directory holds ``config.yaml`` (the run's resolved config), ``checkpoint.pt``
 (the harness's one checkpoint format), TensorBoard events and, once trained,
-``metrics.json``.
+``metrics.json`` and the stored outputs and rule of :mod:`policycascade.run_store`.
+One process at a time writes a run directory: it is claimed atomically when created and
+locked while training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,14 @@ from policycascade.data import DataSplits
 from policycascade.distributed import init_from_environment
 from policycascade.harness import CHECKPOINT_FORMAT, RunHarness
 from policycascade.jsonio import write_json
+from policycascade.run_store import (
+    RunSummary,
+    has_stored_outputs,
+    read_outputs,
+    read_rule,
+    read_summary,
+    store_run,
+)
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.json"
@@ -78,17 +91,72 @@ def _shared_timestamp() -> str:
 
 
 def unique_run_dir(logdir: Path, name: str) -> Path:
-    """``logdir/name``, or ``name-2``, ``name-3``, ... if taken: a run never overwrites another."""
+    """``logdir/name``, or ``name-2``, ``name-3``, ... if taken (a proposal: nothing is created).
+
+    :func:`claim_run_dir` is the atomic form to use when the run starts.
+    """
     candidate, n = logdir / name, 2
     while candidate.exists():
         candidate, n = logdir / f"{name}-{n}", n + 1
     return candidate
 
 
+def claim_run_dir(logdir: Path, name: str) -> Path:
+    """Create and return ``logdir/name`` or the first free ``name-N``, atomically.
+
+    Two processes started together into one logdir never share a run directory.
+    """
+    logdir.mkdir(parents=True, exist_ok=True)
+    candidate, n = logdir / name, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, n = logdir / f"{name}-{n}", n + 1
+
+
 def write_config(run_dir: Path, config: TrainConfig) -> None:
-    """Create the run directory (it must not exist) and write its ``config.yaml``."""
-    run_dir.mkdir(parents=True, exist_ok=False)
+    """Write the run's ``config.yaml`` into a new or freshly claimed, empty run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is not empty: a new run never writes into another "
+            "run's files (use --resume to continue a run)"
+        )
     (run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's write lock for the block; a second writer fails with one line.
+
+    The lock is an OS file lock: it goes with the process, so a killed run leaves none.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here (Windows): one writer is the user's to keep
+        yield
+        return
+    handle = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} is being written by another process; wait for "
+                "it to finish (one run directory has one writer)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def read_run(
@@ -154,16 +222,29 @@ def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 def train_run(
     config: TrainConfig, run_dir: Path, resume: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
-    """Train (or resume) one run, log it to TensorBoard and write metrics.json; returns them."""
+    """Train (or resume) one run, log it to TensorBoard and write metrics.json; returns them.
+
+    A new run's directory must be new or empty (see :func:`claim_run_dir`); the directory
+    is locked against a second writer for the whole run.
+    """
     harness = RunHarness(config, run_dir, run_alpha(config), show_progress=show_progress)
-    if resume:
-        _, checkpoint = read_run(run_dir, map_location=harness.device)
-        harness.load(checkpoint)
-        remove_stale_temporaries(run_dir)  # what a kill during a checkpoint write left
-    elif harness.dist.is_main:
-        write_config(run_dir, config)
     if not harness.dist.is_main:  # in a distributed run only rank 0 logs and writes files
+        if resume:
+            harness.load(read_run(run_dir, map_location=harness.device)[1])
         return _run_as_bug_if_value_error(harness, None)
+    if not resume:
+        write_config(run_dir, config)
+    with run_lock(run_dir):
+        if resume:
+            _, checkpoint = read_run(run_dir, map_location=harness.device)
+            harness.load(checkpoint)
+            remove_stale_temporaries(run_dir)  # what a kill during a checkpoint write left
+        return _train_and_log(harness, config, run_dir, resume)
+
+
+def _train_and_log(
+    harness: RunHarness, config: TrainConfig, run_dir: Path, resume: bool
+) -> dict[str, Any]:
     # purge_step drops events a killed run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir), purge_step=harness.epoch + 1 if resume else None)
     try:
@@ -176,6 +257,7 @@ def train_run(
             writer.flush()
 
         metrics = _run_as_bug_if_value_error(harness, log)
+        _store(harness, run_dir)  # before metrics.json, which marks the run finished
         write_json(run_dir / METRICS_NAME, metrics)
         for split in ("val", "test"):
             values = metrics if split == "test" else metrics["val"]
@@ -189,6 +271,20 @@ def train_run(
     finally:
         writer.close()
     return metrics
+
+
+def _store(harness: RunHarness, run_dir: Path) -> None:
+    """The finished run's outputs, rule and labels (:mod:`policycascade.run_store`)."""
+    algorithm = harness.algorithm
+    outputs = {split: harness.outputs(split) for split in ("val", "test")}
+    names = list(harness.cascade.names)
+    summary = RunSummary(
+        label=algorithm.label,
+        trains_like_reference=bool(algorithm.trains_like_reference),
+        dataset=harness.data.name,
+        stage_names=names,
+    )
+    store_run(run_dir, summary, outputs, algorithm.rule())
 
 
 def hparams_of(config: TrainConfig) -> dict[str, Any]:
@@ -224,7 +320,13 @@ def _run_as_bug_if_value_error(harness: RunHarness, log) -> dict[str, Any]:
 
 
 class LoadedRun:
-    """A trained run loaded back: its config, cascade, stopping rule, data and cached outputs."""
+    """A trained run loaded back: config, stopping rule, cached outputs; cascade and data on demand.
+
+    A finished run reads its stored outputs and rule (:mod:`policycascade.run_store`): no
+    data set, no weights, no registered cascade needed. The training harness (data,
+    classifiers) is built only when ``cascade``, ``data`` or ``harness`` is asked for, or for
+    runs written before outputs were stored.
+    """
 
     def __init__(self, run_dir: str | Path, device: str | None = None):
         self.run_dir = Path(run_dir)
@@ -233,12 +335,37 @@ class LoadedRun:
             config = dataclasses.replace(config, device=device)
         self.config: TrainConfig = config
         self.alpha = run_alpha(config)
-        self.harness = RunHarness(
-            config, self.run_dir, self.alpha, show_progress=False, train=False
-        )
-        self.harness.load(checkpoint)
-        self.cascade.eval()
+        self._checkpoint: dict | None = checkpoint
+        self._harness: RunHarness | None = None
         self._outputs: dict[str, CascadeOutputs] = {}
+        self.stored = self.metrics is not None and has_stored_outputs(self.run_dir)
+        if self.stored:
+            self.summary = read_summary(self.run_dir)
+            self._outputs = read_outputs(self.run_dir)
+            self._rule = read_rule(self.run_dir)
+            self._checkpoint = None  # everything needed is stored; the weights load on demand
+        else:
+            self.summary = RunSummary(
+                label=self.harness.algorithm.label,
+                trains_like_reference=bool(self.harness.algorithm.trains_like_reference),
+                dataset=self.harness.data.name,
+                stage_names=list(self.harness.cascade.names),
+            )
+
+    @property
+    def harness(self) -> RunHarness:
+        """The run's training harness with its checkpoint loaded (builds data and classifiers)."""
+        if self._harness is None:
+            checkpoint = self._checkpoint
+            if checkpoint is None:
+                checkpoint = read_run(self.run_dir)[1]
+            harness = RunHarness(
+                self.config, self.run_dir, self.alpha, show_progress=False, train=False
+            )
+            harness.load(checkpoint)
+            harness.cascade.eval()
+            self._harness, self._checkpoint = harness, None
+        return self._harness
 
     @property
     def cascade(self) -> Cascade:
@@ -246,8 +373,15 @@ class LoadedRun:
         return self.harness.cascade
 
     @property
+    def stage_names(self) -> list[str]:
+        """The classifiers' names, cheapest first."""
+        return list(self.summary.stage_names)
+
+    @property
     def rule(self) -> StoppingRule | None:
         """The stopping rule the run ended with (None for an unfinished LtC run)."""
+        if self.stored:
+            return self._rule
         return self.harness.algorithm.rule()
 
     @property
@@ -258,7 +392,12 @@ class LoadedRun:
     @property
     def finished(self) -> bool:
         """Whether every epoch was trained."""
-        return self.harness.finished
+        return self.stored or self.harness.finished
+
+    @property
+    def progress(self) -> str:
+        """``epoch E of N`` for messages about unfinished runs."""
+        return f"epoch {self.harness.epoch} of {self.harness.algorithm.num_epochs}"
 
     @cached_property
     def metrics(self) -> dict[str, Any] | None:
@@ -269,13 +408,17 @@ class LoadedRun:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def outputs(self, split: str) -> CascadeOutputs:
-        """Every classifier's softmax on a split (computed once), with the run's stage costs."""
+        """Every classifier's softmax on a split (stored or computed once), with the stage costs."""
         if split not in self._outputs:
             self._outputs[split] = self.harness.outputs(split)
         return self._outputs[split]
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """The run's stopping rule on a split."""
+        from policycascade.evaluation import evaluate_rule
+
+        if self.stored:
+            return evaluate_rule(self.rule, self.outputs(split))
         return self.harness.evaluate(split, self.outputs(split))
 
 
@@ -303,7 +446,7 @@ def train_policy(
         "continuation": {"alpha": [alpha], **continuation},
     }
     (config,) = per_run_configs(config_from_dict(values))
-    run_dir = unique_run_dir(Path(logdir), run_name(config))
+    run_dir = claim_run_dir(Path(logdir), run_name(config))
     train_run(config, run_dir, show_progress=show_progress)
     return load_run(run_dir)
 

@@ -7,24 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from policycascade.agents.thresholds import ALL_CRITERIA, CRITERIA
 from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
-from policycascade.compare.extras import parse_shift, shift_reports, subset_report
+from policycascade.compare.api import compare
+from policycascade.compare.extras import parse_shift
 from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
-from policycascade.compare.report import (
-    format_extras,
-    format_summary,
-    make_figures,
-    write_tensorboard,
-)
-from policycascade.compare.rows import aggregate, write_csv
-from policycascade.compare.runs import compare_run, expand_run_dirs
-from policycascade.compare.savings import run_savings
 from policycascade.config import HelpFormatter
-from policycascade.jsonio import write_json
-from policycascade.runs import load_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +27,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         metavar="RUN_DIR",
-        help="run directories (or directories that hold run directories)",
+        help="run directories (or directories that hold run directories); each run is given "
+        "once, and runs of one configuration need distinct seeds",
     )
     parser.add_argument(
-        "--out", default=None, help="output directory (default: comparisons/<time>)"
+        "--outputs",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="also compare cached outputs from any framework (.npz, .csv or .parquet in the "
+        "layout of docs/outputs-format.md) that hold a 'val' and a 'test' split: every rule is "
+        "fitted on val and reported on test, with no model in sight",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: comparisons/<time>); it must be new or empty unless "
+        "--overwrite is given",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: replaces the files compare writes there "
+        "(comparison.json/.csv, the figures, its TensorBoard runs) and reuses its cached "
+        "reference; nothing else in the folder is touched",
     )
     parser.add_argument(
         "--criteria",
@@ -106,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_dir(path: str | None) -> Path:
-    """The output directory, created (or reused) before any evaluation work."""
+def _output_dir(path: str | None, overwrite: bool) -> Path:
+    """The output directory, checked before any work: new, empty, or ``--overwrite``.
+
+    It is created only when there is something to write into it.
+    """
     out = Path(path or f"comparisons/{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {str(out)!r} is not empty: compare writes into a new or empty folder; pass "
+            "--overwrite to replace an earlier comparison's files there (nothing else is touched)"
+        )
     return out
 
 
@@ -127,43 +142,24 @@ def main(argv: list[str] | None = None) -> int:
             args.sweep_points,
         ).validate()
         shifts = [parse_shift(text) for text in args.shift]
-        run_dirs = expand_run_dirs(args.runs)
-        out = _output_dir(args.out)
-        rows, extras = [], {"subsets": [], "shift": []}
-        for run_dir in tqdm(run_dirs, desc="runs", leave=False, disable=None):  # off without a tty
-            try:
-                run = load_run(run_dir)
-                rows += compare_run(
-                    run, options, out / "reference", reference=not args.no_reference
-                )
-                if args.subsets:
-                    extras["subsets"].append(subset_report(run, options.sweep_points))
-                extras["shift"] += [shift_reports(run, kind, level) for kind, level in shifts]
-            except USER_ERRORS as error:
-                message = user_message(error)
-                if str(run_dir) not in message:
-                    message = f"run {run_dir}: {message}"
-                raise ValueError(message) from None
+        if not args.runs and not args.outputs:
+            raise ValueError("give at least one RUN_DIR or --outputs FILE")
+        out = _output_dir(args.out, args.overwrite)
+        comparison = compare(
+            args.runs,
+            args.outputs,
+            options,
+            reference=not args.no_reference,
+            reference_cache=out / "reference",
+            subsets=args.subsets,
+            shift=shifts,
+            show_progress=True,
+        )
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR
-    aggregated = aggregate(rows)
-    savings = run_savings(rows)
-    payload = {
-        "rows": [r.as_dict() for r in rows],
-        "aggregated": [vars(a) for a in aggregated],
-        "savings": [s.as_dict() for s in savings],
-        **{key: value for key, value in extras.items() if value},
-    }
-    write_json(out / "comparison.json", payload, indent=1)
-    write_csv(out / "comparison.csv", rows)
-    figures = make_figures(rows, aggregated)
-    figures["compare/tradeoff"].savefig(out / "tradeoff.png", dpi=130)
-    if "compare/accuracy_by_exit" in figures:
-        figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=130)
-    write_tensorboard(out, aggregated, savings, figures, rows)
-    print(format_summary(aggregated, savings))
-    print(format_extras(extras))
+    comparison.write(out)
+    print(comparison.summary())
     print(
         f"\nwrote {out}/comparison.json, comparison.csv, tradeoff.png, accuracy_by_exit.png, "
         f"tensorboard/ (tensorboard --logdir {out}/tensorboard)"

@@ -29,7 +29,7 @@ def subset_report(run: LoadedRun, sweep_points: int) -> dict[str, Any]:
         run.outputs("val").to("cpu"),
         run.outputs("test").to("cpu"),
         "max-softmax",
-        stage_names=run.cascade.names,
+        stage_names=run.stage_names,
         sweep_points=sweep_points,
     )
     return {"run": run.run_dir.name, "dataset": run.config.dataset, **choice.as_dict()}

@@ -48,21 +48,38 @@ class CompareOptions:
     sweep_points: int = 15  # operating points per rule along its trade-off curve
 
     def validate(self) -> CompareOptions:
-        """Raise a ValueError naming the first bad argument."""
-        unknown = [c for c in self.criteria if c not in ALL_CRITERIA]
-        if unknown or not self.criteria:
-            raise ValueError(
-                f"criteria must be among {list(ALL_CRITERIA)}, got {list(self.criteria)}"
-            )
-        if any(not (0 <= e < 1) for e in self.epsilons):
-            raise ValueError(f"epsilons must be in [0, 1), got {list(self.epsilons)}")
-        if any(not (math.isfinite(b) and b > 0) for b in self.budget_shares):
-            raise ValueError(f"budget_shares must be > 0, got {list(self.budget_shares)}")
+        """Raise a TypeError/ValueError naming the first bad argument."""
+        criteria = _sequence("criteria", self.criteria, str)
+        unknown = [c for c in criteria if c not in ALL_CRITERIA]
+        if unknown or not criteria:
+            raise ValueError(f"criteria must be among {list(ALL_CRITERIA)}, got {list(criteria)}")
+        epsilons = _sequence("epsilons", self.epsilons, float)
+        if any(not (0 <= e < 1) for e in epsilons):
+            raise ValueError(f"epsilons must be in [0, 1), got {list(epsilons)}")
+        budgets = _sequence("budget_shares", self.budget_shares, float)
+        if any(not (math.isfinite(b) and b > 0) for b in budgets):
+            raise ValueError(f"budget_shares must be > 0, got {list(budgets)}")
+        if not isinstance(self.temperature, bool):
+            raise TypeError(f"temperature must be True or False, got {self.temperature!r}")
         if isinstance(self.sweep_points, bool) or not (
             isinstance(self.sweep_points, int) and self.sweep_points >= 2
         ):
             raise ValueError(f"sweep_points must be an integer >= 2, got {self.sweep_points!r}")
         return self
+
+
+def _sequence(name: str, values: Any, kind: type) -> tuple:
+    """``values`` as a tuple of ``kind`` without repeats, or an error naming ``name``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list or tuple, got {values!r}")
+    for value in values:
+        numeric = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (numeric or (kind is not float and isinstance(value, kind))):
+            raise TypeError(f"{name} must hold {kind.__name__} values, got {value!r}")
+    repeated = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"{name} repeats {repeated}: give each value once")
+    return tuple(values)
 
 
 def fitted_points(

@@ -1,0 +1,114 @@
+"""``compare(...)``: every policy on trained runs and on users' cached outputs, as one call.
+
+The command line (:mod:`policycascade.compare.cli`) parses its options into this call and
+writes what it returns; Python users call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from policycascade.cli_support import USER_ERRORS, user_message
+from policycascade.compare.extras import shift_reports, subset_report
+from policycascade.compare.outputs_files import read_outputs_file, stage_names, unique_paths
+from policycascade.compare.policies import CompareOptions, compare_outputs
+from policycascade.compare.rows import Aggregate, Row, aggregate, write_csv
+from policycascade.compare.runs import RunIdentities, compare_run, expand_run_dirs
+from policycascade.compare.savings import RunSavings, run_savings
+from policycascade.jsonio import write_json
+
+FILES = ("comparison.json", "comparison.csv", "tradeoff.png", "accuracy_by_exit.png")
+
+
+@dataclass
+class Comparison:
+    """Every row of a comparison, their mean ± std over seeds, MACs saved, and the extras."""
+
+    rows: list[Row]
+    aggregated: list[Aggregate]
+    savings: list[RunSavings]
+    extras: dict[str, list] = field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        """What comparison.json holds."""
+        return {
+            "rows": [r.as_dict() for r in self.rows],
+            "aggregated": [vars(a) for a in self.aggregated],
+            "savings": [s.as_dict() for s in self.savings],
+            **{key: value for key, value in self.extras.items() if value},
+        }
+
+    def summary(self) -> str:
+        """The one-screen summary the command line prints."""
+        from policycascade.compare.report import format_extras, format_summary
+
+        return format_summary(self.aggregated, self.savings) + "\n" + format_extras(self.extras)
+
+    def write(self, out: str | Path) -> None:
+        """comparison.json/.csv, the figures and TensorBoard runs into ``out``."""
+        from policycascade.compare.report import make_figures, write_tensorboard
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "comparison.json", self.payload(), indent=1)
+        write_csv(out / "comparison.csv", self.rows)
+        figures = make_figures(self.rows, self.aggregated)
+        figures["compare/tradeoff"].savefig(out / "tradeoff.png", dpi=130)
+        if "compare/accuracy_by_exit" in figures:
+            figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=130)
+        write_tensorboard(out, self.aggregated, self.savings, figures, self.rows)
+
+
+def compare(
+    runs: Sequence[str | Path] = (),
+    outputs: Sequence[str | Path] = (),
+    options: CompareOptions | None = None,
+    *,
+    reference: bool = True,
+    reference_cache: str | Path | None = None,
+    subsets: bool = False,
+    shift: Sequence[tuple[str, int]] = (),
+    show_progress: bool = False,
+) -> Comparison:
+    """Compare every policy on trained run directories and on cached-outputs files.
+
+    Rules are fitted on each run's (or file's) validation split and measured once on its
+    test split. ``reference`` adds classifiers of the run's family trained independently
+    (cached under ``reference_cache``); ``subsets`` the best sub-cascade; ``shift`` pairs
+    ``(kind, severity)`` of corrupted test inputs (these three need the run's data).
+    """
+    options = (options or CompareOptions()).validate()
+    if isinstance(runs, (str, Path)) or isinstance(outputs, (str, Path)):
+        raise TypeError("runs and outputs take lists of paths, not one path")
+    if not runs and not outputs:
+        raise ValueError("give at least one run directory or outputs file")
+    run_dirs = expand_run_dirs([str(r) for r in runs])
+    files = [read_outputs_file(p) for p in unique_paths([str(o) for o in outputs], "outputs")]
+    rows: list[Row] = []
+    extras: dict[str, list] = {"subsets": [], "shift": []}
+    for name, val, test in files:
+        rows += compare_outputs(val, test, stage_names(test), options, dataset=name, run=name)
+    seen = RunIdentities()
+    cache = None if reference_cache is None else Path(reference_cache)
+    bar = tqdm(run_dirs, desc="runs", leave=False, disable=None if show_progress else True)
+    for run_dir in bar:
+        try:
+            from policycascade.runs import load_run
+
+            run = load_run(run_dir)
+            seen.add(run)
+            rows += compare_run(run, options, cache, reference=reference)
+            if subsets:
+                extras["subsets"].append(subset_report(run, options.sweep_points))
+            extras["shift"] += [shift_reports(run, kind, level) for kind, level in shift]
+        except USER_ERRORS as error:
+            message = user_message(error)
+            if str(run_dir) not in message:
+                message = f"run {run_dir}: {message}"
+            raise ValueError(message) from None
+    return Comparison(rows, aggregate(rows), run_savings(rows), extras)
