@@ -145,14 +145,20 @@ def test_estimator_is_unbiased(baseline, rollouts, train, loss):
 
 
 def test_check_detects_a_biased_baseline():
-    """A baseline equal to the rollout's own return zeroes every estimate: biased, and caught."""
+    """A baseline of half the rollout's own return halves every estimate: biased, and caught.
+
+    The estimates must converge to exactly half the exact gradient, so an estimator that
+    returned zeros (or anything else) fails here too.
+    """
     logits, labels = _setup()
     agent = _make_agent("none", train=False)
-    agent.baseline.forward = lambda returns, s, f: (returns.detach(), returns.new_zeros(()))
+    agent.baseline.forward = lambda returns, s, f: (0.5 * returns.detach(), returns.new_zeros(()))
     exact = _exact_gradient(agent, logits, labels)
     estimates = _estimates(agent, logits, labels, chunks=20)
     standard_error = (estimates.var(0) / len(estimates)).sum().sqrt()
-    assert (estimates.mean(0) - exact).norm() > 3 * standard_error + 1e-6
+    assert exact.norm() > 10 * standard_error  # the check has power
+    assert (estimates.mean(0) - exact).norm() > 3 * standard_error + 1e-6  # the bias is seen
+    assert (estimates.mean(0) - 0.5 * exact).norm() < 3 * standard_error + 1e-6  # and is 1/2
 
 
 @pytest.mark.parametrize(
