@@ -11,6 +11,10 @@ prints a JSON object on stdout instead and sends the table to stderr):
    gymnasium's ``SyncVectorEnv`` over single ``CascadeStoppingEnv`` copies;
 3. one joint REINFORCE training step against one cross-entropy step;
 4. wall time and peak memory of the default training job (not with ``--quick``);
+5. the default job's classifier training (the continuation learner's unit) alone and next
+   to a CPU-bound neighbour process, with torch's default threads and with the count
+   :mod:`policycascade.runtime` chooses, and the slow-down ratios (not with ``--quick``;
+   ``--contention`` runs this case only);
 
 and, where CUDA is present, samples per second of the ResNet cascade's training steps
 on the GPU. ``--threads N`` sets torch's CPU threads (1 is steadier on a shared machine).
@@ -77,6 +81,7 @@ class Plan:
     resnet_train_batch: int | None  # None: leave out the ResNet training step on CPU
     cuda_train_batch: int
     train_job: bool
+    contention: bool = False  # (5): the training step alone and next to a busy neighbour
     note: str = field(default="")
 
 
@@ -95,6 +100,7 @@ PLANS = {
         resnet_train_batch=128,
         cuda_train_batch=128,
         train_job=True,
+        contention=True,
     ),
     "quick": Plan(
         digits_pool=1024,
@@ -471,6 +477,115 @@ runpy.run_module('policycascade.train', run_name='__main__')
 """
 
 
+# -- (5) a busy neighbour ---------------------------------------------------------------------
+
+# A CPU-bound neighbour: one core's worth of pure-Python work until it is killed.
+NEIGHBOUR_CODE = "while True:\n    pass\n"
+
+
+def start_neighbours(count: int) -> list[subprocess.Popen]:
+    """``count`` CPU-bound processes, each spinning on one core until stopped."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", NEIGHBOUR_CODE], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    time.sleep(0.3)  # let them start spinning before anything is timed
+    return procs
+
+
+def stop_neighbours(procs: list[subprocess.Popen]) -> None:
+    """Kill the neighbours started by :func:`start_neighbours` and reap them."""
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+def digits_training_unit(epochs: int) -> Callable[[], None]:
+    """The default job's classifier training on digits (``train_reference``), ``epochs`` long.
+
+    Each call trains a fresh copy of the digits cascade from the same initial weights,
+    with per-epoch validation and best-epoch keeping, as the continuation learner's first
+    unit does.
+    """
+    from policycascade.crossfit import train_reference
+    from policycascade.data import load_dataset
+
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    initial = digits_cascade()
+    state = {k: v.clone() for k, v in initial.state_dict().items()}
+    defaults = TrainConfig()
+
+    def unit() -> None:
+        cascade = digits_cascade()
+        cascade.load_state_dict(state)
+        train_reference(
+            cascade, data.train, data.val, epochs, defaults.lr, defaults.batch_size,
+            defaults.weight_decay, 0,
+        )  # fmt: skip
+
+    return unit
+
+
+def bench_contention(
+    unit: Callable[[], None],
+    reps: int,
+    neighbours: int = 1,
+    thread_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Median seconds of ``unit`` alone and next to ``neighbours`` busy processes, per setting.
+
+    ``thread_counts`` maps a label to torch's intra-op thread count (default: torch's own
+    default, the cores, and the count :func:`~policycascade.runtime.choose_threads` picks
+    for the digits job). Alone and busy runs alternate rep by rep, so drift in the
+    machine's other load hits both alike. The process's thread count is restored after.
+    """
+    from policycascade.runtime import available_cores
+
+    if thread_counts is None:
+        thread_counts = {"torch default": available_cores(), "chosen": 1}
+    previous = torch.get_num_threads()
+    rows = []
+    try:
+        for label, threads in thread_counts.items():
+            torch.set_num_threads(threads)
+            unit()  # warm-up at this thread count
+            alone, busy = [], []
+            for _ in range(reps):
+                start = time.perf_counter()
+                unit()
+                alone.append(time.perf_counter() - start)
+                procs = start_neighbours(neighbours)
+                try:
+                    start = time.perf_counter()
+                    unit()
+                    busy.append(time.perf_counter() - start)
+                finally:
+                    stop_neighbours(procs)
+            alone_s, busy_s = statistics.median(alone), statistics.median(busy)
+            rows.append(
+                {
+                    "setting": label,
+                    "threads": threads,
+                    "alone_s": alone_s,
+                    "with_neighbours_s": busy_s,
+                    "ratio": busy_s / alone_s,
+                    "alone_all_s": alone,
+                    "with_neighbours_all_s": busy,
+                }
+            )
+    finally:
+        torch.set_num_threads(previous)
+    return {"neighbours": neighbours, "reps": reps, "rows": rows}
+
+
+def _contention(epochs: int = 3, reps: int = 3) -> dict[str, Any]:
+    report = bench_contention(digits_training_unit(epochs), reps)
+    report["unit"] = f"digits classifier training, {epochs} epochs (train_reference)"
+    return report
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -543,6 +658,7 @@ def _run(plan: Plan, threads: int | None) -> dict[str, Any]:
     report["train_job"] = (
         section("train_job", lambda: bench_train_job(threads)) if plan.train_job else skipped
     )
+    report["contention"] = section("contention", _contention) if plan.contention else skipped
     report["section_s"] = section_s
     report["bench_wall_s"] = time.perf_counter() - started
     return report
@@ -613,9 +729,27 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{job['command']}: {job['wall_s']:.1f} s, peak RSS {job['max_rss_mib']:,.0f} MiB"
         )
+    lines += ["", *format_contention(report.get("contention"))]
     sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
     lines += ["", f"bench wall time {report['bench_wall_s']:.1f} s ({sections})"]
     return "\n".join(lines)
+
+
+def format_contention(result: dict[str, Any] | None) -> list[str]:
+    """Case (5) as lines of text."""
+    if result is None:
+        return []
+    lines = ["(5) the training step alone and next to a CPU-bound neighbour process"]
+    if "skipped" in result:
+        return [*lines, f"skipped: {result['skipped']}"]
+    lines[0] += f" ({result['neighbours']} neighbour(s), median of {result['reps']})"
+    lines.append(result.get("unit", ""))
+    for row in result["rows"]:
+        lines.append(
+            f"{row['setting']:<14} {row['threads']:>2} thread(s)  alone {row['alone_s']:6.2f} s  "
+            f"with neighbour {row['with_neighbours_s']:6.2f} s  ratio {row['ratio']:.2f}x"
+        )
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -637,9 +771,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="smoke-test sizes in seconds (the numbers mean nothing)"
     )
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="run only case (5): the training step alone and next to a busy neighbour",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.contention:
+        result = {"machine": describe_machine(), "contention": _contention()}
+        table = "\n".join(format_contention(result["contention"]))
+        print_report(result, table, args.json)
+        return 0
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     report = run(plan, args.threads)
     print_report(report, format_table(report), args.json)

@@ -9,9 +9,14 @@ import sys
 COMMANDS = {
     "train": (
         "policycascade.train",
-        "train stopping policies (REINFORCE or LtC) into run directories",
+        "train a stopping rule (continuation learner, REINFORCE or LtC) into run directories",
     ),
-    "compare": ("policycascade.compare.cli", "compare every policy on trained runs (test split)"),
+    "compare": (
+        "policycascade.compare.cli",
+        "compare every policy on trained runs or outputs files (fit on val, report on test)",
+    ),
+    "fit": ("policycascade.fit_cli", "fit a rule on an outputs file and save it as JSON"),
+    "watch": ("policycascade.watch_cli", "watch a deployed rule's exits for drift (no labels)"),
     "bench": ("policycascade.bench", "benchmark early exit, the vector env and the training step"),
     "bench-epoch": ("policycascade.bench_epoch", "time one epoch of a paper setting"),
 }

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A user mistake in a config file or on the command line (CLI exits with status 2)."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A config value of the wrong type (both a ``ValueError`` and a ``TypeError``)."""
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     metadata = {"help": help, "choices": choices}
     if isinstance(default, list):
@@ -100,6 +104,7 @@ class ReinforceConfig:
 
     def validate(self) -> None:
         """Check the REINFORCE values; raise :class:`ConfigError` naming the first bad field."""
+        _check_types(self)
         _check_alphas(self.alpha)
         _check_at_least(self, ("rollouts", "policy_hidden", "policy_lr_decay_every"), 1)
         _check_at_least(self, ("pretrain_epochs", "epochs"), 0)  # epochs=0: pre-training only
@@ -132,6 +137,7 @@ class LtcConfig:
 
     def validate(self) -> None:
         """Check the LtC values; raise :class:`ConfigError` naming the first bad field."""
+        _check_types(self)
         _check_at_least(self, ("epochs",), 1, "ltc.")
         if not (0 <= self.epsilon < 1):
             raise ConfigError(f"ltc.epsilon must be in [0, 1), got {self.epsilon}")
@@ -170,6 +176,7 @@ class ContinuationConfig:
 
     def validate(self) -> None:
         """Check the learner's values; raise :class:`ConfigError` naming the first bad field."""
+        _check_types(self)
         _check_alphas(self.alpha)
         _check_at_least(self, ("classifier_epochs",), 1)
         _check_at_least(self, ("folds", "hidden"), 0)
@@ -239,6 +246,12 @@ class TrainConfig:
         "'off'; a failure to compile falls back to eager with a one-line notice",
         ("auto", "on", "off"),
     )
+    threads: int = _opt(
+        0,
+        "torch's intra-op CPU threads; 0: chosen from the work (1 for small classifiers such as "
+        "digits, the free cores for large models or CUDA); OMP_NUM_THREADS or an earlier "
+        "torch.set_num_threads call is kept unless this is set",
+    )
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
     ltc: LtcConfig = field(default_factory=LtcConfig)
     continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
@@ -249,7 +262,13 @@ class TrainConfig:
         return getattr(self, self.agent)
 
     def validate(self) -> TrainConfig:
-        """Check every value; raise :class:`ConfigError` naming the first bad field."""
+        """Check every value; raise :class:`ConfigError` naming the first bad field.
+
+        A value the configured path would not use (``optimizer: sgd`` for the continuation
+        learner, ``dataset`` next to ``env``, ...) is refused here: every option is used or
+        refused, never recorded and ignored.
+        """
+        _check_types(self)
         for owner in (self, *(getattr(self, name) for name in SECTIONS)):
             for f in fields(owner):
                 choices = f.metadata.get("choices")
@@ -261,8 +280,11 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         _check_positive(self, ("lr", "lr_gamma"))
         _check_non_negative(self, ("weight_decay",))
+        _check_at_least(self, ("threads",), 0)
         if any(m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
+        if len(set(self.lr_milestones)) != len(self.lr_milestones):
+            raise ConfigError(f"lr_milestones lists an epoch twice: {self.lr_milestones}")
         for section in SECTIONS:
             getattr(self, section).validate()
         if self.env and self.agent != "continuation":
@@ -270,7 +292,29 @@ class TrainConfig:
                 f"env {self.env!r} holds frozen, trained classifiers: it needs --agent "
                 f"continuation, got {self.agent!r}"
             )
+        self._check_milestones_reached()
+        default = TrainConfig(agent=self.agent)
+        for key, reason in unread_options(self).items():
+            value = option_value(self, key)
+            if value != option_value(default, key):
+                raise ConfigError(f"{key}={value!r} would be ignored: {reason}")
         return self
+
+    def _check_milestones_reached(self) -> None:
+        """Every lr milestone must fall before the last epoch of a schedule that uses it."""
+        if self.agent == "reinforce":
+            total = self.reinforce.pretrain_epochs + self.reinforce.epochs
+            what = f"pretrain_epochs + epochs = {total}"
+        elif self.agent == "ltc":
+            total, what = self.ltc.epochs, f"ltc.epochs = {self.ltc.epochs} per model"
+        else:
+            return  # the continuation learner has no schedule (unread_options refuses one)
+        late = [m for m in self.lr_milestones if m >= total]
+        if late:
+            raise ConfigError(
+                f"lr_milestones {late} are not before the last epoch ({what}): the lr would "
+                "never change there"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The shared options and the active algorithm's section (YAML/JSON-ready)."""
@@ -326,6 +370,141 @@ def _check_non_negative(owner: Any, names: tuple[str, ...], prefix: str = "") ->
             raise ConfigError(f"{prefix}{name} must be a finite number >= 0, got {value}")
 
 
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is list:
+        inner = {int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {inner.get(get_args(hint)[0], 'values')}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    return f"a {getattr(hint, '__name__', hint)} (a mapping in config_from_dict)"
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_has_type(v, get_args(hint)[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _check_types(owner: Any) -> None:
+    """Raise :class:`ConfigTypeError` naming the first field whose value has the wrong type.
+
+    Configs built in Python (``TrainConfig(reinforce=ReinforceConfig(alpha=0.01))``) get
+    a message naming the field instead of ``'float' object is not iterable``.
+    """
+    hints = _field_types(type(owner))
+    for f in fields(owner):
+        value, hint = getattr(owner, f.name), hints[f.name]
+        if not _has_type(value, hint):
+            example = " (e.g. [0.01])" if f.name == "alpha" else ""
+            raise ConfigTypeError(f"{f.name} must be {_type_name(hint)}{example}, got {value!r}")
+
+
+def option_value(config: TrainConfig, key: str) -> Any:
+    """The value of option ``key`` (``name`` or ``section.name``) in ``config``."""
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+EMBEDDED_DATASETS = ("digits", "synthetic", "specialist")
+ENV_UNREAD = (
+    "dataset",
+    "data_dir",
+    "download",
+    "augment",
+    "cascade",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "lr_milestones",
+    "lr_gamma",
+    "weight_decay",
+    "channels_last",
+    "continuation.classifier_epochs",
+    "continuation.folds",
+)
+# What the continuation learner's classifier training (policycascade.supervised) does not read.
+CONTINUATION_UNREAD = ("augment", "optimizer", "lr_milestones", "lr_gamma", "precision")
+REINFORCE_POLICY_TRAINING = (
+    "baseline",
+    "policy_split",
+    "rollouts",
+    "policy_gradient",
+    "policy_optimizer",
+    "policy_lr",
+    "policy_lr_decay",
+    "policy_lr_decay_every",
+    "joint_lr_scale",
+    "supervised_weight",
+)
+
+
+def unread_options(config: TrainConfig) -> dict[str, str]:
+    """Options the configured agent and path never read, each with the reason (one line).
+
+    Keys are ``name`` or ``section.name``. :meth:`TrainConfig.validate` refuses any of them
+    set to a value other than its default; the command line refuses any of them given as
+    a flag. The audit behind this list is in docs/bad-inputs.md.
+    """
+    unread: dict[str, str] = {}
+
+    def add(keys: tuple[str, ...], reason: str) -> None:
+        for key in keys:
+            unread.setdefault(key, reason)
+
+    if config.env:
+        add(
+            ENV_UNREAD,
+            f"env {config.env!r} brings trained classifiers and their splits, so agent "
+            "'continuation' trains no classifier and reads no data set",
+        )
+        add(("compile",), "torch.compile is used by agent 'reinforce' only")
+        return unread
+    if config.dataset in EMBEDDED_DATASETS:
+        add(
+            ("data_dir", "download"),
+            f"dataset {config.dataset!r} is built in (no files to read or download)",
+        )
+    if config.agent == "continuation":
+        add(
+            CONTINUATION_UNREAD,
+            "agent 'continuation' trains its classifiers with Adam in fp32, without "
+            "augmentation or lr schedule (agents 'reinforce' and 'ltc' read it)",
+        )
+    if config.agent != "reinforce":
+        add(("compile",), f"torch.compile is used by agent 'reinforce' only, not {config.agent!r}")
+    if not config.lr_milestones:
+        add(("lr_gamma",), "lr_gamma multiplies the lr at lr_milestones, and there are none")
+    if config.agent == "ltc" and config.ltc.form == "multi-exit":
+        add(
+            ("cascade", "channels_last"),
+            "agent 'ltc' with form 'multi-exit' trains its own shared-trunk network, "
+            "not the configured cascade",
+        )
+    if config.agent == "reinforce":
+        r = config.reinforce
+        if r.epochs == 0:
+            add(
+                tuple(f"reinforce.{name}" for name in REINFORCE_POLICY_TRAINING),
+                "agent 'reinforce' with epochs 0 only pre-trains the classifiers",
+            )
+        elif r.freeze_classifiers:
+            add(
+                ("reinforce.joint_lr_scale", "reinforce.supervised_weight"),
+                "agent 'reinforce' with freeze_classifiers does not train the classifiers "
+                "after pre-training",
+            )
+    return unread
+
+
 def _field_types(owner: type = None) -> dict[str, Any]:
     return get_type_hints(owner or TrainConfig)
 
@@ -339,11 +518,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        raise ConfigTypeError(f"{name} must be true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be an integer, got {value!r}")
+        raise ConfigTypeError(f"{name} must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -352,11 +531,11 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{name} must be a string, got {value!r}")
+        raise ConfigTypeError(f"{name} must be a string, got {value!r}")
     return value
 
 
@@ -383,8 +562,17 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
     A section for an algorithm other than the configured ``agent`` is rejected: its
     options would be ignored.
     """
+    return _build(values, base).validate()
+
+
+def _build(values: dict[str, Any], base: TrainConfig | None) -> TrainConfig:
+    """``base`` updated with ``values``, each coerced to its field's type; not yet validated."""
     if not isinstance(values, dict):
-        raise ConfigError(f"a config must be a mapping of option names to values, got {values!r}")
+        raise ConfigTypeError(
+            f"a config must be a mapping of option names to values, got {values!r}"
+        )
+    if base is not None and not isinstance(base, TrainConfig):
+        raise ConfigTypeError(f"base must be a TrainConfig or None, got {base!r}")
     base = base or TrainConfig()
     shared = {k: v for k, v in values.items() if k not in SECTIONS}
     agent = shared.get("agent", base.agent)
@@ -419,7 +607,7 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
             getattr(config, name), **_updates(values[name], section_type, f"{name} section")
         )
         config = dataclasses.replace(config, **{name: section})
-    return config.validate()
+    return config
 
 
 def _shared_names() -> list[str]:
@@ -556,6 +744,14 @@ def given_options(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def _flag_text(flag: str, value: Any) -> str:
+    """A flag as the user typed it: ``--optimizer sgd``, ``--augment``, ``--alpha 0.1 0.2``."""
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag.removeprefix("--")
+    values = value if isinstance(value, list) else [value]
+    return " ".join([flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)])
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults, then the ``--config`` file, then every option given on the command line.
 
@@ -603,4 +799,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 f"{', '.join(flags)} {'applies' if len(flags) == 1 else 'apply'} to "
                 f"--agent {section} only, but the agent is {agent!r}"
             )
-    return config_from_dict(values, base)
+    config = _build(values, base)
+    unread = unread_options(config)
+    for section, f, flag in _cli_options():
+        key = f.name if section is None else f"{section}.{f.name}"
+        value = getattr(args, _dest(section, f.name), None)
+        if value is not None and key in unread:
+            raise ConfigError(f"{_flag_text(flag, value)} would be ignored: {unread[key]}")
+    return config.validate()

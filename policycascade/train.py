@@ -1,4 +1,4 @@
-"""``python -m policycascade.train``: train stopping policies and report them on the test split."""
+"""``policycascade train``: train stopping policies and report them on the test split."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
+from policycascade.cli_support import (
+    USAGE_ERROR,
+    USER_ERRORS,
+    OneLineParser,
+    import_user_module,
+    user_message,
+)
 from policycascade.config import (
     ConfigError,
     HelpFormatter,
@@ -22,20 +28,31 @@ from policycascade.config import (
 )
 from policycascade.distributed import init_from_environment
 from policycascade.harness import NonFiniteError, TrainingInterrupted
-from policycascade.runs import per_run_configs, read_run, run_name, train_run, unique_run_dir
+from policycascade.runs import (
+    claim_run_dir,
+    per_run_configs,
+    read_run,
+    run_name,
+    train_run,
+)
+from policycascade.runtime import ThreadChoice, configure_threads, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: every config field is an option; ``--config`` and ``--resume`` come on top."""
     parser = OneLineParser(
-        prog="python -m policycascade.train",
+        prog="policycascade train",
         description=(
-            "Train a cascade and its stopping rule (REINFORCE, or Learning to Cascade with "
-            "--agent ltc) and print its test-split accuracy and cost next to each single "
-            "classifier. Every option can also come from a YAML file or a shipped config's "
-            "name (--config); the command line wins. One run directory per run (per alpha for "
-            "REINFORCE) under --logdir holds TensorBoard events, checkpoint.pt, config.yaml "
-            "and metrics.json."
+            "Train a cascade's classifiers and fit its stopping rule (the continuation-value "
+            "learner by default; REINFORCE with --agent reinforce; Learning to Cascade with "
+            "--agent ltc), or fit the rule on a registered cascade's frozen classifiers "
+            "(--env), and print the rule's test-split accuracy and cost next to the best "
+            "validation-fitted threshold rule and each single classifier. Every option can "
+            "also come from a YAML file or a shipped config's name (--config); the command "
+            "line wins. One run directory per run (per alpha) under --logdir holds "
+            "TensorBoard events, checkpoint.pt, config.yaml, metrics.json and the stored "
+            "outputs and rule (outputs.npz, rule.pt, run.json). `python -m "
+            "policycascade.train` is the same command."
         ),
         formatter_class=HelpFormatter,
     )
@@ -159,14 +176,93 @@ def _planned_runs(args: argparse.Namespace) -> list[tuple[TrainConfig, Path, boo
             config, _ = read_run(args.resume)
         except USER_ERRORS as error:
             raise ConfigError(f"--resume: {user_message(error)}") from None
+        if not args.dry_run:
+            preflight(config)
         return [(config, Path(args.resume), True)]
+    if args.json and not args.dry_run:
+        raise ConfigError("--json applies to --dry-run only (a training run writes metrics.json)")
     config = config_from_args(args)
+    if args.dry_run:
+        check_dry_run(args, config)
+        return [(config, Path(config.logdir), False)]
     logdir = Path(config.logdir)
     if logdir.exists() and not logdir.is_dir():
         raise ConfigError(f"logdir {str(logdir)!r} is a file, not a directory")
-    if not args.dry_run:
-        check_writable(logdir, "logdir")
-    return [(c, unique_run_dir(logdir, run_name(c)), False) for c in per_run_configs(config)]
+    check_writable(logdir, "logdir")
+    preflight(config)
+    # the name only: the directory (or the first free name-N) is claimed when the run starts
+    return [(c, logdir / run_name(c), False) for c in per_run_configs(config)]
+
+
+# What --dry-run reads: the cascade family (and the stopping module's size for its MACs).
+DRY_RUN_OPTIONS = ("--cascade", "--policy-hidden", "--agent")
+
+
+def check_dry_run(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Refuse what ``--dry-run`` would ignore: it measures a built-in cascade, nothing else."""
+    if config.env:
+        raise ConfigError(
+            f"--dry-run measures a built-in cascade; env {config.env!r} would be ignored "
+            "(its costs are in metrics.json of a run, or registered_cascade(id).cascade.costs())"
+        )
+    unused = [flag for flag in given_options(args) if flag not in DRY_RUN_OPTIONS]
+    if unused:
+        raise ConfigError(
+            f"--dry-run prints the cascade's cost table without data or training: "
+            f"{', '.join(unused)} would be ignored; drop {'it' if len(unused) == 1 else 'them'} "
+            "or drop --dry-run"
+        )
+
+
+def preflight(config: TrainConfig) -> None:
+    """Check, before any run directory or training, what can fail without training.
+
+    The device, the ``--env`` module and id (imported as ``gymnasium.make`` users expect,
+    the working directory included) and the data set's files (downloaded here if asked).
+    """
+    resolve_device(config.device)
+    if config.env:
+        check_env(config.env)
+        return
+    from policycascade.data.vision import VISION_DATASETS, dataset_files
+
+    if config.dataset in VISION_DATASETS and config.dataset != "imagenet":
+        dataset_files(config.dataset, config.data_dir, config.download)
+
+
+def check_env(env: str) -> None:
+    """Import ``module:`` of an env id (working directory on the path) and find the id."""
+    from policycascade.envs.registration import registered_cascade
+
+    if ":" in env:
+        module = env.split(":", 1)[0]
+        import_user_module(module, f"env {env!r}")
+    try:
+        registered_cascade(env)
+    except ValueError as error:
+        raise ConfigError(f"env {env!r}: {user_message(error)}") from None
+
+
+def thread_choice(config: TrainConfig, log: Callable[[str], None] | None = print) -> ThreadChoice:
+    """Set torch's intra-op threads for ``config``'s work and say which and why (one line)."""
+    from policycascade.models import PAPER_CASCADES, build_cascade
+
+    device = resolve_device(config.device)
+    if config.env:
+        from policycascade.envs.registration import registered_cascade
+
+        macs = max(registered_cascade(config.env).cascade.classifier_macs())
+        batch, work = 1024, f"env {config.env!r} (outputs in batches of 1024)"
+    elif config.cascade in PAPER_CASCADES:
+        return configure_threads(config.threads or None, None, device, config.cascade, log)
+    else:
+        macs = max(build_cascade(config.cascade, (1, 8, 8), 10).classifier_macs())
+        batch, work = config.batch_size, f"cascade {config.cascade!r}"
+    return configure_threads(config.threads or None, macs * batch, device, work, log)
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -206,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(table, indent=2) if args.json else format_cost_table(table))
         return 0
     main_process = init_from_environment().is_main
+    thread_choice(runs[0][0], _print_now if main_process else None)
     for config, run_dir, resume in runs:
+        if main_process and not resume:  # claimed now: a run started meanwhile keeps its own
+            run_dir = claim_run_dir(run_dir.parent, run_dir.name)
         metrics = _train_or_status(
             lambda c=config, d=run_dir, r=resume: train_run(c, d, r, not args.no_progress)
         )

@@ -21,7 +21,7 @@ import policycascade.supervised
 from conftest import hand_outputs
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpoint import CHECKPOINT_NAME
-from policycascade.config import ReinforceConfig, TrainConfig, _cli_options
+from policycascade.config import ReinforceConfig, TrainConfig, _cli_options, config_from_dict
 from policycascade.costs import StageCosts
 from policycascade.envs import DIGITS_ID, STOP, CascadeStoppingEnv, CascadeStoppingVectorEnv
 from policycascade.envs.registration import register_cascade
@@ -203,6 +203,96 @@ CLI_CASES = [
         ["ltc.epochs", ">= 1", "0"],
         id="ltc-epochs-0",
     ),
+    # issue 19, cause 4: an option the chosen agent or path does not read is refused, never
+    # recorded in config.yaml and ignored
+    pytest.param(None, ["--optimizer", "sgd"], ["--optimizer sgd", "'continuation'"], id="cv-sgd"),
+    pytest.param(None, ["--augment"], ["--augment", "'continuation'"], id="cv-augment"),
+    pytest.param(
+        None, ["--lr-milestones", "5"], ["--lr-milestones 5", "'continuation'"], id="cv-milestones"
+    ),
+    pytest.param(
+        None, ["--precision", "bf16"], ["--precision bf16", "'continuation'"], id="cv-bf16"
+    ),
+    pytest.param(None, ["--compile", "on"], ["--compile on", "'reinforce' only"], id="cv-compile"),
+    pytest.param(
+        "agent: continuation\noptimizer: sgd\n",
+        ["--config", "{config}"],
+        ["optimizer='sgd' would be ignored", "'continuation'"],
+        id="yaml-cv-sgd",
+    ),
+    pytest.param(
+        None, ["--lr-gamma", "0.5", "--epochs", "3"], ["--lr-gamma 0.5", "none"], id="lr-gamma"
+    ),
+    pytest.param(
+        None, ["--download"], ["--download", "'digits' is built in"], id="download-digits"
+    ),
+    pytest.param(
+        None,
+        ["--env", "mymodule:policycascade/Mine-v0", "--dataset", "cifar10"],
+        ["--dataset cifar10", "env 'mymodule:policycascade/Mine-v0'"],
+        id="env-dataset",
+    ),
+    pytest.param(
+        None,
+        ["--env", "mymodule:policycascade/Mine-v0", "--cv-folds", "3"],
+        ["--cv-folds 3", "trains no classifier"],
+        id="env-folds",
+    ),
+    pytest.param(
+        None,
+        ["--epochs", "0", "--baseline", "none"],
+        ["--baseline none", "epochs 0"],
+        id="reinforce-pretrain-only-baseline",
+    ),
+    pytest.param(
+        None,
+        ["--freeze-classifiers", "--joint-lr-scale", "0.5"],
+        ["--joint-lr-scale 0.5", "freeze_classifiers"],
+        id="frozen-joint-lr",
+    ),
+    pytest.param(
+        None,
+        ["--agent", "ltc", "--ltc-form", "multi-exit", "--cascade", "specialist"],
+        ["--cascade specialist", "multi-exit"],
+        id="ltc-multi-exit-cascade",
+    ),
+    pytest.param(None, ["--json"], ["--json", "--dry-run"], id="json-without-dry-run"),
+    # issue 19, cause 9: no value dropped: an option given twice, a value listed twice
+    pytest.param(
+        None,
+        ["--alpha", "1e-3", "--alpha", "1e-2"],
+        ["--alpha 0.001 and --alpha 0.01", "given twice"],
+        id="alpha-given-twice",
+    ),
+    pytest.param(
+        None, ["--augment", "--no-augment"], ["--augment and --no-augment"], id="flag-and-negation"
+    ),
+    pytest.param(None, ["--seed", "1", "--seed", "2"], ["--seed", "twice"], id="seed-twice"),
+    pytest.param(
+        None,
+        ["--agent", "reinforce", "--lr-milestones", "5", "5"],
+        ["lr_milestones", "twice", "[5, 5]"],
+        id="milestone-twice",
+    ),
+    pytest.param(
+        "agent: reinforce\nlr_milestones: [5, 5]\n",
+        ["--config", "{config}"],
+        ["lr_milestones", "twice", "[5, 5]"],
+        id="yaml-milestone-twice",
+    ),
+    pytest.param(
+        "agent: continuation\ncontinuation:\n  alpha: [0.01, 0.01]\n",
+        ["--config", "{config}"],
+        ["alpha", "twice", "[0.01, 0.01]"],
+        id="yaml-alpha-twice",
+    ),
+    pytest.param(
+        None,
+        ["--pretrain-epochs", "2", "--epochs", "1", "--lr-milestones", "3"],
+        ["lr_milestones [3]", "= 3"],
+        id="milestone-never-reached",
+    ),
+    pytest.param(None, ["--threads", "-1"], ["threads", "-1"], id="threads-negative"),
     # argparse's own errors: one line too, not the 28-line usage block.
     pytest.param(None, ["--baseline", "mean"], ["--baseline", "'mean'"], id="baseline-choice"),
     pytest.param(None, ["--agent", "ppo"], ["--agent", "'ppo'"], id="agent-choice"),
@@ -374,6 +464,41 @@ def _register(name="BadInputs", classifiers=None, x=_X, y=_Y, **kwargs):
 
 API_CASES = [
     # (call, expected exception, fragments of its message)
+    # issue 19, cause 10: configs built in Python name the field, never "'float' object is not
+    # iterable" (ConfigTypeError is both a TypeError and a ValueError)
+    pytest.param(
+        lambda: TrainConfig(reinforce=ReinforceConfig(alpha=0.01)).validate(),
+        TypeError,
+        ["alpha", "list of numbers", "0.01"],
+        id="config-alpha-scalar",
+    ),
+    pytest.param(
+        lambda: TrainConfig(seed=1.5).validate(), TypeError, ["seed", "1.5"], id="config-seed-float"
+    ),
+    pytest.param(
+        lambda: TrainConfig(reinforce={"alpha": [0.1]}).validate(),
+        TypeError,
+        ["reinforce", "ReinforceConfig", "{'alpha': [0.1]}"],
+        id="config-section-dict",
+    ),
+    pytest.param(
+        lambda: config_from_dict({"continuation": {"alpha": [0.1, "x"]}}),
+        ValueError,
+        ["alpha", "'x'"],
+        id="config-from-dict-alpha-str",
+    ),
+    pytest.param(
+        lambda: config_from_dict({}, base="digits"),
+        TypeError,
+        ["base", "'digits'"],
+        id="config-from-dict-base",
+    ),
+    pytest.param(
+        lambda: config_from_dict({"optimizer": "sgd"}),
+        ValueError,
+        ["optimizer='sgd'", "'continuation'"],
+        id="config-from-dict-unread",
+    ),
     pytest.param(
         lambda: Cascade([nn.Linear(4, 3)], (4,), 3), ValueError, ["K=1"], id="cascade-one-stage"
     ),

@@ -157,6 +157,25 @@ def _locate(key: str, data_dir: str | Path, download: bool) -> list[Path]:
     )
 
 
+class DownloadError(OSError, RuntimeError):
+    """A data set could not be downloaded (no network, a server error, a bad checksum).
+
+    An ``OSError`` (the command line prints it as one line) and, as before, a
+    ``RuntimeError``.
+    """
+
+
+def dataset_files(name: str, data_dir: str | Path, download: bool = False) -> list[Path]:
+    """The files of vision data set ``name`` under ``data_dir``, downloaded first if asked.
+
+    Raises ``FileNotFoundError`` saying where it looked and what to do, or
+    :class:`DownloadError` in one line; lets a command check before any training.
+    """
+    if name not in _LAYOUTS:
+        raise ValueError(f"vision dataset must be one of {sorted(_LAYOUTS)}, got {name!r}")
+    return _locate(name, data_dir, download)
+
+
 def _download(layout: _Layout, root: Path) -> None:
     """Fetch a data set with torchvision into ``root``, where torchvision puts ``layout.folder``."""
     import torchvision.datasets
@@ -165,8 +184,9 @@ def _download(layout: _Layout, root: Path) -> None:
     try:
         dataset_class(str(root), train=True, download=True)  # fetches train and test files
     except (OSError, RuntimeError) as error:
-        raise RuntimeError(
-            f"downloading {layout.title} into {root} failed ({error}); on a machine without "
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DownloadError(
+            f"downloading {layout.title} into {root} failed ({reason}); on a machine without "
             f"internet access copy the files into {root / layout.folder} instead"
         ) from error
 
