@@ -9,10 +9,12 @@ from pathlib import Path
 
 from policycascade.agents.thresholds import ALL_CRITERIA, CRITERIA
 from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
-from policycascade.compare.api import compare
+from policycascade.compare.api import compare_runs
 from policycascade.compare.extras import parse_shift
 from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
+from policycascade.compare.runs import expand_run_dirs
 from policycascade.config import HelpFormatter
+from policycascade.runs import read_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +132,28 @@ def _output_dir(path: str | None, overwrite: bool) -> Path:
     return out
 
 
+def _choose_threads(runs: list[str]) -> None:
+    """Threads for the comparison's work: the first run's training setting, else one thread.
+
+    Fitting rules on cached outputs is small work; only a reference trained for a large
+    cascade gains from more threads. The choice is said on stderr.
+    """
+    from policycascade.config import TrainConfig
+    from policycascade.runtime import configure_threads
+    from policycascade.train import thread_choice
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    config = None
+    for path in expand_run_dirs(runs)[:1]:
+        config = read_run(path)[0]
+    if config is None or config.env:  # outputs only, or frozen classifiers: no training
+        configure_threads(None, 0, "cpu", "rule fits on cached outputs", say)
+    else:
+        thread_choice(config if isinstance(config, TrainConfig) else TrainConfig(), say)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a usage error)."""
     args = build_parser().parse_args(argv)
@@ -145,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.runs and not args.outputs:
             raise ValueError("give at least one RUN_DIR or --outputs FILE")
         out = _output_dir(args.out, args.overwrite)
-        comparison = compare(
+        _choose_threads(args.runs)
+        comparison = compare_runs(
             args.runs,
             args.outputs,
             options,
