@@ -1,0 +1,360 @@
+"""Class-aware thresholds: one confidence threshold per stage *and predicted class*.
+
+A stage that is confidently wrong on some classes (a specialist, a class with noisy
+labels) gives a shared threshold one bad choice: trust it everywhere or nowhere. Here
+stage t stops when ``confidence_t >= thresholds[t][c]``, c the stage's arg-max, so the
+rule can stop early on the classes the stage gets right and never on the others.
+
+Fitting (on validation outputs) shrinks each class toward the shared threshold with a
+pseudo-count prior: class c's threshold at stage t maximises
+
+    sum over its samples of reward(theta) + m * mean over all samples of reward(theta),
+
+its own ``n_c`` samples plus ``m`` pseudo-samples drawn from the stage's pooled population,
+whose optimum is the shared threshold. A class with ``n_c << m`` samples stays at the
+shared threshold; one with ``n_c >> m`` gets its own. Accuracy and budget targets are met
+through the Lagrangian: reward fits over a grid of cost weights ``alpha`` (plus the shared
+rule itself) are filtered by the target, then one offset per stage is searched on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from policycascade.agents.rules import first_stop
+from policycascade.agents.thresholds import (
+    CRITERIA,
+    ScoreSearch,
+    ThresholdRule,
+    ThresholdSearch,
+    apply_temperature,
+    confidence,
+)
+from policycascade.costs import StageCosts
+from policycascade.rewards import check_alpha
+
+DEFAULT_PRIOR_SAMPLES = 50.0  # m: the shared threshold weighs as much as 50 samples of a class
+# cost weights of the reward fits that the accuracy and budget targets choose from
+DEFAULT_ALPHAS = tuple(float(a) for a in torch.logspace(-4, 0, 33, dtype=torch.float64))
+
+
+@dataclass
+class ClassAwareThresholdRule:
+    """Stop at stage t when confidence_t >= thresholds[t][arg-max of stage t]; the last stops."""
+
+    criterion: str
+    thresholds: list[list[float]]  # (K - 1) x C; +inf never stops, -inf always stops
+    temperatures: list[float] | None = None  # per stage, applied before the confidence
+    name: str = field(default="")
+    shared_thresholds: list[float] | None = None  # fitted: the shared rule it was shrunk toward
+    alpha: float | None = None  # fitted: cost weight of the reward fit it came from
+    offsets: list[float] | None = None  # fitted: K - 1 per-stage shifts on top of thresholds
+
+    def __post_init__(self):
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
+        rows = self.thresholds
+        if not (
+            isinstance(rows, list | tuple)
+            and rows
+            and all(isinstance(r, list | tuple) for r in rows)
+        ):
+            raise ValueError(
+                f"thresholds must be a non-empty list of per-class lists (K - 1 stages), "
+                f"got {rows!r}"
+            )
+        widths = {len(r) for r in rows}
+        if len(widths) != 1 or min(widths) < 1:
+            raise ValueError(
+                f"thresholds must hold one value per class at every stage, got lengths "
+                f"{[len(r) for r in rows]}"
+            )
+        if any(math.isnan(float(v)) for r in rows for v in r):
+            raise ValueError(f"thresholds must not be NaN, got {rows!r}")
+        self.thresholds = [[float(v) for v in r] for r in rows]
+        if self.temperatures is not None and (
+            len(self.temperatures) != self.num_stages
+            or not all(float(v) > 0 for v in self.temperatures)
+        ):
+            raise ValueError(
+                f"temperatures must be {self.num_stages} positive values, got {self.temperatures!r}"
+            )
+        if not self.name:
+            self.name = "class-aware " + self.criterion + ("+T" if self.temperatures else "")
+
+    @classmethod
+    def from_shared(cls, rule: ThresholdRule, num_classes: int) -> ClassAwareThresholdRule:
+        """The class-aware rule that decides exactly as ``rule`` (every class at its threshold)."""
+        if not (isinstance(num_classes, int) and num_classes >= 1):
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        return cls(
+            rule.criterion,
+            [[float(v)] * num_classes for v in rule.thresholds],
+            rule.temperatures,
+            shared_thresholds=list(rule.thresholds),
+        )
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages K."""
+        return len(self.thresholds) + 1
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return len(self.thresholds[0])
+
+    def confidences(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Confidence and predicted class of each visited stage but the last, (batch, S') each."""
+        if history.dim() != 3 or history.shape[2] != self.num_classes:
+            raise ValueError(
+                f"history must be (batch, stages, {self.num_classes}) softmaxes, "
+                f"got shape {tuple(history.shape)}"
+            )
+        stages = min(history.shape[1], len(self.thresholds))
+        probs = history[:, :stages]
+        if self.temperatures is not None:
+            temps = torch.tensor(self.temperatures[:stages], dtype=probs.dtype)
+            probs = apply_temperature(probs, temps.to(probs.device).view(1, -1, 1))
+        return confidence(probs, self.criterion), history[:, :stages].argmax(-1)
+
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """Confidence minus the predicted class's threshold per stage (float64): >= 0 stops."""
+        conf, predicted = self.confidences(history)
+        table = torch.tensor(self.thresholds, dtype=torch.float64, device=conf.device)
+        stages = torch.arange(conf.shape[1], device=conf.device).expand_as(predicted)
+        scores = conf.double() - table[stages, predicted]
+        if self.offsets is None:
+            return scores
+        # subtracted separately, as ScoreSearch compares scores with offsets: exact agreement
+        # (inf - inf stops there, so it is 0 here)
+        offsets = torch.tensor(self.offsets[: scores.shape[1]], dtype=torch.float64)
+        shifted = scores - offsets.to(scores.device)
+        return torch.where(shifted.isnan(), 0.0, shifted)
+
+    def policy_macs(self) -> list[int]:
+        """A threshold on a softmax statistic costs no multiply-accumulates."""
+        return [0] * self.num_stages
+
+    def with_offsets(self, offsets: list[float]) -> ClassAwareThresholdRule:
+        """The rule with ``offsets[t]`` added to every class's threshold at stage t."""
+        if self.offsets is not None:
+            raise ValueError(f"the rule already has offsets {self.offsets}")
+        return dataclasses.replace(self, offsets=[float(d) for d in offsets])
+
+
+class ClassAwareSearch:
+    """Fits class-aware thresholds on validation outputs, one entry per target.
+
+    Same signature and fitting entries as :class:`ThresholdSearch` (``for_reward``,
+    ``for_accuracy``, ``for_accuracy_drop``, ``for_budget``, ``sweep``), so ``compare``
+    can treat it as another family. ``prior_samples`` is the pseudo-count m of the
+    shrinkage (0: every class fitted alone; inf: the shared rule); ``alphas`` the cost
+    weights of the reward fits the targets choose from.
+    """
+
+    def __init__(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        costs: StageCosts,
+        criterion: str = "max-softmax",
+        temperature_scaling: bool = False,
+        num_candidates: int | None = 100,
+        prior_samples: float = DEFAULT_PRIOR_SAMPLES,
+        alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+        passes: int = 3,
+    ):
+        if not (isinstance(probs, torch.Tensor) and probs.dim() == 3 and probs.shape[1] >= 2):
+            raise ValueError(
+                f"probs must be a (sample, K >= 2, class) tensor, got "
+                f"{getattr(probs, 'shape', probs)}"
+            )
+        if not (isinstance(labels, torch.Tensor) and labels.shape == probs.shape[:1]):
+            raise ValueError(
+                f"labels must be a ({probs.shape[0]},) tensor, got "
+                f"{getattr(labels, 'shape', labels)}"
+            )
+        if costs.num_stages != probs.shape[1]:
+            raise ValueError(f"costs has {costs.num_stages} stages but probs has {probs.shape[1]}")
+        if not (isinstance(prior_samples, int | float) and prior_samples >= 0):
+            raise ValueError(f"prior_samples must be a number >= 0, got {prior_samples!r}")
+        if not alphas or any(not (math.isfinite(a) and a >= 0) for a in alphas):
+            raise ValueError(f"alphas must be finite values >= 0, got {alphas!r}")
+        if not (isinstance(passes, int) and passes >= 1):
+            raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+        self.shared = ThresholdSearch(
+            probs, labels, costs, criterion, temperature_scaling, num_candidates
+        )
+        self.prior_samples = float(prior_samples)
+        self.alphas = tuple(float(a) for a in alphas)
+        self.passes = passes
+        self.num_classes = probs.shape[2]
+        self.probs, self.labels = probs.cpu(), labels.cpu()
+        self.costs = costs.with_policy_macs([0] * probs.shape[1])
+        self.num_candidates = num_candidates
+        template = self.shared.template
+        self.template = ClassAwareThresholdRule.from_shared(template, self.num_classes)
+        self.name = self.template.name
+        self.conf, self.predicted = self.template.confidences(self.probs)  # (N, K - 1) each
+        self.conf = self.conf.double()
+        self._always = torch.ones(len(self.probs), 1, dtype=torch.bool)  # the last stage stops
+        self._grid: list[ClassAwareThresholdRule] | None = None
+
+    @property
+    def reference_macs(self) -> float:
+        """MACs of the most expensive classifier (the unit of cost)."""
+        return self.shared.reference_macs
+
+    @property
+    def last_accuracy(self) -> float:
+        """Validation accuracy of the last classifier alone."""
+        return self.shared.last_accuracy
+
+    def evaluate(self, rule: ClassAwareThresholdRule) -> tuple[float, float]:
+        """Validation accuracy and mean MACs of one rule."""
+        exits = first_stop(torch.cat([rule.stop_scores(self.probs) >= 0, self._always], dim=1))
+        return float(self.shared.correct.gather(1, exits[:, None]).mean()), float(
+            self.shared.cumulative[exits].mean()
+        )
+
+    def _exits(self, table: torch.Tensor) -> torch.Tensor:
+        """Exit stage of every validation sample under a (K - 1, C) threshold table."""
+        stages = torch.arange(table.shape[0]).expand_as(self.predicted)
+        stop = self.conf >= table[stages, self.predicted]
+        return first_stop(torch.cat([stop, torch.ones_like(stop[:, :1])], dim=1))
+
+    def _rewards(self, alpha: float) -> torch.Tensor:
+        """(sample, K) reward of exiting at each stage: correct - alpha * MACs / reference."""
+        share = self.shared.cumulative / self.reference_macs
+        return self.shared.correct - alpha * share.unsqueeze(0)
+
+    def _refit_classes(self, start: ThresholdRule, alpha: float) -> ClassAwareThresholdRule:
+        """Coordinate ascent over stages, all classes of a stage at once, from the shared rule."""
+        table = torch.tensor(
+            [[v] * self.num_classes for v in start.thresholds], dtype=torch.float64
+        )
+        rewards, m = self._rewards(alpha), self.prior_samples
+        n = len(rewards)
+        rows = torch.arange(n)
+        for _ in range(self.passes):
+            changed = False
+            for t in range(table.shape[0]):
+                never = table.clone()
+                never[t] = float("inf")
+                exits = self._exits(never)  # where each sample ends if stage t never stops
+                reach = exits >= t
+                if not bool(reach.any()):
+                    continue
+                gain = rewards[:, t] - rewards[rows, exits]  # of stopping at t instead
+                candidates = self.shared.candidates[t]  # ascending, +inf last
+                stops = self.conf[reach, t].unsqueeze(1) >= candidates.unsqueeze(0)  # (n_t, M)
+                gains = torch.where(stops, gain[reach].unsqueeze(1), 0.0)
+                per_class = torch.zeros(self.num_classes, len(candidates), dtype=torch.float64)
+                per_class.index_add_(0, self.predicted[reach, t], gains)
+                pooled = gains.mean(0).expand_as(per_class)  # the prior: the stage's population
+                objective = pooled if math.isinf(m) else per_class + m * pooled
+                best = objective.max(1, keepdim=True).values
+                # ties: the lowest threshold (fewest MACs), as the shared fit breaks them
+                choice = (objective >= best - 1e-12).to(torch.uint8).argmax(1)
+                new = candidates[choice]
+                if not torch.equal(new, table[t]):
+                    table[t], changed = new, True
+            if not changed:
+                break
+        return ClassAwareThresholdRule(
+            start.criterion,
+            table.tolist(),
+            start.temperatures,
+            self.name,
+            shared_thresholds=list(start.thresholds),
+            alpha=alpha,
+        )
+
+    def for_reward(self, alpha: float) -> ClassAwareThresholdRule:
+        """Shrunk class thresholds with the best validation reward at cost weight ``alpha``.
+
+        Starts from the shared rule's best-reward thresholds at the same ``alpha``.
+        """
+        alpha = check_alpha(alpha)
+        return self._refit_classes(self.shared.for_reward(alpha), alpha)
+
+    @property
+    def grid(self) -> list[ClassAwareThresholdRule]:
+        """The reward fits at every cost weight of ``alphas`` (computed once)."""
+        if self._grid is None:
+            self._grid = [self.for_reward(a) for a in self.alphas]
+        return self._grid
+
+    def _polished(self, start: ClassAwareThresholdRule, score) -> ClassAwareThresholdRule:
+        """One offset per stage on top of ``start``, searched for ``score`` from offsets 0."""
+        search = ScoreSearch(
+            start.stop_scores(self.probs),
+            self.probs,
+            self.labels,
+            self.costs,
+            start.with_offsets,
+            self.num_candidates,
+        )
+        zero = torch.zeros(1, dtype=torch.float64)
+        search.candidates = [torch.cat([c, zero]).unique() for c in search.candidates]
+        return search._coordinate_search([0.0] * (start.num_stages - 1), score)
+
+    def for_accuracy(self, target: float) -> ClassAwareThresholdRule:
+        """Cheapest fitted rule whose validation accuracy is at least ``target``.
+
+        Of the reward fits and the shared rule's fit for ``target``, the cheapest that
+        reaches it (else the most accurate), then per-stage offsets searched on top.
+        """
+        if not (isinstance(target, int | float) and math.isfinite(target)):
+            raise ValueError(f"target must be a finite accuracy, got {target!r}")
+
+        def score(acc, macs):
+            feasible = acc >= target - 1e-12
+            return (feasible.double(), torch.where(feasible, -macs, acc), acc)
+
+        shared = ClassAwareThresholdRule.from_shared(
+            self.shared.for_accuracy(target), self.num_classes
+        )
+        return self._polished(self._best([*self.grid, shared], score), score)
+
+    def for_accuracy_drop(self, epsilon: float) -> ClassAwareThresholdRule:
+        """Cheapest rule within ``epsilon`` accuracy (0.005 = half a point) of the last stage."""
+        if not (isinstance(epsilon, int | float) and epsilon >= 0):
+            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+        return self.for_accuracy(self.last_accuracy - epsilon)
+
+    def for_budget(self, macs_budget: float) -> ClassAwareThresholdRule:
+        """Most accurate fitted rule whose mean validation MACs stay within ``macs_budget``."""
+        if not (isinstance(macs_budget, int | float) and macs_budget > 0):
+            raise ValueError(f"macs_budget must be > 0, got {macs_budget!r}")
+
+        def score(acc, macs):
+            feasible = macs <= macs_budget + 1e-9
+            return (feasible.double(), torch.where(feasible, acc, -macs), -macs)
+
+        shared = ClassAwareThresholdRule.from_shared(
+            self.shared.for_budget(macs_budget), self.num_classes
+        )
+        return self._polished(self._best([*self.grid, shared], score), score)
+
+    def sweep(self, points: int = 15) -> list[ClassAwareThresholdRule]:
+        """Rules along the trade-off curve: the most accurate within log-spaced MAC budgets."""
+        if isinstance(points, bool) or not (isinstance(points, int) and points >= 2):
+            raise ValueError(f"points must be an integer >= 2, got {points!r}")
+        low, high = float(self.shared.cumulative[0]), float(self.shared.cumulative[-1])
+        budgets = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
+        return [self.for_budget(float(b)) for b in budgets]
+
+    def _best(self, rules: list[ClassAwareThresholdRule], score) -> ClassAwareThresholdRule:
+        """The rule whose (accuracy, MACs) scores highest, lexicographically."""
+        results = [self.evaluate(r) for r in rules]
+        acc = torch.tensor([a for a, _ in results], dtype=torch.float64)
+        macs = torch.tensor([m for _, m in results], dtype=torch.float64)
+        keys = score(acc, macs)
+        top = max(range(len(rules)), key=lambda i: tuple(float(k[i]) for k in keys))
+        return rules[top]

@@ -1,0 +1,1 @@
+"""Runnable studies that measure the project's methods on trained runs."""
