@@ -133,7 +133,9 @@ def choose_threads(
         return ThreadChoice(requested, "asked for with --threads (threads: in a config)")
     user = _set_by_user()
     if user is not None:
-        return ThreadChoice(torch.get_num_threads(), f"kept: {user}")
+        current = torch.get_num_threads()
+        note = "" if str(current) in user else f"; torch now runs {current}, set in this process"
+        return ThreadChoice(current, f"kept: {user}{note}")
     what = f"{work}: " if work else ""
     if torch.device(device).type == "cuda":
         cores, load = free_cores()

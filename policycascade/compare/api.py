@@ -1,4 +1,4 @@
-"""``compare(...)``: every policy on trained runs and on users' cached outputs, as one call.
+"""``compare_runs(...)``: every policy on trained runs and on users' cached outputs, as one call.
 
 The command line (:mod:`policycascade.compare.cli`) parses its options into this call and
 writes what it returns; Python users call it directly.
@@ -64,7 +64,7 @@ class Comparison:
         write_tensorboard(out, self.aggregated, self.savings, figures, self.rows)
 
 
-def compare(
+def compare_runs(
     runs: Sequence[str | Path] = (),
     outputs: Sequence[str | Path] = (),
     options: CompareOptions | None = None,
@@ -101,8 +101,8 @@ def compare(
             from policycascade.runs import load_run
 
             run = load_run(run_dir)
+            rows += compare_run(run, options, cache, reference=reference)  # unfinished: refused
             seen.add(run)
-            rows += compare_run(run, options, cache, reference=reference)
             if subsets:
                 extras["subsets"].append(subset_report(run, options.sweep_points))
             extras["shift"] += [shift_reports(run, kind, level) for kind, level in shift]

@@ -136,22 +136,18 @@ def _choose_threads(runs: list[str]) -> None:
     """Threads for the comparison's work: the first run's training setting, else one thread.
 
     Fitting rules on cached outputs is small work; only a reference trained for a large
-    cascade gains from more threads. The choice is said on stderr.
+    cascade gains from more threads. The choice is silent: stderr is kept for errors.
     """
-    from policycascade.config import TrainConfig
     from policycascade.runtime import configure_threads
     from policycascade.train import thread_choice
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
 
     config = None
     for path in expand_run_dirs(runs)[:1]:
         config = read_run(path)[0]
     if config is None or config.env:  # outputs only, or frozen classifiers: no training
-        configure_threads(None, 0, "cpu", "rule fits on cached outputs", say)
+        configure_threads(None, 0, "cpu", "rule fits on cached outputs", log=None)
     else:
-        thread_choice(config if isinstance(config, TrainConfig) else TrainConfig(), say)
+        thread_choice(config, log=None)
 
 
 def main(argv: list[str] | None = None) -> int:
