@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fit per-stage temperature scaling (max-softmax+T)",
     )
     parser.add_argument(
+        "--class-aware",
+        action="store_true",
+        help="also fit max-softmax thresholds per stage and per predicted class, shrunk toward "
+        "the shared threshold (helps where a stage is confidently wrong on some classes)",
+    )
+    parser.add_argument(
         "--sweep-points",
         type=int,
         default=15,
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             tuple(args.budgets),
             args.temperature,
             args.sweep_points,
+            args.class_aware,
         ).validate()
         shifts = [parse_shift(text) for text in args.shift]
         if not args.runs and not args.outputs:

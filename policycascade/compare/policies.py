@@ -46,6 +46,7 @@ class CompareOptions:
     budget_shares: tuple[float, ...] = DEFAULT_BUDGETS  # MACs budgets, share of the largest
     temperature: bool = False  # also max-softmax with per-stage temperature scaling
     sweep_points: int = 15  # operating points per rule along its trade-off curve
+    class_aware: bool = False  # also max-softmax thresholds per stage and predicted class
 
     def validate(self) -> CompareOptions:
         """Raise a TypeError/ValueError naming the first bad argument."""
@@ -59,8 +60,9 @@ class CompareOptions:
         budgets = _sequence("budget_shares", self.budget_shares, float)
         if any(not (math.isfinite(b) and b > 0) for b in budgets):
             raise ValueError(f"budget_shares must be > 0, got {list(budgets)}")
-        if not isinstance(self.temperature, bool):
-            raise TypeError(f"temperature must be True or False, got {self.temperature!r}")
+        for name in ("temperature", "class_aware"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.sweep_points, bool) or not (
             isinstance(self.sweep_points, int) and self.sweep_points >= 2
         ):
@@ -161,6 +163,12 @@ def compare_outputs(
     for criterion, scaled in variants:
         search = ThresholdSearch(val.probs, val.labels, free, criterion, scaled)
         rows += rule_rows(search.template.name, search, val, test, options, matched, meta)
+    if options.class_aware:
+        from policycascade.agents.class_aware import ClassAwareSearch
+
+        search = ClassAwareSearch(val.probs, val.labels, free, "max-softmax")
+        name = "class-aware max-softmax"
+        rows += rule_rows(name, search, val, test, options, matched, meta)
     generator = torch.Generator().manual_seed(0)
     for m in matched:
         exits = random_exits(test.num_samples, m.exit_distribution, generator)

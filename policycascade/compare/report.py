@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,11 @@ def _summary_rows(aggregated: list[Aggregate]) -> list[Aggregate]:
 
     order = {"own": 0, "matched": 1, "curve": 2, "random": 3, "oracle": 4, "single": 5}
     chosen = [a for a in aggregated if keep(a)]
-    return sorted(chosen, key=lambda a: (a.dataset, a.trained_by, order[a.kind], a.policy, a.point))
+
+    def rank(a: Aggregate) -> tuple:
+        return (a.dataset, a.config, a.trained_by, str(a.alpha), order[a.kind], a.policy, a.point)
+
+    return sorted(chosen, key=rank)
 
 
 def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> str:
@@ -44,24 +47,31 @@ def format_summary(aggregated: list[Aggregate], savings: list[RunSavings]) -> st
         f"{'runs':>5}"
     )
     lines = [header, "-" * len(header)]
+    several = len({a.group for a in aggregated}) > 1
+    current = None
     for a in _summary_rows(aggregated):
+        if several and a.group != current:
+            current = a.group
+            lines.append(f"{a.group} (runs: {', '.join(sorted(set(a.run_names)))})"[:160])
         policy = a.policy if a.kind != "single" else "alone"
         lines.append(
             f"{a.trained_by[:16]:<17}{policy[:19]:<20}{a.point[:23]:<24}"
             f"{_pm(a.accuracy, a.accuracy_std, a.runs):>16}"
             f"{_pm(a.macs_share, a.macs_share_std, a.runs):>18}{a.runs:>5}"
         )
+    run_config = {name: a.config for a in aggregated for name in a.run_names}
     groups: dict[tuple, list[RunSavings]] = defaultdict(list)
     for s in savings:
-        groups[(s.dataset, s.trained_by, s.alpha, s.against)].append(s)
+        groups[(s.dataset, s.trained_by, s.alpha, run_config.get(s.run, ""), s.against)].append(s)
     if groups:
         lines += [
             "",
             "MACs saved by each run's own curve against the rule family chosen on validation",
             "(mean ± std over seeds; n = runs where both curves reach the accuracy):",
         ]
-    for (dataset, trained_by, alpha, against), members in sorted(groups.items(), key=str):
+    for (dataset, trained_by, alpha, config, against), members in sorted(groups.items(), key=str):
         name = f"{dataset} {trained_by}" + ("" if alpha is None else f" a={alpha:g}")
+        name += f" [{config}]" if config else ""
 
         def saved(key: str, members=members) -> str:
             return _saved(mean_std(getattr(m, key) for m in members), len(members))
@@ -95,14 +105,33 @@ def best_run(rows: list[Row]) -> str:
     return max(own, key=lambda r: (r.accuracy, -r.mean_macs)).run
 
 
-def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]:
-    """Trade-off plot (rule curves on the best run's classifiers and its reference) and Figure 4."""
+def figure_groups(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows per figure: one figure per data set and configuration (its alphas side by side).
+
+    A run's rows all go to its group; the group is named by :func:`~policycascade.compare.rows.
+    group_label` without alpha, so runs of one configuration at several alphas share a figure
+    while configurations (epochs, options, data sets) never do.
+    """
+    config_of = {}
+    for r in rows:
+        if r.kind == "own" or r.run not in config_of:
+            config_of[r.run] = (r.dataset, r.config, r.trained_by if r.kind == "own" else None)
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        dataset, config, trainer = config_of[r.run]
+        label = f"{dataset} {trainer or r.trained_by}" + (f" [{config}]" if config else "")
+        groups[label].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _tradeoff(rows: list[Row], aggregated: list[Aggregate], title_prefix: str) -> dict[str, Any]:
+    """The trade-off figure and Figure 4 of one figure group's rows."""
     run = best_run(rows)
     own = next((r for r in rows if r.run == run and r.kind == "own"), None)
     trained_by = own.trained_by if own is not None else rows[0].trained_by
     mine = [r for r in rows if r.run == run and r.trained_by == trained_by]
     data = TradeoffData(
-        f"{mine[0].dataset}: test accuracy vs mean MACs (rule curves on the classifiers of {run})"
+        f"{title_prefix}test accuracy vs mean MACs (rule curves on the classifiers of {run})"
     )
     for r in rows:
         if r.run != run or not r.point.startswith("sweep"):
@@ -120,9 +149,9 @@ def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]
             data.points["oracle"] = (r.mean_macs, r.accuracy)
         elif r.kind == "random":
             data.random.append((r.mean_macs, r.accuracy))
-    dataset = mine[0].dataset
+    runs = {r.run for r in rows}
     for a in aggregated:
-        if a.kind == "own" and a.dataset == dataset:
+        if a.kind == "own" and set(a.run_names) <= runs:
             spread = a.runs > 1
             data.own.setdefault(a.policy, []).append(
                 OwnPoint(
@@ -144,8 +173,81 @@ def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]
     return figures
 
 
+def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]:
+    """Trade-off plot (rule curves on the best run's classifiers, its reference) and Figure 4.
+
+    One pair per :func:`figure_groups` group: with one group the tags are
+    ``compare/tradeoff`` and ``compare/accuracy_by_exit``; with several, each group's are
+    ``compare/tradeoff/<group>`` and ``compare/accuracy_by_exit/<group>``, and the plain
+    tags name the first group's figures (the same objects).
+    """
+    groups = figure_groups(rows)
+    if len(groups) == 1:
+        ((label, members),) = groups.items()
+        return _tradeoff(members, aggregated, f"{members[0].dataset}: ")
+    figures: dict[str, Any] = {}
+    for label, members in groups.items():
+        for tag, figure in _tradeoff(members, aggregated, f"{label}: ").items():
+            figures.setdefault(tag, figure)  # the first group's under the plain tag
+            figures[f"{tag}/{_safe(label)}"] = figure
+    return figures
+
+
+def save_figures(out: Path, figures: dict[str, Any], overwrite: bool = False) -> list[Path]:
+    """Write each figure as PNG under ``out`` (``compare/tradeoff/g`` -> ``tradeoff__g.png``).
+
+    An existing file is replaced only with ``overwrite``; otherwise ``ValueError`` names it.
+    """
+    paths = {tag: out / (tag.split("/", 1)[-1].replace("/", "__") + ".png") for tag in figures}
+    if not overwrite:
+        taken = [str(path) for path in paths.values() if path.exists()]
+        if taken:
+            raise ValueError(
+                f"{taken[0]} already exists: compare writes only files of its own (choose "
+                "another output directory)"
+            )
+    for tag, path in paths.items():
+        figures[tag].savefig(path, dpi=130)
+    return list(paths.values())
+
+
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_.+" else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "-_.+=" else "_" for ch in name)
+
+
+def _claim_dir(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``name-2``, ``name-3`` ... if taken: created here, so ours alone."""
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = parent / name, 2
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            candidate, n = parent / f"{name}-{n}", n + 1
+
+
+def tensorboard_run_names(aggregated: list[Aggregate]) -> list[str]:
+    """One TensorBoard run per configuration group and policy, for each aggregate.
+
+    ``<data set>/<trainer>/<policy>``, with ``_a<alpha>`` and ``_<config>`` added to the
+    trainer where one data set and trainer hold several alphas or configurations, so that
+    each group's curve is a run of its own.
+    """
+    alphas: dict[tuple, set] = defaultdict(set)
+    configs: dict[tuple, set] = defaultdict(set)
+    for a in aggregated:
+        alphas[(a.dataset, a.trained_by)].add(a.alpha)
+        configs[(a.dataset, a.trained_by)].add(a.config)
+    names = []
+    for a in aggregated:
+        group = a.trained_by
+        if len(alphas[(a.dataset, a.trained_by)]) > 1:
+            group += "_a-" if a.alpha is None else f"_a{a.alpha:g}"
+        if len(configs[(a.dataset, a.trained_by)]) > 1:
+            group += f"_{a.config or 'unknown'}"
+        names.append("/".join(_safe(part) for part in (a.dataset, group, a.policy)))
+    return names
 
 
 def write_tensorboard(
@@ -154,28 +256,31 @@ def write_tensorboard(
     savings: list[RunSavings],
     figures: dict[str, Any],
     rows: list[Row],
-) -> None:
-    """One TensorBoard run per (classifiers, policy) with identical tags; step = mean MACs.
+) -> Path:
+    """One TensorBoard run per (configuration group, policy) with identical tags; step = MACs.
 
-    Each point is the mean over seeds, so a policy draws one curve rather than a zigzag
-    through every seed's points. An existing ``tensorboard/`` under ``out`` is replaced.
+    Each point is the mean over one configuration's seeds, so a policy draws one curve per
+    group (alpha, options) rather than a zigzag through every group's points. Writes into a
+    new directory, ``out/tensorboard`` or, if that exists, ``out/tensorboard-2`` ... (what
+    is already there is never touched); returns it.
     """
-    tb = out / "tensorboard"
-    if tb.exists():
-        shutil.rmtree(tb)
-    by_policy: dict[str, list[Aggregate]] = defaultdict(list)
-    for a in aggregated:
-        by_policy[f"{a.dataset}/{a.trained_by}/{a.policy}"].append(a)
-    for name, members in by_policy.items():
-        writer = SummaryWriter(str(tb / "/".join(_safe(p) for p in name.split("/"))))
+    tb = _claim_dir(out, "tensorboard")
+    by_run: dict[str, list[Aggregate]] = defaultdict(list)
+    for name, a in zip(tensorboard_run_names(aggregated), aggregated, strict=True):
+        by_run[name].append(a)
+    for name, members in by_run.items():
+        writer = SummaryWriter(str(tb / name))
         for a in sorted(members, key=lambda a: a.mean_macs):
             step = int(round(a.mean_macs))
             writer.add_scalar("compare/accuracy", a.accuracy, step)
             writer.add_scalar("compare/macs_share", a.macs_share, step)
         writer.close()
     writer = SummaryWriter(str(tb / "summary"))
+    written = set()
     for tag, figure in figures.items():
-        writer.add_figure(tag, figure, 0)
+        if id(figure) not in written:  # a plain tag may alias a group's figure
+            written.add(id(figure))
+            writer.add_figure(tag, figure, 0)
     writer.close()
     saved = {s.run: s for s in savings}
     for row in (r for r in rows if r.kind == "own"):
@@ -187,8 +292,11 @@ def write_tensorboard(
         hparams = {"seed": int(row.seed), "policy": row.policy, "dataset": row.dataset}
         if row.alpha is not None:
             hparams["alpha"] = float(row.alpha)
+        if row.config:
+            hparams["config"] = row.config
         writer.add_hparams(hparams, metrics, run_name=".")
         writer.close()
+    return tb
 
 
 def format_extras(extras: dict[str, list[dict[str, Any]]]) -> str:

@@ -17,11 +17,13 @@ from policycascade.compare.rows import Row
 from policycascade.protocol import macs_at_accuracy, macs_saved, normalised_area
 
 HALF_POINT = 0.005
+CLASS_AWARE_PREFIX = "class-aware "  # rows of the per-class threshold family
 
 
 def is_threshold_rule(row: Row) -> bool:
     """A confidence-threshold rule's fitted point (any criterion, temperature-scaled too)."""
-    return row.kind in ("curve", "matched") and row.policy.removesuffix("+T") in ALL_CRITERIA
+    family = row.policy.removesuffix("+T").removeprefix(CLASS_AWARE_PREFIX)
+    return row.kind in ("curve", "matched") and family in ALL_CRITERIA
 
 
 @dataclass
