@@ -19,6 +19,10 @@ COMMANDS = {
     "watch": ("policycascade.watch_cli", "watch a deployed rule's exits for drift (no labels)"),
     "bench": ("policycascade.bench", "benchmark early exit, the vector env and the training step"),
     "bench-epoch": ("policycascade.bench_epoch", "time one epoch of a paper setting"),
+    "bench-compare": (
+        "policycascade.bench_compare",
+        "time compare on stored outputs against recomputing them",
+    ),
 }
 
 

@@ -1,0 +1,465 @@
+"""A label-free drift watch for a deployed stopping rule: anytime-valid tests on its exit stages.
+
+A rule fitted on clean calibration data exits a known share of samples at each stage
+and so spends a known mean cost. Under distribution shift both move (and accuracy with
+them), while no label arrives to say so. :class:`DriftWatch` reads the exit stages of a
+stream and raises an :class:`Alarm` as soon as the stream's share of exits at some
+stage, or its mean normalised cost, is no longer the calibration one.
+
+The guarantee: if the calibration samples and the stream are i.i.d. draws from one
+distribution, the probability that the watch *ever* raises an alarm, over an unbounded
+stream, is at most ``alpha_false_alarm``. It holds with a finite calibration set:
+
+- each of the Q = K + 1 quantities (K exit shares, the mean cost) is a mean of a
+  per-sample value in [0, 1] (an exit indicator; the sample's cost divided by the
+  largest exit cost);
+- the calibration counts give, per quantity, a lower and an upper confidence bound
+  (Hoeffding's KL bound for [0, 1] values, at the fixed calibration size), each
+  missing with probability ``alpha * calibration_share / (2 Q)``;
+- per quantity and direction, a test martingale bets that the stream's mean lies above
+  the upper bound (or below the lower one): Waudby-Smith & Ramdas (2023) betting with
+  predictable bets, here the Bernoulli Kelly bet at the mean of the last ``w`` samples
+  (shrunk towards the bound), averaged over a few windows ``w``. By Ville's inequality
+  it ever reaches ``2 Q / (alpha * (1 - calibration_share))`` with at most that
+  probability while the stream's mean is inside the bounds;
+- a union bound over the 2 Q calibration bounds and 2 Q martingales gives ``alpha``.
+
+Windowed bets stay near 0 on a clean stream, so the wealth does not sink while
+nothing moves, and they follow a shift that starts late within about a window.
+Bets read only earlier samples and sums run in stream order, so a batched update gives
+exactly the alarms of one sample at a time. NumPy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+DIRECTIONS = ("up", "down")
+WINDOWS = (100, 1000, 10000)  # samples whose mean sets the next bet; one martingale each
+PRIOR_SAMPLES = 5  # pseudo-samples at the bound that shrink a young window's mean
+MAX_BET = 0.5  # share of the largest bet that keeps the wealth positive
+RECENT = 300  # samples an alarm's ``recent`` value is measured on
+_CHUNK = 4096  # samples per vectorised step, to bound memory
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One statistic of the stream that left its calibration interval, and where it went."""
+
+    quantity: str  # "exit_share" or "mean_cost"
+    stage: int | None  # the exit stage of an exit share; None for the mean cost
+    direction: str  # "up" or "down"
+    observed: float  # the stream's value over the samples seen
+    recent: float  # the stream's value over the last RECENT samples seen
+    expected: float  # the calibration value
+    expected_low: float  # calibration confidence interval
+    expected_high: float
+    samples_seen: int  # stream samples up to and including the one that raised it
+
+    @property
+    def what(self) -> str:
+        """One line: what moved, which way, observed against expected, after how many samples."""
+        name = "mean cost" if self.stage is None else f"exit share of stage {self.stage}"
+        return (
+            f"{name} went {self.direction}: {self.observed:.4g} in the stream "
+            f"({self.recent:.4g} recently) vs "
+            f"{self.expected:.4g} [{self.expected_low:.4g}, {self.expected_high:.4g}] at "
+            f"calibration, after {self.samples_seen} samples"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the one-line description."""
+        return {**asdict(self), "what": self.what}
+
+
+class DriftWatch:
+    """Sequential, label-free test that a rule's exit shares and mean cost stay as calibrated.
+
+    Args:
+        exit_shares: K shares of calibration samples exiting at each stage (sum 1).
+        exit_costs: K costs of a sample exiting at each stage, in any unit (e.g. the
+            cumulative MACs, or their share of the largest classifier's); >= 0, max > 0.
+        num_calibration: calibration samples the shares were measured on; the shares
+            times it must be whole counts (shares may be rounded, see ``tolerance``).
+        alpha_false_alarm: bound on the probability of any false alarm over an unbounded
+            stream drawn i.i.d. from the calibration distribution.
+        mean_cost: the calibration mean cost in ``exit_costs``' unit, if known; only
+            checked against ``sum(exit_shares * exit_costs)``.
+        calibration_share: part of ``alpha_false_alarm`` spent on the calibration bounds.
+        tolerance: how far shares times ``num_calibration`` may be from whole counts, as a
+            share of ``num_calibration`` (less than half a count), and the relative
+            tolerance of the ``mean_cost`` check.
+    """
+
+    def __init__(
+        self,
+        exit_shares: Sequence[float],
+        exit_costs: Sequence[float],
+        num_calibration: int,
+        alpha_false_alarm: float = 0.01,
+        mean_cost: float | None = None,
+        calibration_share: float = 0.5,
+        tolerance: float = 1e-3,
+    ):
+        shares = np.asarray(exit_shares, dtype=np.float64)
+        costs = np.asarray(exit_costs, dtype=np.float64)
+        if shares.ndim != 1 or len(shares) < 2:
+            raise ValueError(f"exit_shares needs K >= 2 shares, got {list(np.atleast_1d(shares))}")
+        k = len(shares)
+        if (
+            not (np.all(np.isfinite(shares)) and np.all(shares >= 0))
+            or abs(shares.sum() - 1) > 1e-3
+        ):
+            raise ValueError(f"exit_shares must be >= 0 and sum to 1, got {shares.tolist()}")
+        if costs.shape != (k,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
+            raise ValueError(f"exit_costs needs {k} finite costs >= 0, got {list(exit_costs)}")
+        if not costs.max() > 0:
+            raise ValueError(f"exit_costs must not all be 0, got {costs.tolist()}")
+        if isinstance(num_calibration, bool) or not isinstance(num_calibration, (int, np.integer)):
+            raise TypeError(f"num_calibration must be an int, got {num_calibration!r}")
+        if num_calibration < 1:
+            raise ValueError(f"num_calibration must be >= 1, got {num_calibration}")
+        if not (isinstance(alpha_false_alarm, (int, float)) and 0 < alpha_false_alarm < 1):
+            raise ValueError(f"alpha_false_alarm must be in (0, 1), got {alpha_false_alarm!r}")
+        if not (isinstance(calibration_share, (int, float)) and 0 < calibration_share < 1):
+            raise ValueError(f"calibration_share must be in (0, 1), got {calibration_share!r}")
+        counts = shares * num_calibration
+        whole = np.round(counts)
+        if np.any(np.abs(counts - whole) > min(0.49, max(1e-6, tolerance * num_calibration))):
+            raise ValueError(
+                f"exit_shares times num_calibration={num_calibration} must be whole counts, "
+                f"got {counts.tolist()}"
+            )
+        if whole.sum() != num_calibration:
+            raise ValueError(
+                f"exit_shares times num_calibration={num_calibration} must count "
+                f"{num_calibration} samples, got {int(whole.sum())}"
+            )
+        self.calibration_counts = whole.astype(np.int64)
+        self.num_calibration = int(num_calibration)
+        self.exit_costs = costs
+        self.alpha_false_alarm = float(alpha_false_alarm)
+        self.calibration_share = float(calibration_share)
+        # Per quantity, its value for a sample exiting at each stage: (Q, K), in [0, 1].
+        self._values = np.vstack([np.eye(k), costs / costs.max()])
+        expected = self._values @ self.calibration_counts / self.num_calibration
+        if mean_cost is not None:
+            computed = float(shares @ costs)
+            if not math.isclose(float(mean_cost), computed, rel_tol=tolerance, abs_tol=1e-12):
+                raise ValueError(
+                    f"mean_cost={mean_cost!r} is not sum(exit_shares * exit_costs) = {computed:.6g}"
+                )
+        num_tests = 2 * self.num_quantities
+        calibration_level = self.alpha_false_alarm * self.calibration_share / num_tests
+        self._threshold = math.log(num_tests / (self.alpha_false_alarm * (1 - calibration_share)))
+        bounds = [kl_bounds(float(e), self.num_calibration, calibration_level) for e in expected]
+        self.expected = np.asarray(expected, dtype=np.float64)  # (Q,) calibration means in [0, 1]
+        self.expected_low = np.array([low for low, _ in bounds])
+        self.expected_high = np.array([high for _, high in bounds])
+        # Each test's null bound and bet sign, in test order q * 2 + d (d: 0 up, 1 down).
+        self._null = np.stack([self.expected_high, self.expected_low], axis=1).reshape(-1)
+        self._sign = np.tile([1.0, -1.0], self.num_quantities)
+        room = np.where(self._sign > 0, self._null, 1 - self._null)  # largest bet: 1 / room
+        self._max_bet = np.where(room > 0, MAX_BET / np.maximum(room, 1e-300), 0.0)
+        self._kelly_scale = 1 / np.maximum(self._null * (1 - self._null), 1e-300)
+        self.rule = None  # the watched rule, where known: lets update_probs apply it
+        self.reset()
+
+    @classmethod
+    def from_outputs(
+        cls, rule, calibration, alpha_false_alarm: float = 0.01, **options: Any
+    ) -> DriftWatch:
+        """The watch of ``rule`` calibrated on cached outputs (a clean validation split, say).
+
+        Costs are the outputs' (MACs, say) spent up to each exit: see :func:`exit_costs_of`.
+        """
+        from policycascade.agents.rules import exit_stages
+
+        stages = exit_stages(rule, calibration.probs).cpu().numpy()
+        k = calibration.probs.shape[1]
+        counts = np.bincount(stages, minlength=k)
+        watch = cls(
+            counts / counts.sum(),
+            exit_costs_of(rule, calibration.costs),
+            int(counts.sum()),
+            alpha_false_alarm,
+            **options,
+        )
+        watch.rule = rule
+        return watch
+
+    @classmethod
+    def from_calibration(
+        cls,
+        block: dict[str, Any],
+        exit_costs: Sequence[float],
+        alpha_false_alarm: float = 0.01,
+        **options: Any,
+    ) -> DriftWatch:
+        """The watch from a rule file's ``calibration`` block {num_samples, exit_shares, ...}.
+
+        ``mean_cost``, when the block has it, is checked against the shares and
+        ``exit_costs`` (which must then be in its unit).
+        """
+        if not isinstance(block, dict):
+            raise TypeError(f"calibration must be a dict, got {type(block).__name__}")
+        missing = [key for key in ("num_samples", "exit_shares") if key not in block]
+        if missing:
+            raise ValueError(f"calibration lacks {missing}; it has {sorted(block)}")
+        return cls(
+            block["exit_shares"],
+            exit_costs,
+            block["num_samples"],
+            alpha_false_alarm,
+            mean_cost=block.get("mean_cost"),
+            **options,
+        )
+
+    @property
+    def num_stages(self) -> int:
+        """Number of stages K."""
+        return len(self.exit_costs)
+
+    @property
+    def num_quantities(self) -> int:
+        """Watched statistics: K exit shares and the mean cost."""
+        return self.num_stages + 1
+
+    def reset(self) -> None:
+        """Forget the stream (counts, alarms); keep the calibration."""
+        self.counts = np.zeros(self.num_stages, dtype=np.int64)
+        self.alarms: list[Alarm] = []
+        self._raised = np.zeros(2 * self.num_quantities, dtype=bool)
+        # cumulative exit counts after 0, 1, 2, ... samples, from sample _cumulative_start on:
+        # the rows the windows read, in a buffer that moves its tail to the front when full
+        self._cumulative = np.zeros((4 * (max(*WINDOWS, RECENT) + 1), self.num_stages), np.int64)
+        self._cumulative_rows, self._cumulative_start = 1, 0
+        self._log_wealth = np.zeros((len(WINDOWS), 2 * self.num_quantities))
+
+    @property
+    def samples_seen(self) -> int:
+        """Stream samples seen since the last reset."""
+        return int(self.counts.sum())
+
+    @property
+    def alarm(self) -> Alarm | None:
+        """The first alarm raised since the last reset, None while there is none."""
+        return self.alarms[0] if self.alarms else None
+
+    def update(self, exit_stages: Any) -> list[Alarm]:
+        """Feed the exit stages of the next stream samples, in order; returns the new alarms.
+
+        Each statistic and direction alarms once until :meth:`reset`; an alarm records
+        the sample at which its test crossed, whatever the batch size.
+        """
+        stages = _check_stages(exit_stages, self.num_stages)
+        new = []
+        for start in range(0, len(stages), _CHUNK):
+            new += self._update_chunk(stages[start : start + _CHUNK])
+        self.alarms += new
+        return new
+
+    def update_probs(self, probs: Any) -> list[Alarm]:
+        """Feed softmaxes (batch, K, C) of the next samples: the watched rule's exits of them."""
+        if self.rule is None:
+            raise ValueError(
+                "update_probs needs the watched rule: build the watch with from_outputs or set "
+                "watch.rule"
+            )
+        from policycascade.agents.rules import exit_stages
+
+        return self.update(exit_stages(self.rule, probs))
+
+    def _update_chunk(self, stages: np.ndarray) -> list[Alarm]:
+        before = self.samples_seen
+        log_wealth = self._advance(stages)  # (batch, windows, 2Q) after each sample
+        mixture = _log_mean_exp(log_wealth, axis=1)  # (batch, 2Q)
+        crossed = (mixture >= self._threshold) & ~self._raised
+        new = []
+        for test in np.flatnonzero(crossed.any(axis=0)):
+            at = before + int(np.argmax(crossed[:, test])) + 1  # samples seen at the alarm
+            q, d = divmod(int(test), 2)
+            seen = self._counts_at(at)
+            last = seen - self._counts_at(max(at - RECENT, 0))
+            new.append(
+                Alarm(
+                    quantity="mean_cost" if q == self.num_stages else "exit_share",
+                    stage=None if q == self.num_stages else q,
+                    direction=DIRECTIONS[d],
+                    observed=self._in_units(q, float(self._values[q] @ seen) / at),
+                    recent=self._in_units(q, float(self._values[q] @ last) / last.sum()),
+                    expected=self._in_units(q, float(self.expected[q])),
+                    expected_low=self._in_units(q, float(self.expected_low[q])),
+                    expected_high=self._in_units(q, float(self.expected_high[q])),
+                    samples_seen=at,
+                )
+            )
+            self._raised[test] = True
+        new.sort(key=lambda a: (a.samples_seen, a.stage is None, a.stage or 0))
+        if len(stages):
+            self._log_wealth = log_wealth[-1]
+        return new
+
+    def _counts_at(self, time: int) -> np.ndarray:
+        """Exit counts of the first ``time`` stream samples (kept for the last windows only)."""
+        return self._cumulative[time - self._cumulative_start]
+
+    def _append(self, stages: np.ndarray) -> None:
+        """Extend the cumulative exit counts by ``stages``, keeping the rows windows still read."""
+        keep = min(self._cumulative_rows, max(WINDOWS) + 1)
+        if self._cumulative_rows + len(stages) > len(self._cumulative):
+            rows = self._cumulative[self._cumulative_rows - keep : self._cumulative_rows]
+            capacity = max(len(self._cumulative), keep + len(stages))
+            self._cumulative = np.zeros((capacity, self.num_stages), dtype=np.int64)
+            self._cumulative[:keep] = rows
+            self._cumulative_start += self._cumulative_rows - keep
+            self._cumulative_rows = keep
+        end = self._cumulative_rows + len(stages)
+        counts = np.cumsum(_one_hot(stages, self.num_stages), axis=0)
+        self._cumulative[self._cumulative_rows : end] = self.counts + counts
+        self._cumulative_rows = end
+        self.counts = self._cumulative[end - 1].copy()
+
+    def _advance(self, stages: np.ndarray) -> np.ndarray:
+        """Every martingale's log wealth after each of ``stages``: (batch, windows, 2Q).
+
+        The bet on each sample reads the window of samples before it only (predictable).
+        """
+        before = self.samples_seen + np.arange(len(stages))  # samples before each new one
+        self._append(stages)
+        value = np.repeat(self._values[:, stages].T, 2, axis=1)  # (batch, 2Q)
+        factors = []
+        for window in WINDOWS:
+            start = np.maximum(before - window, 0)
+            in_window = (
+                self._cumulative[before - self._cumulative_start]
+                - self._cumulative[start - self._cumulative_start]
+            ).astype(np.float64)
+            window_sum = np.repeat(self._sums(in_window), 2, axis=1)  # (batch, 2Q)
+            size = (before - start).astype(np.float64)[:, None]
+            mean = (window_sum + PRIOR_SAMPLES * self._null) / (size + PRIOR_SAMPLES)
+            bet = np.clip(self._sign * (mean - self._null) * self._kelly_scale, 0, self._max_bet)
+            factors.append(np.log1p(self._sign * bet * (value - self._null)))
+        factors = np.stack(factors, axis=1)  # (batch, windows, 2Q)
+        # summed in stream order from the running wealth: the same floats for any batching
+        return np.cumsum(np.concatenate([self._log_wealth[None], factors]), axis=0)[1:]
+
+    def _sums(self, counts: np.ndarray) -> np.ndarray:
+        """Each quantity's sum over samples with these exit counts: (n, K) -> (n, Q)."""
+        total = np.zeros((len(counts), self.num_quantities))
+        for stage in range(self.num_stages):  # one fixed order: the same floats for any batching
+            total += counts[:, stage, None] * self._values[None, :, stage]
+        return total
+
+    def _in_units(self, quantity: int, value: float) -> float:
+        return float(value * self.exit_costs.max() if quantity == self.num_stages else value)
+
+    def statistics(self) -> dict[str, float]:
+        """The stream's exit shares and mean cost so far and each test's evidence (log10 wealth).
+
+        Tag-like keys (``exit_share/stage0``, ``mean_cost``, ``evidence/mean_cost_up``, ...)
+        for logging; evidence reaching ``log10_threshold`` raises that test's alarm.
+        """
+        n = max(self.samples_seen, 1)
+        out = {f"exit_share/stage{k}": float(c) / n for k, c in enumerate(self.counts)}
+        out["mean_cost"] = float(self.counts @ self.exit_costs) / n
+        log_wealth = _log_mean_exp(self._log_wealth, axis=0) / math.log(10)
+        names = [f"exit_share_stage{k}" for k in range(self.num_stages)] + ["mean_cost"]
+        for test, value in enumerate(log_wealth):
+            out[f"evidence/{names[test // 2]}_{DIRECTIONS[test % 2]}"] = float(value)
+        out["log10_threshold"] = self._threshold / math.log(10)
+        return out
+
+    def calibration(self) -> dict[str, Any]:
+        """What the watch expects: counts, shares and mean cost with their confidence bounds."""
+        k = self.num_stages
+        return {
+            "num_samples": self.num_calibration,
+            "exit_shares": (self.calibration_counts / self.num_calibration).tolist(),
+            "exit_share_bounds": list(
+                zip(self.expected_low[:k].tolist(), self.expected_high[:k].tolist(), strict=True)
+            ),
+            "exit_costs": self.exit_costs.tolist(),
+            "mean_cost": self._in_units(k, float(self.expected[k])),
+            "mean_cost_bounds": [
+                self._in_units(k, float(self.expected_low[k])),
+                self._in_units(k, float(self.expected_high[k])),
+            ],
+            "alpha_false_alarm": self.alpha_false_alarm,
+        }
+
+
+def exit_costs_of(rule, costs) -> list[float]:
+    """Cost of a sample exiting at each stage under ``rule``, in the costs' unit (MACs, say).
+
+    Every stage up to the exit ran, stopping modules included, as in
+    :func:`policycascade.evaluation.evaluate_exits` (``mean_macs``) and in a rule
+    file's ``calibration.mean_cost``.
+    """
+    return [float(m) for m in costs.with_policy_macs(rule.policy_macs()).cumulative_macs]
+
+
+def _check_stages(exit_stages: Any, num_stages: int) -> np.ndarray:
+    if hasattr(exit_stages, "detach"):  # a torch tensor, without importing torch
+        exit_stages = exit_stages.detach().cpu().numpy()
+    stages = np.asarray(exit_stages)
+    if stages.ndim != 1:
+        raise ValueError(
+            f"exit_stages must be one stage per sample (1-D), got shape {stages.shape}"
+        )
+    if stages.size and not np.issubdtype(stages.dtype, np.integer):
+        raise TypeError(f"exit_stages must be integers, got dtype {stages.dtype}")
+    if stages.size and (stages.min() < 0 or stages.max() >= num_stages):
+        raise ValueError(
+            f"exit_stages must lie in [0, {num_stages}), got values from {stages.min()} "
+            f"to {stages.max()}"
+        )
+    return stages.astype(np.int64)
+
+
+def _one_hot(stages: np.ndarray, num_stages: int) -> np.ndarray:
+    out = np.zeros((len(stages), num_stages), dtype=np.int64)
+    out[np.arange(len(stages)), stages] = 1
+    return out
+
+
+def _log_mean_exp(x: np.ndarray, axis: int) -> np.ndarray:
+    peak = x.max(axis=axis, keepdims=True)
+    return np.squeeze(peak, axis) + np.log(np.exp(x - peak).mean(axis=axis))
+
+
+def bernoulli_kl(p: float, q: float) -> float:
+    """KL divergence between Bernoulli(p) and Bernoulli(q), in nats."""
+
+    def term(a: float, b: float) -> float:
+        return 0.0 if a == 0 else (math.inf if b == 0 else a * math.log(a / b))
+
+    return term(p, q) + term(1 - p, 1 - q)
+
+
+def kl_bounds(mean: float, n: int, level: float) -> tuple[float, float]:
+    """Lower and upper confidence bounds on the mean of n i.i.d. values in [0, 1].
+
+    Hoeffding (1963): P(sample mean >= mu + e) <= exp(-n kl(mu + e, mu)), and the same
+    below, so each bound {m : n kl(mean, m) <= log(1 / level)} misses with probability
+    <= level (Clopper-Pearson's bound up to a factor of order sqrt(n) in level, for
+    any values in [0, 1]). Found by bisection: kl grows as m moves away from the mean.
+    """
+    budget = math.log(1 / level) / n
+
+    def bisect(outside: float) -> float:
+        inside = mean
+        for _ in range(60):
+            middle = 0.5 * (inside + outside)
+            if bernoulli_kl(mean, middle) > budget:
+                outside = middle
+            else:
+                inside = middle
+        return inside
+
+    return bisect(0.0), bisect(1.0)
