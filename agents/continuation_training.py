@@ -1,6 +1,7 @@
 """The continuation-value learner as a run-harness algorithm: classifiers, cross-fitting, rule.
 
-Three kinds of unit, one per harness epoch, each checkpointed:
+Three kinds of unit, one per harness epoch, each checkpointed (the classifier units also
+after every classifier epoch, so a kill loses at most one epoch of them):
 
 1. the classifiers, each trained alone with cross-entropy for ``classifier_epochs`` and
    kept from its best validation epoch (the same procedure as the comparison's
@@ -21,7 +22,7 @@ from torch import nn
 
 from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
-from policycascade.crossfit import fold_seed, stratified_folds, train_reference
+from policycascade.crossfit import ReferenceTraining, fold_seed, stratified_folds
 from policycascade.data import Split
 
 if TYPE_CHECKING:
@@ -39,12 +40,16 @@ class ContinuationTraining(Algorithm):
         if harness.alpha is None:
             raise ValueError("the continuation-value learner needs an alpha")
         self.settings = harness.config.continuation
-        self.cascade = harness.build_cascade()
-        self._initial_state = {k: v.clone() for k, v in self.cascade.state_dict().items()}
-        if harness.pretrained:
-            self.cascade.requires_grad_(False)
+        self.cascade = harness.build_cascade()  # a registered cascade: a frozen copy
+        self._initial_state = (
+            {}
+            if harness.pretrained
+            else {k: v.clone() for k, v in self.cascade.state_dict().items()}
+        )
         self.held_out_probs: torch.Tensor | None = None  # (train samples, K, C), NaN = not yet
         self.fitted: ContinuationValueRule | None = None
+        # A classifier unit stopped part-way: {"unit": epoch, "training": its state}
+        self.unit_in_progress: dict[str, Any] | None = None
 
     @property
     def num_epochs(self) -> int:
@@ -93,9 +98,14 @@ class ContinuationTraining(Algorithm):
             x, y = x[idx], y[idx]
         return Split(h.inputs(x), y)
 
-    def _train(self, cascade: nn.Module, train: Split, seed: int) -> None:
+    def _resuming(self, unit: int) -> bool:
+        """Whether a checkpoint stopped part-way through classifier unit ``unit``."""
+        return self.unit_in_progress is not None and self.unit_in_progress["unit"] == unit
+
+    def _train(self, cascade: nn.Module, train: Split, seed: int, unit: int) -> None:
+        """Reference training of ``cascade``, checkpointed after every classifier epoch."""
         c = self.harness.config
-        train_reference(
+        training = ReferenceTraining(
             cascade,
             train,
             self._split("val"),
@@ -105,6 +115,15 @@ class ContinuationTraining(Algorithm):
             c.weight_decay,
             seed,
         )
+        if self._resuming(unit):
+            training.load_state_dict(self.unit_in_progress["training"])
+        while not training.done:
+            training.step()
+            if not training.done:
+                self.unit_in_progress = {"unit": unit, "training": training.state_dict()}
+                self.harness.save_within_epoch()
+        self.unit_in_progress = None
+        training.finish()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Unit ``epoch``: the classifiers, one cross-fitting fold, or the rule."""
@@ -112,7 +131,7 @@ class ContinuationTraining(Algorithm):
         if h.pretrained:  # a user's trained classifiers: fit on their fit (or val) split
             return self._fit_rule()
         if epoch == 0:
-            self._train(self.cascade, self._split("train"), h.config.seed)
+            self._train(self.cascade, self._split("train"), h.config.seed, unit=0)
             return {"train/classifiers_trained": 1.0}
         if epoch <= s.folds:
             return self._cross_fit(epoch - 1)
@@ -125,11 +144,13 @@ class ContinuationTraining(Algorithm):
         folds = stratified_folds(y.cpu(), s.folds, h.config.seed)
         held_out = folds[fold]
         rest = torch.cat([f for i, f in enumerate(folds) if i != fold])
-        cascade = h.build_cascade()
+        with torch.random.fork_rng(devices=[]):  # its weights are replaced just below
+            cascade = h.build_cascade()
         cascade.load_state_dict(self._initial_state)
         seed = fold_seed(h.config.seed, fold, s.folds)
-        torch.manual_seed(seed)
-        self._train(cascade, self._split("train", rest), seed)
+        if not self._resuming(fold + 1):  # resumed: the checkpoint restored the generators
+            torch.manual_seed(seed)
+        self._train(cascade, self._split("train", rest), seed, unit=fold + 1)
         x, _ = h.split_on_device("train")
         probs = h.eval_logits(cascade, x[held_out.to(h.device)]).softmax(-1).cpu()
         if self.held_out_probs is None:
@@ -173,6 +194,7 @@ class ContinuationTraining(Algorithm):
             "initial_cascade": self._initial_state,
             "held_out_probs": self.held_out_probs,
             "rule": None if self.fitted is None else self.fitted.to_dict(),
+            "unit_in_progress": self.unit_in_progress,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,6 +202,7 @@ class ContinuationTraining(Algorithm):
         self.cascade.load_state_dict(state["cascade"])
         self._initial_state = state["initial_cascade"]
         self.held_out_probs = state["held_out_probs"]
+        self.unit_in_progress = state.get("unit_in_progress")  # older checkpoints: none
         rule = state["rule"]
         self.fitted = None if rule is None else ContinuationValueRule.from_dict(rule)
         if self.fitted is not None:

@@ -6,6 +6,7 @@ import functools
 import importlib
 import itertools
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 
 from policycascade.agents.stopping_policy import StoppingPolicy
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.costs import count_macs, eval_mode
 from policycascade.data import DataSplits, Split
 from policycascade.envs.stopping_env import CascadeStoppingEnv, check_env_alpha, check_integer
 from policycascade.envs.vector_env import CascadeStoppingVectorEnv
@@ -41,6 +43,38 @@ def compute_outputs(
         policy_macs = StoppingPolicy(cascade.num_stages, cascade.num_classes, policy_hidden)
         policy_macs = policy_macs.policy_macs()
     return cascade.outputs(x, y, cascade.costs(policy_macs)).to("cpu")
+
+
+class SampledCascade(Cascade):
+    """A registered cascade: the user's classifiers, their MACs counted on a real sample.
+
+    A user's classifiers may take any input (token ids, tables, images of any dtype), so
+    costs are measured on ``cost_sample``, one sample of the registered data, rather than
+    on a float zero image.
+    """
+
+    def __init__(
+        self,
+        classifiers: Sequence[nn.Module],
+        cost_sample: torch.Tensor,
+        num_classes: int,
+        names: Sequence[str],
+    ):
+        super().__init__(classifiers, cost_sample.shape[1:], num_classes, names)
+        self.cost_sample = cost_sample.detach().cpu().clone()  # (1, ...), a copy of the user's
+        self._measured: list[int] | None = None
+
+    def classifier_macs(self) -> list[int]:
+        """MACs per sample of each classifier, counted once on :attr:`cost_sample`."""
+        if self._measured is None:
+            device = next(self.parameters()).device
+            sample = self.cost_sample.to(device)
+            self._measured = [count_macs(clf, sample) for clf in self.classifiers]
+        return self._measured
+
+    def alone_macs(self) -> list[int]:
+        """Each classifier used on its own costs its own MACs."""
+        return self.classifier_macs()
 
 
 class _Split:
@@ -338,10 +372,8 @@ def _probe_num_classes(
     size = len(batch)
     agreed = None if num_classes is None else (num_classes, f"num_classes={num_classes}")
     for name, clf in zip(names, classifiers, strict=True):
-        was_training = clf.training
-        clf.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(clf), torch.no_grad():
                 out = clf(batch)
         except Exception as error:
             raise ValueError(
@@ -349,8 +381,6 @@ def _probe_num_classes(
                 f"{tuple(batch.shape)}, {batch.dtype}, on {device}): "
                 f"{type(error).__name__}: {error}"
             ) from error
-        finally:
-            clf.train(was_training)
         fix = "return a (batch, C) logits tensor"
         if isinstance(out, Mapping):
             key = next(iter(out), None)
@@ -395,10 +425,44 @@ def _probe_num_classes(
             raise ValueError(
                 f"classifier {name!r} returned non-finite logits (nan or inf) on samples of x"
             )
+        if looks_like_probabilities(out):
+            warnings.warn(
+                f"classifier {name!r} seems to return probabilities, not logits (on {size} "
+                "samples every row lies in [0, 1] and sums to 1): policycascade applies a "
+                "softmax to each classifier's output, which flattens probabilities towards "
+                "uniform; return logits (drop the final softmax) or log-probabilities",
+                UserWarning,
+                stacklevel=3,
+            )
     assert agreed is not None
     if agreed[0] < 2:
         raise ValueError(f"the classifiers must score at least 2 classes, got C={agreed[0]}")
     return agreed[0]
+
+
+def looks_like_probabilities(out: torch.Tensor) -> bool:
+    """Whether every row of (batch, C) outputs lies in [0, 1] and sums to 1: a softmax's output."""
+    out = out.detach().double()
+    in_unit = bool(((out >= 0) & (out <= 1)).all())
+    sums_to_one = bool(((out.sum(-1) - 1).abs() <= 1e-4).all())
+    return in_unit and sums_to_one
+
+
+def warn_if_not_cheapest_first(names: Sequence[str], macs: Sequence[int]) -> None:
+    """Warn, naming both, when a classifier costs more than one registered after it."""
+    for t in range(len(macs) - 1):
+        later = min(range(t + 1, len(macs)), key=macs.__getitem__)
+        if macs[t] > macs[later]:
+            warnings.warn(
+                f"classifiers should be registered cheapest first, but {names[t]!r} "
+                f"({macs[t]:,} MACs) comes before {names[later]!r} ({macs[later]:,} MACs): "
+                "the cascade runs them in the given order, so a sample that continues pays for "
+                "the dearer one first and MAC shares can exceed 1; reorder the classifiers by "
+                "cost unless this order is intended",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -500,8 +564,8 @@ def register_cascade(
                 f"{where}y must hold class indices in [0, num_classes={num_classes}), "
                 f"got values from {low} to {high}"
             )
-    cascade = Cascade(classifiers, first_x.shape[1:], num_classes, names)
-    cascade.classifier_macs()  # measured now, once
+    cascade = SampledCascade(classifiers, first_x[:1], num_classes, names)
+    warn_if_not_cheapest_first(names, cascade.classifier_macs())  # measured now, once
     env_id = f"{NAMESPACE}/{name}-v{version}"
     registered = RegisteredCascade(env_id, cascade, data, policy_hidden, single_split)
     if env_id in gym.registry and not overwrite:
@@ -552,6 +616,67 @@ def registered_splits(registered: RegisteredCascade) -> DataSplits:
         split("test", registered.default_split),
         registered.cascade.num_classes,
     )
+
+
+def registered_split_sources(registered: RegisteredCascade) -> dict[str, str]:
+    """Which registered split each role of a run reads: ``{"train": ..., "val": ..., "test": ...}``.
+
+    The same fallbacks as :func:`registered_splits`; a cascade registered as one split
+    (``x, y``) reads ``"x, y"`` everywhere.
+    """
+    if registered.single_split:
+        return {"train": "x, y", "val": "x, y", "test": "x, y"}
+    names = registered.split_names
+    default = registered.default_split
+    val = "val" if "val" in names else default
+    return {
+        "train": "fit" if "fit" in names else val,
+        "val": val,
+        "test": "test" if "test" in names else default,
+    }
+
+
+def check_reported_split(registered: RegisteredCascade) -> None:
+    """Refuse a run that would fit or choose its rule on the samples it reports on.
+
+    A cascade registered as one split (``x, y``) chose in-sample evaluation: that is
+    allowed with a warning, and the run's metrics say ``"test_held_out": false``.
+    """
+    env_id, names = registered.env_id, list(registered.split_names)
+    fix = (
+        "register splits={'val': (x_val, y_val), 'test': (x_test, y_test)} (and 'fit' if you "
+        "have it), or register one split as x, y to evaluate in-sample on purpose"
+    )
+    if registered.single_split:
+        warnings.warn(
+            f"{env_id} was registered as one split (x, y): the rule is fitted, chosen and "
+            "reported on the same samples, so its metrics are in-sample (metrics.json says "
+            "test_held_out: false); register splits={'val': ..., 'test': ...} for held-out "
+            "metrics",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    if "test" not in names:
+        raise ValueError(
+            f"{env_id} has no 'test' split (registered: {names}): a run reports on 'test', so "
+            f"it would report on samples it fitted or chose the rule on; {fix}"
+        )
+    if "fit" not in names and "val" not in names:
+        raise ValueError(
+            f"{env_id} has no 'fit' or 'val' split (registered: {names}): the rule would be "
+            f"fitted and chosen on the test samples it is reported on; {fix}"
+        )
+    test = registered._splits["test"]
+    for name in ("fit", "val"):
+        other = registered._splits.get(name)
+        if other is not None and _same_tensor(other.x, test.x) and _same_tensor(other.y, test.y):
+            raise ValueError(
+                f"splits[{name!r}] and splits['test'] of {env_id} hold the same samples: the "
+                f"rule would be fitted or chosen on the samples it is reported on; give "
+                "'test' samples of their own, or register one split as x, y to evaluate "
+                "in-sample on purpose"
+            )
 
 
 def registered_cascade(env_id: str) -> RegisteredCascade:

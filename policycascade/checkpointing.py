@@ -6,7 +6,9 @@ restored the same way, atomically, after every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,29 @@ import torch
 from policycascade.checkpoint import CHECKPOINT_NAME, save_atomic
 
 CHECKPOINT_FORMAT = 2  # {format, config, alpha, algorithm, epoch, history, state, rng}
+
+
+@contextlib.contextmanager
+def preserved_global_state() -> Iterator[None]:
+    """Run the block, then give back every global random state and torch flag it may set.
+
+    A run seeds Python's, NumPy's and torch's generators and may switch on deterministic
+    algorithms; a library call (``train_policy``, ``load_run``) must leave the caller's as
+    they were.
+    """
+    python, numpy_state = random.getstate(), np.random.get_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 class Checkpointing:
@@ -48,15 +73,23 @@ class Checkpointing:
             save_atomic(self.state_dict(), self.run_dir / CHECKPOINT_NAME)
 
     def load(self, checkpoint: dict[str, Any]) -> None:
-        """Restore a checkpoint of this configuration (see ``policycascade.runs`` for checks)."""
+        """Restore a checkpoint of this configuration (see ``policycascade.runs`` for checks).
+
+        The global random states are restored only for a harness that trains on (a resumed
+        run): a run that is only loaded leaves the caller's generators alone.
+        """
         if checkpoint["classifier_macs"] != self.costs.classifier_macs:
             raise ValueError(
                 f"checkpoint in {self.run_dir} is of another cascade: its classifiers cost "
                 f"{checkpoint['classifier_macs']} MACs, this config's {self.costs.classifier_macs}"
             )
-        self.algorithm.load_state_dict(checkpoint["state"])
+        trains = getattr(self, "trains", True)
+        with contextlib.nullcontext() if trains else preserved_global_state():
+            self.algorithm.load_state_dict(checkpoint["state"])  # (may build modules)
         self.history = list(checkpoint["history"])
         self.epoch = int(checkpoint["epoch"])
+        if not trains:  # only loaded (load_run, compare): the caller's generators stay
+            return
         rng = checkpoint["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
 
 from policycascade.cascade import Cascade
+from policycascade.costs import eval_mode
 from policycascade.data import Split
 from policycascade.models import build_cascade
-from policycascade.supervised import fit_classifiers, trained_classes_of
+from policycascade.supervised import ClassifierFitting, fit_classifiers, trained_classes_of
 
 # fit(x_train, y_train, fold_seed) -> predict(x) giving (n, K, C) logits
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -113,14 +115,10 @@ def cascade_fitter(
 def logits_of(cascade: Cascade, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Every classifier's logits (n, K, C) in eval mode, computed on the cascade's device."""
     device = next(cascade.parameters()).device
-    was_training = cascade.training
-    cascade.eval()
-    try:
+    with eval_mode(cascade):
         return torch.cat(
             [cascade(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
         )
-    finally:
-        cascade.train(was_training)
 
 
 def stage_accuracy(cascade: Cascade, split: Split) -> list[float]:
@@ -134,6 +132,77 @@ def stage_accuracy(cascade: Cascade, split: Split) -> list[float]:
             keep = torch.isin(split.y.cpu(), torch.tensor(sorted(classes)))
         accuracy.append(float(correct[keep, t].mean()) if keep.any() else float("nan"))
     return accuracy
+
+
+class ReferenceTraining:
+    """:func:`train_reference` one epoch at a time, with a state to checkpoint and resume.
+
+    After every :meth:`step` each classifier's validation accuracy is measured and its
+    weights, buffers included, are kept if they beat its best so far (the earliest epoch
+    wins ties). :meth:`state_dict` holds everything the remaining epochs depend on (the
+    cascade's weights, the optimiser, the shuffle generator, the best weights so far), so
+    a training stopped between epochs and restored continues bit for bit; torch's global
+    generator (dropout) is the caller's to save.
+    """
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        train: Split,
+        val: Split,
+        epochs: int = 40,
+        lr: float = 3e-3,
+        batch_size: int = 64,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ):
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.cascade, self.val, self.epochs = cascade, val, epochs
+        self.epoch = 0  # epochs finished
+        self.best_accuracy = [float("-inf")] * cascade.num_stages
+        self.best_state: list[dict[str, torch.Tensor]] = [{} for _ in range(cascade.num_stages)]
+        self._fitting = ClassifierFitting(cascade, train, lr, batch_size, weight_decay, seed)
+
+    @property
+    def done(self) -> bool:
+        """Whether every epoch has been trained."""
+        return self.epoch >= self.epochs
+
+    def step(self) -> list[float]:
+        """Train one epoch, keep each classifier's best weights; returns the val accuracies."""
+        self._fitting.run_epoch()
+        self.epoch += 1
+        accuracy = stage_accuracy(self.cascade, self.val)
+        for t, acc in enumerate(accuracy):
+            if not self.best_state[t] or acc > self.best_accuracy[t]:  # NaN (no val) keeps epoch 1
+                self.best_accuracy[t] = acc
+                self.best_state[t] = copy.deepcopy(self.cascade.classifiers[t].state_dict())
+        return accuracy
+
+    def finish(self) -> Cascade:
+        """The cascade, in eval mode, holding every classifier's kept weights."""
+        for clf, state in zip(self.cascade.classifiers, self.best_state, strict=True):
+            clf.load_state_dict(state)
+        return self.cascade.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the remaining epochs depend on."""
+        return {
+            "epoch": self.epoch,
+            "cascade": self.cascade.state_dict(),
+            "fitting": self._fitting.state_dict(),
+            "best_accuracy": list(self.best_accuracy),
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self.cascade.load_state_dict(state["cascade"])
+        self._fitting.load_state_dict(state["fitting"])
+        self.epoch = int(state["epoch"])
+        self.best_accuracy = list(state["best_accuracy"])
+        self.best_state = state["best_state"]
 
 
 def train_reference(
@@ -152,28 +221,13 @@ def train_reference(
     The honest alternative to a learned cascade: independent classifiers with
     per-classifier early stopping. Training is
     :func:`~policycascade.supervised.fit_classifiers` (the stage losses share no
-    parameters, so one Adam over their sum equals K independent ones). After every
-    epoch each classifier's validation accuracy (:func:`stage_accuracy`) is measured
-    and its weights, buffers included, are kept if they beat its best so far: the
-    earliest epoch wins ties.
-    ``on_epoch(epoch, val_accuracy)`` is told each epoch's accuracies. Returns
-    the cascade, in eval mode, holding every classifier's kept weights.
+    parameters, so one Adam over their sum equals K independent ones); see
+    :class:`ReferenceTraining`. ``on_epoch(epoch, val_accuracy)`` is told each epoch's
+    accuracies. Returns the cascade, in eval mode, holding every classifier's kept weights.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    best_accuracy = [float("-inf")] * cascade.num_stages
-    best_state: list[dict[str, torch.Tensor]] = [{} for _ in range(cascade.num_stages)]
-
-    def keep_best(epoch: int) -> None:
-        accuracy = stage_accuracy(cascade, val)
-        for t, acc in enumerate(accuracy):
-            if not best_state[t] or acc > best_accuracy[t]:  # a NaN (no val samples) keeps epoch 1
-                best_accuracy[t] = acc
-                best_state[t] = copy.deepcopy(cascade.classifiers[t].state_dict())
+    training = ReferenceTraining(cascade, train, val, epochs, lr, batch_size, weight_decay, seed)
+    while not training.done:
+        accuracy = training.step()
         if on_epoch is not None:
-            on_epoch(epoch, accuracy)
-
-    fit_classifiers(cascade, train, epochs, lr, batch_size, weight_decay, seed, keep_best)
-    for clf, state in zip(cascade.classifiers, best_state, strict=True):
-        clf.load_state_dict(state)
-    return cascade.eval()
+            on_epoch(training.epoch, accuracy)
+    return training.finish()

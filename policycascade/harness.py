@@ -9,6 +9,7 @@ checkpoint format, resume, signal handling, NaN checks, logging and evaluation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,11 +22,21 @@ from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.thresholds import best_reward_rule
 from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
-from policycascade.checkpointing import CHECKPOINT_FORMAT, Checkpointing
+from policycascade.checkpointing import (
+    CHECKPOINT_FORMAT,
+    Checkpointing,
+    preserved_global_state,
+)
 from policycascade.config import TrainConfig
+from policycascade.costs import eval_mode
 from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
 from policycascade.distributed import broadcast_buffers, current_context
-from policycascade.envs.registration import registered_cascade, registered_splits
+from policycascade.envs.registration import (
+    check_reported_split,
+    registered_cascade,
+    registered_split_sources,
+    registered_splits,
+)
 from policycascade.evaluation import evaluate_exits, evaluate_rule
 from policycascade.finite import FiniteChecks, NonFiniteError
 from policycascade.models import build_cascade
@@ -75,23 +86,33 @@ class RunHarness(FiniteChecks, Checkpointing):
         self.device = resolve_device(config.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
-        seed_everything(config.seed, config.deterministic)
-        self.registered = registered_cascade(config.env) if config.env else None
-        if self.registered is not None:  # a user's frozen classifiers and splits
-            data = registered_splits(self.registered)
-        self.data: DataSplits = (
-            data
-            if data is not None
-            else load_dataset(config.dataset, config.seed, config.data_dir, config.download)
-        )
-        self.shuffle_generator = torch.Generator().manual_seed(config.seed)
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
-        self.algorithm = algorithm_class(config.agent)(self, train=train)
-        self.cascade: Cascade = self.algorithm.cascade
-        self.costs = self.cascade.costs(self.algorithm.policy_macs())
+        self.trains = train
+        # Loading a run (``train=False``: load_run, compare) leaves the caller's generators
+        # and torch flags as they were; training seeds them for the run.
+        with contextlib.nullcontext() if train else preserved_global_state():
+            seed_everything(config.seed, config.deterministic)
+            self.registered = registered_cascade(config.env) if config.env else None
+            # harness split -> registered split it reads (None: not a registered cascade)
+            self.split_sources: dict[str, str] | None = None
+            if self.registered is not None:  # a user's frozen classifiers and splits
+                if train:
+                    check_reported_split(self.registered)
+                data = registered_splits(self.registered)
+                self.split_sources = registered_split_sources(self.registered)
+            self.data: DataSplits = (
+                data
+                if data is not None
+                else load_dataset(config.dataset, config.seed, config.data_dir, config.download)
+            )
+            self.shuffle_generator = torch.Generator().manual_seed(config.seed)
+            self.sample_generator = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+            self.algorithm = algorithm_class(config.agent)(self, train=train)
+            self.cascade: Cascade = self.algorithm.cascade
+            self.costs = self.cascade.costs(self.algorithm.policy_macs())
         self.epoch = 0  # finished epochs
         self.history: list[dict[str, float]] = []
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._interrupted: dict[str, int | None] = {"signal": None}  # set by run()'s handler
 
     # -- what algorithms use ---------------------------------------------------------------
 
@@ -103,10 +124,12 @@ class RunHarness(FiniteChecks, Checkpointing):
     def build_cascade(self) -> Cascade:
         """The configured cascade family on the device (channels-last if configured).
 
-        For a registered cascade: its own classifiers, on the device.
+        For a registered cascade: a frozen copy of its classifiers on the device, so that
+        nothing a run does (moving, eval mode, ``requires_grad``, loading a checkpoint)
+        reaches the modules the user registered.
         """
         if self.registered is not None:
-            return self.registered.cascade.to(self.device).eval()
+            return frozen_copy(self.registered.cascade, self.device)
         cascade = build_cascade(
             self.config.cascade, self.data.input_shape, self.data.num_classes
         ).to(self.device)
@@ -145,8 +168,11 @@ class RunHarness(FiniteChecks, Checkpointing):
         """Stored images -> model inputs on the device, one batch at a time.
 
         uint8 images are normalised here; training batches are augmented per image if
-        configured (the data set stays on the device as uint8).
+        configured (the data set stays on the device as uint8). A registered cascade's
+        samples go to its classifiers as registered (tokens, tables, images of any kind).
         """
+        if self.registered is not None:
+            return x
         if x.dtype == torch.uint8:
             x = to_float(x, *NORMALISATION[self.config.dataset])
         if train and self.config.augment:
@@ -168,17 +194,14 @@ class RunHarness(FiniteChecks, Checkpointing):
 
     @torch.no_grad()
     def eval_logits(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module``'s logits on stored images ``x`` in eval mode, in batches."""
-        was_training = module.training
-        module.eval()
-        logits = torch.cat(
-            [
-                self.classify(module, self.inputs(x[i : i + EVAL_BATCH]))
-                for i in range(0, len(x), EVAL_BATCH)
-            ]
-        )
-        module.train(was_training)
-        return logits
+        """``module``'s logits on stored images ``x`` in eval mode, in batches (flags restored)."""
+        with eval_mode(module):
+            return torch.cat(
+                [
+                    self.classify(module, self.inputs(x[i : i + EVAL_BATCH]))
+                    for i in range(0, len(x), EVAL_BATCH)
+                ]
+            )
 
     def train_batches(
         self, num_samples: int, generator: torch.Generator | None = None
@@ -189,6 +212,20 @@ class RunHarness(FiniteChecks, Checkpointing):
     def to_device(self, idx: torch.Tensor) -> torch.Tensor:
         """This process's share of a global index batch, on the device."""
         return self.dist.shard(idx).to(self.device)
+
+    def save_within_epoch(self) -> None:
+        """Checkpoint part-way through an epoch (a long unit); stop here if a signal arrived.
+
+        The algorithm's ``state_dict`` must then hold the unfinished epoch's progress, and
+        its ``train_epoch`` continue from it when the run resumes at that epoch.
+        """
+        self.save()
+        signum = self._interrupted["signal"]
+        if signum is not None:
+            raise TrainingInterrupted(
+                f"stopped by signal {signum} part-way through epoch {self.epoch + 1} (saved); "
+                f"continue with --resume {self.run_dir}"
+            )
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -219,7 +256,7 @@ class RunHarness(FiniteChecks, Checkpointing):
                 "thresholds": rule.thresholds,
                 **evaluate_rule(rule, test_outputs),
             }
-        return {
+        metrics = {
             "agent": self.config.agent,
             "alpha": self.alpha,
             **self.evaluate("test", test_outputs),
@@ -230,6 +267,10 @@ class RunHarness(FiniteChecks, Checkpointing):
             "stage_names": self.cascade.names,
             "epochs_trained": self.epoch,
         }
+        if self.split_sources is not None:  # which registered split each role read
+            metrics["splits"] = dict(self.split_sources)
+            metrics["test_held_out"] = not self.registered.single_split
+        return metrics
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -240,7 +281,7 @@ class RunHarness(FiniteChecks, Checkpointing):
         TensorBoard writer). SIGINT/SIGTERM stop the run after the current epoch is
         saved, raising :class:`TrainingInterrupted`.
         """
-        interrupted = {"signal": None}
+        interrupted = self._interrupted = {"signal": None}
 
         def on_signal(signum, frame):
             interrupted["signal"] = signum
@@ -284,6 +325,19 @@ class RunHarness(FiniteChecks, Checkpointing):
         return self.final_metrics()
 
 
+def frozen_copy(cascade: Cascade, device: torch.device) -> Cascade:
+    """A copy of ``cascade`` on ``device``, in eval mode, without gradients (the original kept)."""
+    try:
+        copied = copy.deepcopy(cascade)
+    except Exception as error:
+        raise TypeError(
+            "the registered classifiers cannot be copied with copy.deepcopy "
+            f"({type(error).__name__}: {error}); policycascade trains on a copy so that your "
+            "modules stay as they are"
+        ) from error
+    return copied.to(device).eval().requires_grad_(False)
+
+
 def single_classifier_metrics(outputs: CascadeOutputs, names: list[str]) -> list[dict[str, Any]]:
     """Each classifier alone: its accuracy and its own MACs (no earlier stage, no policy)."""
     costs = outputs.costs
@@ -317,5 +371,7 @@ __all__ = [
     "RunHarness",
     "TrainingInterrupted",
     "algorithm_class",
+    "frozen_copy",
+    "preserved_global_state",
     "single_classifier_metrics",
 ]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +43,7 @@ class EarlyExitResult:
 
     predictions: torch.Tensor  # int64 arg-max class of the exit classifier
     exit_stage: torch.Tensor  # int64 stage each sample stopped at
-    macs: torch.Tensor  # int64 MACs spent: every stage up to the exit, stopping rule included
+    macs: torch.Tensor  # MACs spent up to the exit (int64; float64 for fractional costs)
 
 
 # (stage, visited softmaxes (batch, stage + 1, C)) -> stop decisions (batch,) bool
@@ -87,20 +88,62 @@ def _run_stages(
         running, x, history = running[~stop], x[~stop], history[~stop]
         if len(running) == 0:
             break
-    macs = torch.tensor(list(cumulative_macs), dtype=torch.int64, device=device)[exit_stage]
+    costs = list(cumulative_macs)  # counted MACs (int), or measured costs that may be fractional
+    dtype = torch.int64 if all(float(c).is_integer() for c in costs) else torch.float64
+    macs = torch.tensor(costs, dtype=dtype, device=device)[exit_stage]
     return EarlyExitResult(predictions, exit_stage, macs)
 
 
+def as_samples(x: Any, cascade: nn.Module, what: str = "x") -> torch.Tensor:
+    """``x`` (a tensor, NumPy array or nested list of samples) as a tensor for ``cascade``.
+
+    Floating-point samples take the dtype of the cascade's floating-point parameters
+    (NumPy's float64 arrays, say); integer samples (token ids) and booleans stay as they are.
+    """
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(
+                f"{what} must be a tensor, a NumPy array of numbers or a list, got an object array"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, (list, tuple)):
+        try:
+            x = torch.tensor(x)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"{what} must be a tensor, a NumPy array or a list of equally shaped samples: "
+                f"{error}"
+            ) from None
+    elif not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{what} must be a torch tensor, a NumPy array or a list of samples, "
+            f"got {type(x).__name__}"
+        )
+    if x.ndim == 0:
+        raise ValueError(f"{what} must hold samples along its first dimension, got a scalar")
+    if x.is_floating_point():
+        dtype = next((p.dtype for p in cascade.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.dtype != dtype:
+            x = x.to(dtype)
+    return x
+
+
 def early_exit_predict(
-    cascade: Cascade, rule: StoppingRule, x: torch.Tensor, costs: StageCosts | None = None
+    cascade: Cascade,
+    rule: StoppingRule,
+    x: torch.Tensor | np.ndarray | Sequence,
+    costs: StageCosts | None = None,
 ) -> EarlyExitResult:
     """Predict with ``cascade`` under ``rule``, running each classifier only on unstopped samples.
 
     Gives the same exits, predictions and MACs as stepping ``CascadeStoppingEnv``
     with the rule's decisions, without paying for the stages a sample skips.
-    ``costs`` defaults to the cascade's classifiers plus ``rule.policy_macs()``.
-    Runs in eval mode under ``torch.inference_mode()``; training flags are restored.
+    ``x`` is a batch of samples as the classifiers take them: a tensor, a NumPy array or
+    a list (see :func:`as_samples`). ``costs`` defaults to the cascade's classifiers plus
+    ``rule.policy_macs()``. Runs in eval mode under ``torch.inference_mode()``; training
+    flags are restored.
     """
+    x = as_samples(x, cascade)
     if costs is None:
         costs = cascade.costs(rule.policy_macs())
     if costs.num_stages != cascade.num_stages:
@@ -181,7 +224,7 @@ def export_bundle(
     except TypeError as error:
         raise ValueError(f"meta must hold JSON-ready values only: {error}") from error
     costs = cascade.costs(rule.policy_macs())
-    example = torch.randn(2, *cascade.input_shape)
+    example = _example_batch(cascade)
     classifiers, decisions = [], []
     cpu_cascade = copy.deepcopy(cascade).cpu().eval()
     cpu_rule = copy.deepcopy(rule)
@@ -191,7 +234,9 @@ def export_bundle(
         for name, clf in zip(cpu_cascade.names, cpu_cascade.classifiers, strict=True):
             classifiers.append(_export_program(clf, example, f"classifier {name!r}"))
         for t in range(cascade.num_stages - 1):
-            example_history = torch.randn(2, t + 1, cascade.num_classes).softmax(-1)
+            example_history = torch.randn(
+                2, t + 1, cascade.num_classes, generator=torch.Generator().manual_seed(t)
+            ).softmax(-1)
             decision = _StageDecision(cpu_rule, t).eval()
             decisions.append(_export_program(decision, example_history, f"stopping rule stage {t}"))
     bundle = {
@@ -201,6 +246,7 @@ def export_bundle(
         "stop_decisions": decisions,
         "stage_names": list(cascade.names),
         "input_shape": list(cascade.input_shape),
+        "input_dtype": str(example.dtype).removeprefix("torch."),
         "num_classes": cascade.num_classes,
         "costs": costs.as_dict(),
         "rule": type(rule).__name__,
@@ -208,6 +254,19 @@ def export_bundle(
         "meta": meta,
     }
     save_atomic(bundle, path)
+
+
+def _example_batch(cascade: Cascade) -> torch.Tensor:
+    """Two samples to trace the classifiers with, drawn without touching torch's global RNG.
+
+    A registered cascade's real sample (token ids, tables ...) where it has one, else
+    standard-normal float inputs of the cascade's input shape.
+    """
+    sample = getattr(cascade, "cost_sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample.cpu().repeat(2, *([1] * (sample.ndim - 1)))
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, *cascade.input_shape, generator=generator)
 
 
 class BundlePredictor:
@@ -224,6 +283,7 @@ class BundlePredictor:
         self.stop_decisions = [_load_program(b) for b in bundle["stop_decisions"]]
         self.stage_names: list[str] = bundle["stage_names"]
         self.input_shape = tuple(bundle["input_shape"])
+        self.input_dtype: str = bundle.get("input_dtype", "float32")  # older bundles: float32
         self.num_classes: int = bundle["num_classes"]
         self.costs: dict[str, list] = bundle["costs"]
         self.rule_name: str = bundle["rule"]
@@ -240,8 +300,12 @@ class BundlePredictor:
             return torch.ones(len(history), dtype=torch.bool, device=history.device)
         return self.stop_decisions[stage](history)
 
-    def predict(self, x: torch.Tensor) -> EarlyExitResult:
+    def predict(self, x: torch.Tensor | np.ndarray | Sequence) -> EarlyExitResult:
         """Early-exit predictions, exit stages and MACs for a batch ``x`` (N, *input_shape)."""
+        x = as_samples(x, nn.Module())
+        dtype = getattr(torch, self.input_dtype, None)
+        if x.is_floating_point() and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            x = x.to(dtype)  # the dtype the programs were exported with
         with torch.inference_mode():
             return _run_stages(
                 self.classifiers, self.stop_at_stage, self.costs["cumulative_macs"], x.cpu()
@@ -261,6 +325,7 @@ def load_bundle(path: str | Path) -> BundlePredictor:
 
 __all__ = [
     "BundlePredictor",
+    "as_samples",
     "EarlyExitResult",
     "early_exit_predict",
     "export_bundle",

@@ -39,8 +39,13 @@ _OWN_MARKERS = ("o", "D", "^", "v", "P", "X")
 
 
 def tradeoff_figure(data: TradeoffData):
-    """Accuracy (y) against mean MACs per sample (x, log scale); every policy in one picture."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    """Accuracy (y) against mean MACs per sample (x, log scale); every policy in one picture.
+
+    The legend sits outside the axes and every own point (one per alpha or setting) has
+    its own legend entry instead of a text label beside it, so no marker is hidden: not
+    the largest classifier's under the legend, not another's under a label.
+    """
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
     for name, values in data.curves.items():
         values = sorted(values)
         ax.plot([m for m, _ in values], [a for _, a in values], lw=1.2, alpha=0.8, label=name)
@@ -57,37 +62,29 @@ def tradeoff_figure(data: TradeoffData):
             label="random stopping at matched cost",
         )
     for i, (policy, points) in enumerate(sorted(data.own.items())):
-        points = sorted(points, key=lambda p: p.macs)
-        seeds = max(p.seeds for p in points)
-        label = policy + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else "")
-        ax.errorbar(
-            [p.macs for p in points],
-            [p.accuracy for p in points],
-            xerr=[[min(p.macs_std, 0.9 * p.macs) for p in points], [p.macs_std for p in points]],
-            yerr=[p.accuracy_std for p in points],
-            fmt=_OWN_MARKERS[i % len(_OWN_MARKERS)],
-            mfc="none",
-            mew=1.8,
-            ms=9,
-            capsize=3,
-            lw=1.2,
-            label=label,
-            zorder=5,
-        )
-        for j, p in enumerate(points):  # alternate above/below so labels do not overlap
-            ax.annotate(
-                p.label,
-                (p.macs, p.accuracy),
-                textcoords="offset points",
-                xytext=(6, 8 if j % 2 == 0 else -14),
-                fontsize=7,
+        marker = _OWN_MARKERS[i % len(_OWN_MARKERS)]
+        for p in sorted(points, key=lambda p: p.macs):
+            spread = f", mean ± std over {p.seeds} seeds" if p.seeds > 1 else ""
+            ax.errorbar(
+                [p.macs],
+                [p.accuracy],
+                xerr=[[min(p.macs_std, 0.9 * p.macs)], [p.macs_std]],
+                yerr=[p.accuracy_std],
+                fmt=marker,
+                mfc="none",
+                mew=1.8,
+                ms=9,
+                capsize=3,
+                lw=1.2,
+                label=f"{policy} {p.label}{spread}",
+                zorder=5,
             )
     ax.set_xscale("log")
     ax.set_xlabel("mean MACs per sample (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title("\n".join(textwrap.wrap(data.title, 80)), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.9)
     fig.tight_layout()
     return fig
 
@@ -103,6 +100,12 @@ def accuracy_by_exit_figure(
     Rows are exit stages (with their sample counts), columns classifiers; rows with
     no samples are marked as such.
     """
+    k = len(stage_names)
+    if len(exit_counts) != k or len(matrix) != k or any(len(row) != k for row in matrix):
+        raise ValueError(
+            f"accuracy_by_exit_figure needs a {k} x {k} matrix and {k} exit counts for "
+            f"{k} stage names, got {len(matrix)} rows and {len(exit_counts)} counts"
+        )
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     image = ax.imshow(np.nan_to_num(data, nan=0.0), vmin=0, vmax=1, cmap="viridis")

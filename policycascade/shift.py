@@ -22,6 +22,7 @@ from policycascade.agents.rules import StoppingRule
 from policycascade.agents.thresholds import ShiftedRule, ThresholdRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.evaluation import evaluate_rule
+from policycascade.subsets import check_same_task
 
 CORRUPTIONS = ("noise", "blur", "contrast")
 # CIFAR-10-C's parameters per severity 1..5, for images in [0, 1].
@@ -51,7 +52,10 @@ def corrupt(
     if isinstance(severity, bool) or severity not in range(1, 6):
         raise ValueError(f"severity must be an integer from 1 to 5, got {severity!r}")
     if x.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be images (N, C, H, W) to corrupt, got shape {tuple(x.shape)}: noise, blur "
+            "and contrast are image corruptions"
+        )
     if x.dtype == torch.uint8:
         unit = corrupt(x.float() / 255, kind, severity, generator)
         return (unit * 255).round().clamp(0, 255).to(torch.uint8)
@@ -132,6 +136,10 @@ def shift_report(
     test_outputs_shifted: CascadeOutputs,
 ) -> ShiftResult:
     """Accuracy, MACs and exit shares of ``rule`` on clean and shifted test outputs."""
+    check_same_task(val_outputs_in, test_outputs_in, ("val_outputs_in", "test_outputs_in"))
+    check_same_task(
+        test_outputs_in, test_outputs_shifted, ("test_outputs_in", "test_outputs_shifted")
+    )
     if test_outputs_shifted.num_samples != test_outputs_in.num_samples:
         raise ValueError(
             f"the shifted test outputs must be the same {test_outputs_in.num_samples} samples "

@@ -119,6 +119,30 @@ def sub_outputs(outputs: CascadeOutputs, stages: Sequence[int]) -> CascadeOutput
     )
 
 
+def check_same_task(
+    first: CascadeOutputs, second: CascadeOutputs, names: tuple[str, str] = ("val", "test")
+) -> None:
+    """Raise ``ValueError`` unless two outputs come from one cascade: stages, classes, costs.
+
+    Rules fitted on one split and reported on another must read the same classifiers'
+    softmaxes over the same classes at the same costs.
+    """
+    for what in ("num_stages", "num_classes"):
+        a, b = getattr(first, what), getattr(second, what)
+        if a != b:
+            raise ValueError(
+                f"{names[0]} and {names[1]} must be outputs of one cascade, but {names[0]} has "
+                f"{what}={a} and {names[1]} has {what}={b}"
+            )
+    for what in ("classifier_macs", "alone_macs"):
+        a, b = getattr(first.costs, what), getattr(second.costs, what)
+        if list(a) != list(b):
+            raise ValueError(
+                f"{names[0]} and {names[1]} must be outputs of one cascade, but their "
+                f"{what} differ: {list(a)} and {list(b)}"
+            )
+
+
 def _check_stages(stages: Sequence[int], num_stages: int) -> tuple[int, ...]:
     stages = tuple(int(t) for t in stages)
     if len(stages) < 2:
@@ -236,9 +260,8 @@ def best_subset(
         stage_names: one name per stage of the full cascade (default ``stage<t>``).
         sweep_points: points of each subset's curve (``ScoreSearch.sweep``).
     """
+    check_same_task(val, test, ("val", "test"))
     k = val.num_stages
-    if test.num_stages != k:
-        raise ValueError(f"val has {k} stages but test has {test.num_stages}")
     if target_accuracy is not None and macs_budget is not None:
         raise ValueError("give target_accuracy or macs_budget, not both")
     if macs_budget is not None and not macs_budget > 0:

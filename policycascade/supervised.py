@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,51 @@ def trained_classes_of(cascade: Cascade) -> list[frozenset[int] | None]:
     ]
 
 
+class ClassifierFitting:
+    """Adam on every stage's cross-entropy, one epoch at a time, resumable mid-training.
+
+    :func:`fit_classifiers` runs it to the end; a caller that checkpoints between epochs
+    keeps :meth:`state_dict` (optimiser moments and the shuffle generator) with the
+    cascade's weights, and a fitting restored with :meth:`load_state_dict` continues
+    exactly as if it had never stopped.
+    """
+
+    def __init__(
+        self,
+        cascade: Cascade,
+        train: Split,
+        lr: float = 3e-3,
+        batch_size: int = 64,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ):
+        self.cascade, self.batch_size = cascade, batch_size
+        self.device = next(cascade.parameters()).device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizer = build_optimizer("adam", cascade.parameters(), lr, weight_decay)
+        self.trained_classes = trained_classes_of(cascade)
+        self.x, self.y = train.x.to(self.device), train.y.to(self.device)
+
+    def run_epoch(self) -> None:
+        """One shuffled pass over the training split, the cascade in training mode."""
+        self.cascade.train()
+        for idx in batches(len(self.y), self.batch_size, self.generator):
+            idx = idx.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.cascade(self.x[idx])
+            cross_entropy_all_stages(logits, self.y[idx], self.trained_classes).backward()
+            self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser's state and the shuffle generator's (the weights are the cascade's)."""
+        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (load the cascade's weights separately)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"].cpu())
+
+
 def fit_classifiers(
     cascade: Cascade,
     train: Split,
@@ -81,18 +127,9 @@ def fit_classifiers(
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    device = next(cascade.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = build_optimizer("adam", cascade.parameters(), lr, weight_decay)
-    trained_classes = trained_classes_of(cascade)
-    x, y = train.x.to(device), train.y.to(device)
+    fitting = ClassifierFitting(cascade, train, lr, batch_size, weight_decay, seed)
     for epoch in range(1, epochs + 1):
-        cascade.train()
-        for idx in batches(len(y), batch_size, generator):
-            idx = idx.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            cross_entropy_all_stages(cascade(x[idx]), y[idx], trained_classes).backward()
-            optimizer.step()
+        fitting.run_epoch()
         if on_epoch is not None:
             on_epoch(epoch)
     return cascade.eval()
