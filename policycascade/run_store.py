@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class RunSummary:
     trains_like_reference: bool
     dataset: str
     stage_names: list[str]
+    # the algorithm's own metrics of its rule per split (REINFORCE: the expected reward)
+    evaluation_extras: dict[str, dict[str, float]] = field(default_factory=dict)
     format: int = STORE_FORMAT
 
 

@@ -30,6 +30,7 @@ from policycascade.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
 )
+from policycascade.checkpointing import preserved_global_state
 from policycascade.config import ConfigError, TrainConfig, config_from_dict
 from policycascade.data import DataSplits
 from policycascade.distributed import init_from_environment
@@ -283,6 +284,10 @@ def _store(harness: RunHarness, run_dir: Path) -> None:
         trains_like_reference=bool(algorithm.trains_like_reference),
         dataset=harness.data.name,
         stage_names=names,
+        evaluation_extras={
+            split: {k: float(v) for k, v in algorithm.evaluation_extras(out).items()}
+            for split, out in outputs.items()
+        },
     )
     store_run(run_dir, summary, outputs, algorithm.rule())
 
@@ -418,7 +423,9 @@ class LoadedRun:
         from policycascade.evaluation import evaluate_rule
 
         if self.stored:
-            return evaluate_rule(self.rule, self.outputs(split))
+            metrics = evaluate_rule(self.rule, self.outputs(split))
+            metrics.update(self.summary.evaluation_extras.get(split, {}))
+            return metrics
         return self.harness.evaluate(split, self.outputs(split))
 
 
@@ -446,9 +453,10 @@ def train_policy(
         "continuation": {"alpha": [alpha], **continuation},
     }
     (config,) = per_run_configs(config_from_dict(values))
-    run_dir = claim_run_dir(Path(logdir), run_name(config))
-    train_run(config, run_dir, show_progress=show_progress)
-    return load_run(run_dir)
+    with preserved_global_state():  # the caller's random states and torch flags stay theirs
+        run_dir = claim_run_dir(Path(logdir), run_name(config))
+        train_run(config, run_dir, show_progress=show_progress)
+        return load_run(run_dir)
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:

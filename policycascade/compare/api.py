@@ -22,8 +22,6 @@ from policycascade.compare.runs import RunIdentities, compare_run, expand_run_di
 from policycascade.compare.savings import RunSavings, run_savings
 from policycascade.jsonio import write_json
 
-FILES = ("comparison.json", "comparison.csv", "tradeoff.png", "accuracy_by_exit.png")
-
 
 @dataclass
 class Comparison:
@@ -49,19 +47,27 @@ class Comparison:
 
         return format_summary(self.aggregated, self.savings) + "\n" + format_extras(self.extras)
 
-    def write(self, out: str | Path) -> None:
-        """comparison.json/.csv, the figures and TensorBoard runs into ``out``."""
-        from policycascade.compare.report import make_figures, write_tensorboard
+    def write(self, out: str | Path, overwrite: bool = False) -> list[Path]:
+        """comparison.json/.csv, the figures and TensorBoard runs into ``out``; returns them.
+
+        Files of an earlier comparison are replaced only with ``overwrite``; TensorBoard
+        runs go to a new ``tensorboard`` (or ``tensorboard-2``, ...) folder, so nothing that
+        compare did not write in this call is touched.
+        """
+        from policycascade.compare.report import make_figures, save_figures, write_tensorboard
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "comparison.json", self.payload(), indent=1)
-        write_csv(out / "comparison.csv", self.rows)
+        tables = [out / "comparison.json", out / "comparison.csv"]
+        taken = [str(p) for p in tables if p.exists()]
+        if taken and not overwrite:
+            raise ValueError(f"{taken[0]} already exists: pass overwrite=True to replace it")
+        write_json(tables[0], self.payload(), indent=1)
+        write_csv(tables[1], self.rows)
         figures = make_figures(self.rows, self.aggregated)
-        figures["compare/tradeoff"].savefig(out / "tradeoff.png", dpi=130)
-        if "compare/accuracy_by_exit" in figures:
-            figures["compare/accuracy_by_exit"].savefig(out / "accuracy_by_exit.png", dpi=130)
-        write_tensorboard(out, self.aggregated, self.savings, figures, self.rows)
+        pictures = save_figures(out, figures, overwrite=overwrite)
+        tensorboard = write_tensorboard(out, self.aggregated, self.savings, figures, self.rows)
+        return [*tables, *pictures, tensorboard]
 
 
 def compare_runs(

@@ -186,10 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR
-    comparison.write(out)
+    written = comparison.write(out, overwrite=args.overwrite)
     print(comparison.summary())
-    print(
-        f"\nwrote {out}/comparison.json, comparison.csv, tradeoff.png, accuracy_by_exit.png, "
-        f"tensorboard/ (tensorboard --logdir {out}/tensorboard)"
-    )
+    print(f"\nwrote {', '.join(str(p) for p in written[:-1])}")
+    print(f"TensorBoard: tensorboard --logdir {written[-1]}")
     return 0

@@ -8,7 +8,7 @@ from policycascade.agents.thresholds import ScoreSearch
 from policycascade.checkpoint import CHECKPOINT_NAME
 from policycascade.compare.policies import CompareOptions, Matched, compare_outputs, rule_rows
 from policycascade.compare.reference import REFERENCE, reference_outputs
-from policycascade.compare.rows import Row, make_row
+from policycascade.compare.rows import Row, config_key, make_row
 from policycascade.runs import LoadedRun
 
 
@@ -65,6 +65,7 @@ def run_meta(run: LoadedRun) -> dict:
         "seed": run.config.seed,
         "trained_by": run.summary.label,
         "alpha": run.alpha,
+        "config": config_key(run.config),
     }
 
 
