@@ -36,7 +36,8 @@ _PUBLIC = {
     "train_policy": "policycascade.runs",
     "load_run": "policycascade.runs",
     "LoadedRun": "policycascade.runs",
-    "compare": "policycascade.compare.api",
+    "compare_runs": "policycascade.compare.api",
+    "compare_outputs": "policycascade.compare.policies",
     "early_exit_predict": "policycascade.inference",
 }
 
