@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import re
 import warnings
@@ -690,8 +689,10 @@ def registered_cascade(env_id: str) -> RegisteredCascade:
             f"env_id must be a string like 'policycascade/MyCascade-v0', got {env_id!r}"
         )
     if ":" in env_id:
+        from policycascade.cli_support import import_user_module
+
         module, env_id = env_id.split(":", 1)
-        importlib.import_module(module)
+        import_user_module(module, f"env_id {module}:{env_id}")  # as `python -m` finds it
     registered = _REGISTERED.get(env_id)
     if registered is None or env_id not in gym.registry or not _owns(env_id, registered):
         hint = (

@@ -87,6 +87,12 @@ class RunHarness(FiniteChecks, Checkpointing):
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.trains = train
+        if train:  # a config built in Python gets every check the command line gives
+            config.validate()
+            if config.threads:
+                from policycascade.runtime import configure_threads
+
+                configure_threads(config.threads, log=None)
         # Loading a run (``train=False``: load_run, compare) leaves the caller's generators
         # and torch flags as they were; training seeds them for the run.
         with contextlib.nullcontext() if train else preserved_global_state():
