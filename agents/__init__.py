@@ -1,28 +1,35 @@
-"""Stopping policies and how they learn: the REINFORCE agent and its baselines."""
+"""Stopping policies and how they learn: rules, the continuation learner, REINFORCE, LtC.
 
-from policycascade.agents.baselines import BASELINES, Baseline, make_baseline
-from policycascade.agents.reinforce import (
-    ReinforceAgent,
-    ReinforceStep,
-    decision_log_prob,
-    exit_probabilities,
-    expected_return,
-    policy_gradient_variance,
-    sample_exits,
-)
-from policycascade.agents.stopping_policy import LearnedRule, StoppingPolicy
+Names are imported on first use, so that reading rules (``agents.thresholds``) does not
+load the training stack.
+"""
 
-__all__ = [
-    "BASELINES",
-    "Baseline",
-    "ReinforceAgent",
-    "ReinforceStep",
-    "LearnedRule",
-    "StoppingPolicy",
-    "decision_log_prob",
-    "exit_probabilities",
-    "expected_return",
-    "make_baseline",
-    "policy_gradient_variance",
-    "sample_exits",
-]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "BASELINES": "baselines",
+    "Baseline": "baselines",
+    "make_baseline": "baselines",
+    "ReinforceAgent": "reinforce",
+    "ReinforceStep": "reinforce",
+    "decision_log_prob": "reinforce",
+    "exit_probabilities": "reinforce",
+    "expected_return": "reinforce",
+    "policy_gradient_variance": "reinforce",
+    "sample_exits": "reinforce",
+    "LearnedRule": "stopping_policy",
+    "StoppingPolicy": "stopping_policy",
+}
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use."""
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+__all__ = sorted(_PUBLIC)

@@ -256,8 +256,7 @@ class ScoreSearch:
                 trials = current.repeat(len(self.candidates[t]), 1)
                 trials[:, t] = self.candidates[t]
                 keys = score(*self.evaluate_many(trials))
-                order = sorted(range(len(trials)), key=lambda i: tuple(float(k[i]) for k in keys))
-                top = order[-1]
+                top = lexicographic_argmax(keys)
                 value = tuple(float(k[top]) for k in keys)
                 if value > best:
                     best, current, changed = value, trials[top].clone(), True
@@ -325,6 +324,20 @@ class ScoreSearch:
         low, high = float(self.cumulative[0]), float(self.cumulative[-1])
         budgets = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
         return [self.for_budget(float(b)) for b in budgets]
+
+
+def lexicographic_argmax(keys: tuple[torch.Tensor, ...]) -> int:
+    """Index of the largest candidate, comparing the keys' values in order; the last of ties.
+
+    The same choice as ``sorted(range(m), key=lambda i: tuple(k[i] for k in keys))[-1]``
+    (a stable sort puts the last of equal candidates last), without a Python loop.
+    """
+    best = torch.ones(len(keys[0]), dtype=torch.bool)
+    for key in keys:
+        values = key.to(torch.float64)
+        top = torch.where(best, values, torch.full_like(values, float("-inf"))).max()
+        best &= values == top
+    return int(best.nonzero()[-1])
 
 
 class ThresholdSearch(ScoreSearch):

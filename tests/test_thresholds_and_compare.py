@@ -376,3 +376,21 @@ def test_compare_subsets_and_shift_extras(tiny_runs, tmp_path, capsys):
     assert contrast["shifted_accuracy"] < contrast["in_accuracy"]  # a strong shift hurts
     assert "best sub-cascade" in capsys.readouterr().out
     assert compare_main([str(tiny_runs["reinforce"]), "--out", str(out), "--shift", "fog:3"]) == 2
+
+
+def test_lexicographic_argmax_is_the_last_of_a_stable_sort():
+    """The vectorised choice equals the sorted-tuples choice, ties and -inf included."""
+    import random
+
+    from policycascade.agents.thresholds import lexicographic_argmax
+
+    rng = random.Random(0)
+    values = [0.0, 1.0, -1.0, float("-inf"), 0.5]
+    for _ in range(500):
+        m = rng.randint(1, 30)
+        keys = tuple(
+            torch.tensor([rng.choice(values) for _ in range(m)], dtype=torch.float64)
+            for _ in range(rng.randint(1, 3))
+        )
+        expected = sorted(range(m), key=lambda i: tuple(float(k[i]) for k in keys))[-1]
+        assert lexicographic_argmax(keys) == expected
