@@ -34,6 +34,7 @@ from policycascade.checkpointing import preserved_global_state
 from policycascade.config import ConfigError, TrainConfig, config_from_dict
 from policycascade.data import DataSplits
 from policycascade.distributed import init_from_environment
+from policycascade.fsutil import claim_new_dir
 from policycascade.harness import CHECKPOINT_FORMAT, RunHarness
 from policycascade.jsonio import write_json
 from policycascade.run_store import (
@@ -107,14 +108,7 @@ def claim_run_dir(logdir: Path, name: str) -> Path:
 
     Two processes started together into one logdir never share a run directory.
     """
-    logdir.mkdir(parents=True, exist_ok=True)
-    candidate, n = logdir / name, 2
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            candidate, n = logdir / f"{name}-{n}", n + 1
+    return claim_new_dir(logdir, name)
 
 
 def write_config(run_dir: Path, config: TrainConfig) -> None:

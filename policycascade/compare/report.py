@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from policycascade.compare.rows import Aggregate, Row
 from policycascade.compare.savings import RunSavings
+from policycascade.fsutil import claim_new_dir
 from policycascade.plots import OwnPoint, TradeoffData, accuracy_by_exit_figure, tradeoff_figure
 from policycascade.protocol import mean_std
 
@@ -215,18 +216,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.+=" else "_" for ch in name)
 
 
-def _claim_dir(parent: Path, name: str) -> Path:
-    """``parent/name``, or ``name-2``, ``name-3`` ... if taken: created here, so ours alone."""
-    parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = parent / name, 2
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            candidate, n = parent / f"{name}-{n}", n + 1
-
-
 def tensorboard_run_names(aggregated: list[Aggregate]) -> list[str]:
     """One TensorBoard run per configuration group and policy, for each aggregate.
 
@@ -264,7 +253,7 @@ def write_tensorboard(
     new directory, ``out/tensorboard`` or, if that exists, ``out/tensorboard-2`` ... (what
     is already there is never touched); returns it.
     """
-    tb = _claim_dir(out, "tensorboard")
+    tb = claim_new_dir(out, "tensorboard")
     by_run: dict[str, list[Aggregate]] = defaultdict(list)
     for name, a in zip(tensorboard_run_names(aggregated), aggregated, strict=True):
         by_run[name].append(a)
