@@ -1,0 +1,225 @@
+"""Certified operating points: stopping rules whose risk target holds with probability 1 - delta.
+
+Learn-then-Test (Angelopoulos et al. 2021) with fixed-sequence testing: a path of rules runs
+from a surely safe one (the largest classifier alone; the first stage alone for a budget) to
+cheaper (or, for a budget, more accurate) ones; H_j: risk(rule_j) > target is tested in order
+at level delta and the last rule before the first non-rejection is returned. The path must not
+see the samples that test it: ``path="split"`` fits it with the existing threshold search on a
+``path_share`` of the calibration samples, ``path="fixed"`` uses one threshold shared by every
+stage on a grid fixed in advance (the default where the confidence lies in [0, 1]). Assumes
+calibration and deployment samples are iid (exchangeable); it says nothing about a shifted
+deployment distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from policycascade.agents.rules import StoppingRule
+from policycascade.cascade import CascadeOutputs
+from policycascade.certify_bounds import BOUNDS, p_values
+from policycascade.certify_paths import (
+    DEFAULT_BOUND,
+    FIXED_FAMILIES,
+    Family,
+    Target,
+    fixed_path,
+    fixed_sequence,
+    path_grid,
+    path_p_values,
+    split_path,
+)
+
+__all__ = [
+    "Certified",
+    "Family",
+    "Target",
+    "certified_fit",
+    "fixed_path",
+    "fixed_sequence",
+    "path_grid",
+    "path_p_values",
+    "split_path",
+]
+
+
+@dataclass
+class Certified:
+    """A rule fitted with a guarantee, and how it was certified."""
+
+    rule: StoppingRule  # usable with evaluate_rule
+    certified: bool  # False: fell back to the surely safe end of the path
+    bound: str
+    num_samples: int  # calibration samples that tested the path
+    p_value: float  # of the returned rule (of the first path rule beyond it if none passed)
+    target: Target
+    delta: float
+    needed_samples: int | None = None  # estimate when not certified; None: out of reach
+    path_p_values: list[float] = field(default_factory=list)
+    path: str = "split"
+    message: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for reports and the rule file."""
+        return {
+            "target": str(self.target),
+            "delta": self.delta,
+            "certified": self.certified,
+            "bound": self.bound,
+            "path": self.path,
+            "num_samples": self.num_samples,
+            "p_value": self.p_value,
+            "needed_samples": self.needed_samples,
+            "message": self.message,
+        }
+
+
+def _check(calibration, target, delta, bound, path, path_share, unlabelled_probs) -> None:
+    if not isinstance(calibration, CascadeOutputs):
+        raise TypeError(f"calibration must be CascadeOutputs, got {type(calibration).__name__}")
+    if calibration.num_samples < 2:
+        raise ValueError(f"calibration needs >= 2 samples, got {calibration.num_samples}")
+    if not isinstance(target, Target):
+        raise TypeError(f"target must be a Target, got {target!r}")
+    if not (isinstance(delta, float | int) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if bound != "auto" and bound not in BOUNDS:
+        raise ValueError(f"bound must be 'auto' or one of {list(BOUNDS)}, got {bound!r}")
+    if bound == "exact" and target.kind == "budget":
+        raise ValueError("bound='exact' needs 0/1 losses; a budget's cost loss is continuous")
+    if path not in ("auto", "split", "fixed"):
+        raise ValueError(f"path must be 'auto', 'split' or 'fixed', got {path!r}")
+    if not 0 < path_share < 1:
+        raise ValueError(f"path_share must be in (0, 1), got {path_share}")
+    if unlabelled_probs is not None:
+        if target.kind != "budget":
+            raise ValueError(f"unlabelled_probs only count for a budget target, got {target}")
+        if unlabelled_probs.ndim != 3 or unlabelled_probs.shape[1:] != calibration.probs.shape[1:]:
+            raise ValueError(
+                f"unlabelled_probs must be (sample, {calibration.num_stages}, "
+                f"{calibration.num_classes}), got {tuple(unlabelled_probs.shape)}"
+            )
+
+
+def certified_fit(
+    calibration: CascadeOutputs,
+    target: Target,
+    delta: float,
+    family: str | StoppingRule = "max-softmax",
+    bound: str = "auto",
+    path: str = "auto",
+    path_share: float = 0.5,
+    seed: int = 0,
+    unlabelled_probs: torch.Tensor | None = None,
+) -> Certified:
+    """The cheapest path rule whose risk target holds with probability >= 1 - delta.
+
+    ``family`` is a criterion name (thresholds of its confidence) or any StoppingRule
+    (offsets of its stop score, e.g. a learned rule). ``bound='auto'`` bets (Waudby-Smith &
+    Ramdas) for a drop or a budget and uses the exact binomial test for an accuracy.
+    ``path='auto'`` is ``fixed`` (every calibration sample tests; no path fitting) for
+    max-softmax and softmax-margin, else ``split`` (``path_share`` of the samples fit it).
+    ``unlabelled_probs`` (sample, K, C) join the test samples of a budget target.
+    Where nothing beyond the safe end passes, returns that end (the largest classifier
+    alone; the first stage for a budget) with ``certified=False`` and an estimate of the
+    calibration samples needed to certify the first rule of the path.
+    """
+    _check(calibration, target, delta, bound, path, path_share, unlabelled_probs)
+    bound = DEFAULT_BOUND[target.kind] if bound == "auto" else bound
+    if path == "auto":
+        path = "fixed" if isinstance(family, str) and family in FIXED_FAMILIES else "split"
+    delta = float(delta)
+    everyone = Family.of(family, calibration.probs, calibration.labels, calibration.costs)
+    n = calibration.num_samples
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if path == "split":
+        n_path = min(max(1, round(path_share * n)), n - 1)
+        path_thresholds = split_path(everyone.subset(order[:n_path]).search(), target)
+        testing = everyone.subset(order[n_path:])
+    else:
+        path_thresholds = fixed_path(family, calibration.num_stages, target)
+        testing = everyone.subset(order)
+    if unlabelled_probs is not None:
+        extra = Family.of(family, unlabelled_probs, None, calibration.costs)
+        testing = Family(
+            torch.cat([testing.scores, extra.scores]),
+            None,
+            testing.cumulative,
+            testing.reference_macs,
+            testing.make_rule,
+        )
+    p = path_p_values(testing, path_thresholds, target, delta, bound)
+    last = fixed_sequence(p, delta)
+    certified = last >= 1 or (last == 0 and target.kind == "accuracy")
+    chosen = max(last, 0)
+    needed = None
+    message = f"certified {target} at delta={delta:g} with {bound} on {len(testing.scores)} samples"
+    if not certified:
+        needed = _needed_samples(
+            testing, path_thresholds, target, delta, bound, n / len(testing.scores)
+        )
+        fallback = (
+            "the first stage alone" if target.kind == "budget" else "the largest classifier alone"
+        )
+        message = (
+            f"could not certify {target} at delta={delta:g} with {n} calibration samples; "
+            f"fell back to {fallback}"
+            + (" (itself not certified)" if last < 0 else "")
+            + (
+                f"; about {needed} calibration samples would certify the path's first rule"
+                if needed
+                else "; the path's first rule is out of reach"
+            )
+        )
+    return Certified(
+        rule=everyone.make_rule(path_thresholds[chosen].tolist()),
+        certified=certified,
+        bound=bound,
+        num_samples=len(testing.scores),
+        p_value=float(p[chosen] if last >= 0 and certified else p[min(last + 1, len(p) - 1)]),
+        target=target,
+        delta=delta,
+        needed_samples=needed,
+        path_p_values=[float(v) for v in p],
+        path=path,
+        message=message,
+    )
+
+
+def _needed_samples(
+    testing: Family, path: torch.Tensor, target: Target, delta: float, bound: str, scale: float
+) -> int | None:
+    """Calibration samples that would certify the path's first non-trivial rule.
+
+    Its test losses are repeated to n * r samples (same mean and spread) and the smallest r
+    found by doubling and bisection; the answer is scaled by calibration / test samples.
+    """
+    row = 0 if target.kind == "accuracy" else 1
+    if row >= len(path):
+        return None
+    losses, low, high = testing.losses(target, testing.exits(path[row : row + 1]))
+    risk = testing.risk_target(target)
+    if losses.mean() >= risk:
+        return None
+
+    def passes(size: int) -> bool:
+        return bool(
+            p_values(bound, np.resize(losses, (1, size)), risk, low, high, delta)[0] <= delta
+        )
+
+    n = losses.shape[1]
+    hi = n
+    while not passes(hi):
+        hi *= 2
+        if hi > 100 * n:
+            return None
+    lo = hi // 2
+    while hi - lo > max(1, hi // 100):
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return math.ceil(hi * scale)
