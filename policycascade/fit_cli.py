@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_fit(args: argparse.Namespace) -> str:
     """Fit, print-ready report; writes ``--out``. Every check runs before the fit."""
-    from policycascade.fitting import evaluate, fit_rule
+    from policycascade.fitting import certify_target, evaluate, fit_rule
     from policycascade.outputs_io import load_outputs
 
     out = None if args.out is None else Path(args.out)
@@ -111,14 +111,20 @@ def run_fit(args: argparse.Namespace) -> str:
     target = _target(args)
     certificate = None
     if args.guarantee is not None:
-        from policycascade.certify import certify_target
-
-        rule, certificate = certify_target(fit_on, args.family, target, args.guarantee)
+        if args.family == "class-aware" or args.temperature:
+            raise ValueError("--guarantee certifies the criterion families without --temperature")
+        certified = certify_target(fit_on, args.family, target, args.guarantee)
+        rule, certificate = certified.rule, certified.describe()
     else:
         rule = fit_rule(fit_on, args.family, temperature=args.temperature, **target)
     lines = [f"fitted {_describe(rule)} on {split!r} ({fit_on.num_samples} samples)"]
     if certificate is not None:
-        lines.append(f"guarantee: {certificate}")
+        lines.append(f"guarantee: {certificate['message']}")
+        lines.append(
+            f"  (certified: {certificate['certified']}, bound {certificate['bound']}, path "
+            f"{certificate['path']}, {certificate['num_samples']} samples tested, p-value "
+            f"{certificate['p_value']:.3g}, delta {certificate['delta']:g})"
+        )
     lines.append(_metrics_line(split, evaluate(rule, fit_on)))
     if "test" in splits:
         lines.append(_metrics_line("test", evaluate(rule, splits["test"])))

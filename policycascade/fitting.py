@@ -112,6 +112,34 @@ def fit_rule(
     return search.for_budget(float(value) * search.reference_macs)
 
 
+def certify_target(
+    outputs: CascadeOutputs,
+    family: str | StoppingRule,
+    target: dict[str, float],
+    delta: float,
+    **options: Any,
+):
+    """``certified_fit`` for a target given as ``fit_rule``'s keyword (one of them).
+
+    An ``alpha`` is a trade-off, not a promise, so it cannot be certified; the accuracy
+    drop, the accuracy and the budget can. Returns the :class:`~policycascade.certify.Certified`.
+    """
+    from policycascade.certify import Target, certified_fit
+
+    makers = {
+        "accuracy_drop": Target.accuracy_drop,
+        "accuracy": Target.accuracy,
+        "budget": Target.budget,
+    }
+    if len(target) != 1 or next(iter(target)) not in makers:
+        raise ValueError(
+            f"a guarantee needs one target of {list(makers)} (an alpha is a trade-off, not a "
+            f"promise), got {sorted(target)}"
+        )
+    ((name, value),) = target.items()
+    return certified_fit(outputs, makers[name](value), delta, family=family, **options)
+
+
 def fit_curve(
     outputs: CascadeOutputs,
     family: str | StoppingRule = "max-softmax",

@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the shared threshold (helps where a stage is confidently wrong on some classes)",
     )
     parser.add_argument(
+        "--guarantee",
+        nargs="+",
+        default=[],
+        metavar="EPSILON:DELTA",
+        help="also fit each criterion's rule certified on validation to lose at most EPSILON "
+        "accuracy against the largest classifier with probability >= 1 - DELTA over the "
+        "validation draw (Learn-then-Test; docs/certify.md), reported on test; a target the "
+        "validation samples cannot certify falls back to the largest classifier",
+    )
+    parser.add_argument(
         "--sweep-points",
         type=int,
         default=15,
@@ -120,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(cached under OUT/reference/)",
     )
     return parser
+
+
+def parse_guarantee(text: str) -> tuple[float, float]:
+    """``EPSILON:DELTA`` (e.g. ``0.01:0.1``) -> (epsilon, delta), or a ValueError naming it."""
+    epsilon, _, delta = text.partition(":")
+    try:
+        pair = (float(epsilon), float(delta))
+    except ValueError:
+        pair = None
+    if pair is None or not (0 <= pair[0] < 1 and 0 < pair[1] < 1):
+        raise ValueError(
+            f"--guarantee must be EPSILON:DELTA with EPSILON in [0, 1) and DELTA in (0, 1), "
+            f"got {text!r}"
+        )
+    return pair
 
 
 def _output_dir(path: str | None, overwrite: bool) -> Path:
@@ -167,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             args.temperature,
             args.sweep_points,
             args.class_aware,
+            tuple(parse_guarantee(text) for text in args.guarantee),
         ).validate()
         shifts = [parse_shift(text) for text in args.shift]
         if not args.runs and not args.outputs:

@@ -47,6 +47,9 @@ class CompareOptions:
     temperature: bool = False  # also max-softmax with per-stage temperature scaling
     sweep_points: int = 15  # operating points per rule along its trade-off curve
     class_aware: bool = False  # also max-softmax thresholds per stage and predicted class
+    # (epsilon, delta): rules certified to lose at most epsilon against the largest
+    # classifier with probability >= 1 - delta over the validation (calibration) draw
+    guarantees: tuple[tuple[float, float], ...] = ()
 
     def validate(self) -> CompareOptions:
         """Raise a TypeError/ValueError naming the first bad argument."""
@@ -63,6 +66,14 @@ class CompareOptions:
         for name in ("temperature", "class_aware"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        guarantees = _sequence("guarantees", self.guarantees, tuple)
+        for pair in guarantees:
+            if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair):
+                raise TypeError(f"guarantees must hold (epsilon, delta) pairs, got {pair!r}")
+            if not (0 <= pair[0] < 1 and 0 < pair[1] < 1):
+                raise ValueError(
+                    f"a guarantee needs epsilon in [0, 1) and delta in (0, 1), got {pair}"
+                )
         if isinstance(self.sweep_points, bool) or not (
             isinstance(self.sweep_points, int) and self.sweep_points >= 2
         ):
@@ -169,6 +180,7 @@ def compare_outputs(
         search = ClassAwareSearch(val.probs, val.labels, free, "max-softmax")
         name = "class-aware max-softmax"
         rows += rule_rows(name, search, val, test, options, matched, meta)
+    rows += certified_rows(val, test, options, meta)
     generator = torch.Generator().manual_seed(0)
     for m in matched:
         exits = random_exits(test.num_samples, m.exit_distribution, generator)
@@ -178,6 +190,35 @@ def compare_outputs(
     oracle = evaluate_exits(test, oracle_exits(test.probs, test.labels))
     rows.append(make_row(meta, "oracle", "oracle", "bound", oracle))
     rows += single_rows(test, names, meta)
+    return rows
+
+
+def certified_rows(
+    val: CascadeOutputs, test: CascadeOutputs, options: CompareOptions, meta: dict[str, Any]
+) -> list[Row]:
+    """Rules of each criterion certified on ``val`` at each (epsilon, delta), scored on test.
+
+    The point names the guarantee, the bound and the calibration size, or says that the
+    target could not be certified (the rule then falls back to the largest classifier).
+    """
+    from policycascade.fitting import certify_target
+
+    rows = []
+    for epsilon, delta in options.guarantees:
+        for criterion in (c for c in options.criteria if c != "ensemble"):
+            fit = certify_target(val, criterion, {"accuracy_drop": epsilon}, delta)
+            status = "" if fit.certified else ", not certifiable: largest classifier"
+            point = f"eps={epsilon:g} delta={delta:g} ({fit.bound}, n={fit.num_samples}{status})"
+            rows.append(
+                make_row(
+                    meta,
+                    criterion,
+                    "certified",
+                    point,
+                    evaluate_rule(fit.rule, test),
+                    evaluate_rule(fit.rule, val),
+                )
+            )
     return rows
 
 

@@ -26,13 +26,21 @@ def _pm(mean: float, std: float, runs: int, scale: float = 100.0, unit: str = "%
 
 def _summary_rows(aggregated: list[Aggregate]) -> list[Aggregate]:
     def keep(a: Aggregate) -> bool:
-        if a.kind in ("own", "oracle", "single", "random"):
+        if a.kind in ("own", "oracle", "single", "random", "certified"):
             return True
         if a.policy != "max-softmax":
             return False
         return a.point in _SUMMARY_POINTS or a.point.startswith(("reward ", "match-accuracy "))
 
-    order = {"own": 0, "matched": 1, "curve": 2, "random": 3, "oracle": 4, "single": 5}
+    order = {
+        "own": 0,
+        "matched": 1,
+        "curve": 2,
+        "certified": 3,
+        "random": 4,
+        "oracle": 5,
+        "single": 6,
+    }
     chosen = [a for a in aggregated if keep(a)]
 
     def rank(a: Aggregate) -> tuple:

@@ -18,6 +18,7 @@ KINDS = (
     "own",  # the run's own stopping rule: the learned policy, or LtC's thresholds
     "curve",  # a rule fitted on validation along its trade-off curve (sweep, eps, budget)
     "matched",  # a rule fitted to one of the run's own operating points (accuracy, MACs, reward)
+    "certified",  # a rule certified on validation to keep an accuracy drop (Learn-then-Test)
     "random",  # stopping at random with the own rule's exit distribution (input-blind)
     "oracle",  # exit at the first right classifier: the bound for these classifiers
     "single",  # one classifier alone
