@@ -181,7 +181,7 @@ def _claim(logdir: str, queue) -> None:
 
 
 def test_run_directories_are_claimed_atomically_by_concurrent_processes(tmp_path):
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # claim_run_dir is plain Python: fork is safe
     queue = context.Queue()
     workers = [context.Process(target=_claim, args=(str(tmp_path), queue)) for _ in range(4)]
     for w in workers:
