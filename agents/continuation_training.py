@@ -11,6 +11,9 @@ after every classifier epoch, so a kill loses at most one epoch of them):
    classifiers that never saw it (0 folds: the rule is fitted on the validation split);
 3. the stopping rule, fitted backwards from the last stage on those held-out outputs
    (Longstaff & Schwartz 2001; :mod:`policycascade.agents.continuation`).
+
+The first two kinds do not depend on alpha: the runs of a multi-alpha command train them once
+and copy them into the other alphas' runs (:mod:`policycascade.shared_units`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from policycascade import shared_units
 from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
 from policycascade.crossfit import ReferenceTraining, fold_seed, stratified_folds
@@ -50,6 +54,8 @@ class ContinuationTraining(Algorithm):
         self.fitted: ContinuationValueRule | None = None
         # A classifier unit stopped part-way: {"unit": epoch, "training": its state}
         self.unit_in_progress: dict[str, Any] | None = None
+        # The units this run shares with the other alphas of its process (None: trains alone)
+        self._shared: shared_units.SharedUnits | None = None
 
     @property
     def num_epochs(self) -> int:
@@ -128,14 +134,54 @@ class ContinuationTraining(Algorithm):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Unit ``epoch``: the classifiers, one cross-fitting fold, or the rule."""
         h, s = self.harness, self.settings
-        if h.pretrained:  # a user's trained classifiers: fit on their fit (or val) split
+        # The last unit, or the only one for a user's trained classifiers (a registered cascade)
+        if h.pretrained or epoch > s.folds:
             return self._fit_rule()
         if epoch == 0:
+            self._join_shared()
+        record = None if self._shared is None else self._shared.unit(epoch)
+        if record is not None:  # trained by another alpha's run: take its end state
+            return self._take_unit(epoch, record)
+        if epoch == 0:
             self._train(self.cascade, self._split("train"), h.config.seed, unit=0)
-            return {"train/classifiers_trained": 1.0}
-        if epoch <= s.folds:
-            return self._cross_fit(epoch - 1)
-        return self._fit_rule()
+            metrics = {"train/classifiers_trained": 1.0}
+        else:
+            metrics = self._cross_fit(epoch - 1)
+        if self._shared is not None:
+            self._shared.record(epoch, self._unit_state(epoch), metrics, shared_units.rng_states(h))
+        return metrics
+
+    # -- units shared across alphas ------------------------------------------------------------
+
+    def _join_shared(self) -> None:
+        """Share this fresh run's alpha-free units with the process's other alphas."""
+        h = self.harness
+        if self.unit_in_progress is not None:  # resumed part-way: trains alone
+            self._shared = None
+            return
+        start = {  # the same configuration and data, at the same point of the same seeds
+            "config": shared_units.config_fingerprint(h.config),
+            "data": shared_units.data_digest(h.data),
+            "initial_cascade": self._initial_state,
+            "rng": shared_units.rng_states(h),
+        }
+        self._shared = shared_units.join(start["config"], start, h.alpha)
+
+    def _unit_state(self, epoch: int) -> dict[str, Any]:
+        """What unit ``epoch`` changed: the classifiers (unit 0), else the held-out outputs."""
+        if epoch == 0:
+            return {"cascade": self.cascade.state_dict()}
+        return {"held_out_probs": self.held_out_probs}
+
+    def _take_unit(self, epoch: int, record: shared_units.UnitRecord) -> dict[str, float]:
+        """Leave this run as training unit ``epoch`` would have: state, generators, metrics."""
+        if epoch == 0:
+            self.cascade.load_state_dict(record.state["cascade"])
+            self.cascade.eval()  # as ReferenceTraining.finish leaves it
+        else:
+            self.held_out_probs = record.state["held_out_probs"]
+        shared_units.restore_rng_states(self.harness, record.rng)
+        return record.metrics
 
     def _cross_fit(self, fold: int) -> dict[str, float]:
         """Train a copy of the cascade on the other folds and score the held-out one."""

@@ -4,7 +4,10 @@ Every classifier of the run's cascade family is trained alone with cross-entropy
 the same number of epochs as the run's classifiers had, and keeps its weights from its
 best validation epoch (per-classifier early stopping). Threshold rules of every
 criterion are then fitted on validation, exactly as on the run's own classifiers.
-Trained reference cascades are cached per (data set, cascade, seed, epochs).
+Trained reference cascades are cached per (data set, cascade, seed, epochs) and every
+training setting the reference reads (learning rate, batch size, weight decay, and the
+shared options it does not read yet, so that a cached reference is never reused for
+another setting).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def reference_outputs(
     """(val, test) outputs of reference classifiers for ``run``'s setting, and the stage names."""
     config, harness = run.config, run.harness
     epochs = harness.algorithm.classifier_epochs
-    key = f"{config.dataset}__{config.cascade}__s{config.seed}__e{epochs}.pt"
+    settings = _settings_key(config)
+    key = f"{config.dataset}__{config.cascade}__s{config.seed}__e{epochs}__{settings}.pt"
     torch.manual_seed(config.seed)  # the reference's initial weights, fixed by the seed
     cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
     costs = cascade.costs()  # measured MACs: they do not depend on the weights
@@ -71,3 +75,18 @@ def reference_outputs(
             cached,
         )
     return outputs[0], outputs[1], cascade.names
+
+
+def _settings_key(config) -> str:
+    """A short hash of the shared training settings: every top-level option but the seed.
+
+    Where the run ran (device, folders, threads) does not count.
+    """
+    import hashlib
+    import json
+
+    skip = {"seed", "logdir", "device", "data_dir", "download", "threads", "agent"}
+    values = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
+    shared = {k: v for k, v in values.items() if k not in skip}
+    text = json.dumps(shared, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
