@@ -430,16 +430,17 @@ def bench_training_step(
 # -- (4) the training job ---------------------------------------------------------------------
 
 
-def bench_train_job(threads: int | None = None) -> dict:
+def bench_train_job(threads: int | None = None, alphas: Sequence[str] = ("1e-3",)) -> dict:
     """Wall time and peak resident memory of ``python -m policycascade.train --alpha 1e-3``.
 
-    ``threads`` (``OMP_NUM_THREADS`` of the job) defaults to torch's own choice.
+    ``threads`` (``OMP_NUM_THREADS`` of the job) defaults to torch's own choice; ``alphas``
+    are the job's alphas (several: one run each, classifiers trained once).
     """
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as logdir:
-        command = [sys.executable, "-c", _PEAK_REPORTING_LAUNCHER, "--alpha", "1e-3"]
+        command = [sys.executable, "-c", _PEAK_REPORTING_LAUNCHER, "--alpha", *alphas]
         command += ["--no-progress", "--logdir", logdir]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -458,6 +459,24 @@ def bench_train_job(threads: int | None = None) -> dict:
         max_rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     command_text = "python -m policycascade.train " + " ".join(command[3:])
     return {"command": command_text, "wall_s": wall_s, "max_rss_mib": max_rss_kib / 1024}
+
+
+SIX_ALPHAS = ("1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1")
+
+
+def bench_alpha_sharing(reps: int = 2, threads: int | None = 1) -> dict[str, Any]:
+    """The main job with one alpha and with six, alternating rep by rep; the wall-time ratio."""
+    one, six = [], []
+    for _ in range(reps):
+        one.append(bench_train_job(threads, ("1e-3",))["wall_s"])
+        six.append(bench_train_job(threads, SIX_ALPHAS)["wall_s"])
+    one_s, six_s = statistics.median(one), statistics.median(six)
+    return {
+        "one_alpha_s": one,
+        "six_alphas_s": six,
+        "alphas": list(SIX_ALPHAS),
+        "ratio_six_to_one": six_s / one_s,
+    }
 
 
 # Runs ``python -m policycascade.train ARGS`` and, on exit, prints its peak resident memory.
@@ -776,9 +795,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run only case (5): the training step alone and next to a busy neighbour",
     )
+    parser.add_argument(
+        "--alphas",
+        action="store_true",
+        help="run only the alpha-sharing case: the main job with one alpha and with six "
+        f"({', '.join(SIX_ALPHAS)}), alternating, and their wall-time ratio",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.alphas:
+        result = bench_alpha_sharing(threads=args.threads or 1)
+        table = (
+            f"main job, one alpha: {statistics.median(result['one_alpha_s']):.1f} s; six "
+            f"alphas: {statistics.median(result['six_alphas_s']):.1f} s; ratio "
+            f"{result['ratio_six_to_one']:.2f}x (median of {len(result['one_alpha_s'])})"
+        )
+        print_report(result, table, args.json)
+        return 0
     if args.contention:
         result = {"machine": describe_machine(), "contention": _contention()}
         table = "\n".join(format_contention(result["contention"]))
