@@ -14,6 +14,7 @@ deployment distribution.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,11 @@ def _check(calibration, target, delta, bound, path, path_share, unlabelled_probs
         raise ValueError(f"calibration needs >= 2 samples, got {calibration.num_samples}")
     if not isinstance(target, Target):
         raise TypeError(f"target must be a Target, got {target!r}")
-    if not (isinstance(delta, float | int) and 0 < delta < 1):
+    if hasattr(delta, "item") and getattr(delta, "ndim", 1) == 0:
+        delta = delta.item()
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
+        raise TypeError(f"delta must be a number in (0, 1), got {delta!r}")
+    if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if bound != "auto" and bound not in BOUNDS:
         raise ValueError(f"bound must be 'auto' or one of {list(BOUNDS)}, got {bound!r}")

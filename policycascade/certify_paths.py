@@ -9,6 +9,7 @@ in advance. ``Family`` holds a thresholdable scored rule's scores, correctness a
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class Target:
         if self.kind not in KINDS:
             raise ValueError(f"target kind must be one of {list(KINDS)}, got {self.kind!r}")
         v = self.value
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"target value must be a number, got {v!r}")
         if self.kind == "drop" and not 0 <= v < 1:
             raise ValueError(f"epsilon must be in [0, 1), got {v}")
         if self.kind == "accuracy" and not 0 < v <= 1:

@@ -9,6 +9,7 @@ from pathlib import Path
 from policycascade.agents.thresholds import ALL_CRITERIA
 from policycascade.cli_support import USAGE_ERROR, USER_ERRORS, OneLineParser, user_message
 from policycascade.config import HelpFormatter
+from policycascade.fsutil import check_new_file
 
 FIT_SPLITS = ("val", "calibration", "fit", "all")  # in order of preference
 
@@ -96,8 +97,15 @@ def run_fit(args: argparse.Namespace) -> str:
     from policycascade.outputs_io import load_outputs
 
     out = None if args.out is None else Path(args.out)
-    if out is not None and out.exists() and not args.overwrite:
-        raise ValueError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    if out is not None:
+        check_new_file(out, "--out", args.overwrite)
+        if out.resolve() == Path(args.outputs).resolve():
+            raise ValueError(f"--out {str(out)!r} is the outputs file itself; give a new path")
+        if args.family == "class-aware":
+            raise ValueError(
+                "--out: class-aware rules have no JSON form yet; fit without --out, or use a "
+                "criterion family"
+            )
     if args.temperature and args.family != "max-softmax":
         raise ValueError(f"--temperature goes with --family max-softmax, got {args.family!r}")
     splits = load_outputs(args.outputs)
@@ -150,7 +158,14 @@ def _describe(rule) -> str:
     name = getattr(rule, "name", type(rule).__name__)
     if thresholds is None:
         return name
-    return f"{name} thresholds {[round(float(t), 6) for t in thresholds]}"
+    return f"{name} thresholds {_rounded(thresholds)}"
+
+
+def _rounded(values):
+    """Thresholds rounded for printing, per stage (and per class for class-aware rules)."""
+    if isinstance(values, (list, tuple)):
+        return [_rounded(v) for v in values]
+    return round(float(values), 6)
 
 
 def _metrics_line(split: str, result) -> str:

@@ -9,6 +9,7 @@ and returns a fitted rule whose fitted values are attributes (``rule.thresholds`
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ def evaluate(rule: StoppingRule, outputs: CascadeOutputs) -> Evaluation:
     """Any stopping rule on cached outputs, paying for exactly the stages it runs."""
     if not isinstance(outputs, CascadeOutputs):
         raise TypeError(f"outputs must be CascadeOutputs, got {type(outputs).__name__}")
-    if getattr(rule, "num_stages", None) != outputs.num_stages:
+    if not isinstance(rule, StoppingRule):
+        raise TypeError(f"rule must be a stopping rule, got {type(rule).__name__}")
+    if rule.num_stages != outputs.num_stages:
         raise ValueError(
             f"rule has {getattr(rule, 'num_stages', None)} stages but outputs have "
             f"{outputs.num_stages}"
@@ -94,8 +97,7 @@ def fit_rule(
             f"give exactly one target of {list(TARGETS)}, got {sorted(given) or 'none'}"
         )
     ((target, value),) = given.items()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{target} must be a finite number, got {value!r}")
+    value = _real(target, value)
     search = _search(outputs, family, temperature)
     if target == "alpha":
         return search.for_reward(float(value))
@@ -138,6 +140,17 @@ def certify_target(
         )
     ((name, value),) = target.items()
     return certified_fit(outputs, makers[name](value), delta, family=family, **options)
+
+
+def _real(name: str, value: Any) -> float:
+    """A finite real number (Python, NumPy or a 0-d tensor), or an error naming ``name``."""
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def fit_curve(

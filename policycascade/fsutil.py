@@ -19,3 +19,19 @@ def claim_new_dir(parent: Path, name: str) -> Path:
             return candidate
         except FileExistsError:
             candidate, n = parent / f"{name}-{n}", n + 1
+
+
+def check_new_file(path: Path, option: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, a file path that would replace the user's file.
+
+    Also refused: a folder at the path, or a file where a parent folder should be.
+    """
+    if path.is_dir():
+        raise ValueError(f"{option} {str(path)!r} is a folder; give a file path")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {str(path)!r} exists; pass --overwrite to replace it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file")

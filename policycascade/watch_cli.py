@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from policycascade.cli_support import OneLineParser, run_main
+from policycascade.fsutil import check_new_file
 from policycascade.watch import DriftWatch, exit_costs_of
 
 
@@ -71,7 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the watched statistics (watch/...) as TensorBoard events to DIR",
     )
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the report here")
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the report here (a new file unless --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="let --json replace an existing file"
+    )
     parser.add_argument(
         "--exit-code",
         action="store_true",
@@ -98,6 +107,10 @@ def _watch(args: argparse.Namespace) -> int:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.shuffle is not None and args.shuffle < 0:
+        raise ValueError(f"--shuffle must be a seed >= 0, got {args.shuffle}")
+    if args.json is not None:
+        check_new_file(Path(args.json), "--json", args.overwrite)
     parts = load_outputs(args.outputs)
     stream = parts[_pick_split(parts, args.split, "--split")]
     rule = load_rule(args.rule, outputs=stream)
@@ -106,6 +119,10 @@ def _watch(args: argparse.Namespace) -> int:
         watch = DriftWatch.from_outputs(rule, calibration, args.alpha)
     else:
         block = json.loads(Path(args.rule).read_text()).get("calibration")
+        if block is not None and not isinstance(block, dict):
+            raise ValueError(
+                f"{args.rule!r}: its calibration block must be a mapping, got {block!r}"
+            )
         if not block:
             raise ValueError(
                 f"{args.rule!r} has no calibration block: save the rule with calibration "
@@ -297,6 +314,8 @@ def _bench_main(argv: list[str]) -> int:
     for name in ("prefix", "null_repeats"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.json:
+        check_new_file(Path(args.json), "--json")
     results = [_bench_run(run_dir, args) for run_dir in args.runs]
     print(_bench_table(results, args))
     if args.json:

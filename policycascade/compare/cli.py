@@ -160,7 +160,40 @@ def _output_dir(path: str | None, overwrite: bool) -> Path:
             f"--out {str(out)!r} is not empty: compare writes into a new or empty folder; pass "
             "--overwrite to replace an earlier comparison's files there (nothing else is touched)"
         )
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
     return out
+
+
+_FLAGS = {  # CompareOptions fields as the command line names them
+    "criteria": "--criteria",
+    "epsilons": "--epsilons",
+    "budget_shares": "--budgets",
+    "sweep_points": "--sweep-points",
+}
+
+
+def _options(args: argparse.Namespace) -> CompareOptions:
+    """The validated options; a bad value's message names its command-line flag."""
+    try:
+        return CompareOptions(
+            tuple(args.criteria),
+            tuple(args.epsilons),
+            tuple(args.budgets),
+            args.temperature,
+            args.sweep_points,
+            args.class_aware,
+            tuple(parse_guarantee(text) for text in args.guarantee),
+        ).validate()
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for field, flag in _FLAGS.items():
+            if message.startswith(field + " "):
+                message = flag + message[len(field) :]
+        raise ValueError(message) from None
 
 
 def _choose_threads(runs: list[str]) -> None:
@@ -185,15 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        options = CompareOptions(
-            tuple(args.criteria),
-            tuple(args.epsilons),
-            tuple(args.budgets),
-            args.temperature,
-            args.sweep_points,
-            args.class_aware,
-            tuple(parse_guarantee(text) for text in args.guarantee),
-        ).validate()
+        options = _options(args)
         shifts = [parse_shift(text) for text in args.shift]
         if not args.runs and not args.outputs:
             raise ValueError("give at least one RUN_DIR or --outputs FILE")
@@ -209,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             shift=shifts,
             show_progress=True,
         )
+        written = comparison.write(out, overwrite=args.overwrite)
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR
-    written = comparison.write(out, overwrite=args.overwrite)
     print(comparison.summary())
     print(f"\nwrote {', '.join(str(p) for p in written[:-1])}")
     print(f"TensorBoard: tensorboard --logdir {written[-1]}")
