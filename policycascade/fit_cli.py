@@ -140,7 +140,7 @@ def run_fit(args: argparse.Namespace) -> str:
         from policycascade.rule_io import save_rule
 
         extra = None if certificate is None else {"guarantee": certificate}
-        save_rule(rule, out, outputs=fit_on, extra=extra)
+        save_rule(rule, out, outputs=fit_on, extra=extra, overwrite=args.overwrite)
         lines.append(f"wrote {out}")
     return "\n".join(lines)
 

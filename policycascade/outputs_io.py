@@ -8,7 +8,11 @@ scikit-learn, XGBoost or an LLM API serve as well as a torch cascade's. Layouts
 from __future__ import annotations
 
 import csv
+import difflib
+import os
 import re
+import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ ALL = "all"  # the key of a file without a split column
 SIMPLEX_ATOL = (
     1e-3  # probabilities may be rounded (an API's 3 decimals); rows must sum to 1 +- this
 )
+_PLAIN_COLUMNS = ("label", "split", "cost_unit", "id")  # the columns without a dot (id ignored)
 _COLUMN = re.compile(
     r"^(?P<stage>.+)\.(?:(?P<kind>p|logit)(?P<cls>\d+)|(?P<cost>cost|alone_cost))$"
 )
@@ -70,6 +75,8 @@ def outputs_from_arrays(
         n, k, c = np.argwhere(~np.isfinite(scores))[0]
         raise ValueError(f"{name}[{n}, {k}, {c}] is {scores[n, k, c]}: every value must be finite")
     n, k, c = scores.shape
+    if n == 0:
+        raise ValueError(f"{name} must hold at least one sample, got shape {scores.shape}")
     if logits is not None:
         probs_t = torch.from_numpy(scores).softmax(-1)
     else:
@@ -92,7 +99,7 @@ def load_outputs(
     ``stage_costs`` overrides the costs stored in the file and ``cost_unit`` its unit
     (default: the file's, else ``"MACs"``).
     """
-    path = Path(path)
+    path = _path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv", ".parquet"):
         raise ValueError(f"path must end in .npz, .csv or .parquet, got {str(path)!r}")
@@ -116,17 +123,52 @@ def load_outputs(
     return _split(arrays, path)
 
 
-def save_outputs(outputs: CascadeOutputs | Mapping[str, CascadeOutputs], path: str | Path) -> None:
+def save_outputs(
+    outputs: CascadeOutputs | Mapping[str, CascadeOutputs],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+) -> None:
     """Write outputs (one split, or several keyed by split) as .npz, .csv or .parquet.
 
     The stored costs are the classifiers' (and, where they differ, the classifiers'
-    alone); a stopping rule's own cost is not part of the outputs.
+    alone); a stopping rule's own cost is not part of the outputs. An existing ``path``
+    is replaced only with ``overwrite=True``; the file is written whole or not at all.
     """
-    path = Path(path)
+    path = _path(path)
     suffix = path.suffix.lower()
     if suffix not in (".npz", ".csv", ".parquet"):
         raise ValueError(f"path must end in .npz, .csv or .parquet, got {str(path)!r}")
+    refuse_existing(path, overwrite)
     parts = _check_parts(outputs)
+    write_atomically(path, lambda tmp: _write(parts, tmp, suffix))
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """FileExistsError when ``path`` exists and ``overwrite`` is not True."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{str(path)!r} already exists: pass overwrite=True to replace it")
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then move it onto ``path``.
+
+    A failed write leaves ``path`` as it was (a crash cannot leave half a file there).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write(parts: dict[str, CascadeOutputs], path: Path, suffix: str) -> None:
+    """Write ``parts`` to ``path`` in the layout of ``suffix`` (whatever ``path`` ends in)."""
     first = next(iter(parts.values()))
     names = first.names or [f"stage{t}" for t in range(first.num_stages)]
     costs = first.costs
@@ -148,7 +190,8 @@ def save_outputs(outputs: CascadeOutputs | Mapping[str, CascadeOutputs], path: s
             arrays["alone_costs"] = np.asarray(alone)
         if split is not None:
             arrays["split"] = split
-        np.savez(path, **arrays)
+        with path.open("wb") as f:  # a handle: np.savez would append .npz to other names
+            np.savez(f, **arrays)
         return
     columns: dict[str, Any] = {"label": labels.tolist()}
     if split is not None:
@@ -163,7 +206,7 @@ def save_outputs(outputs: CascadeOutputs | Mapping[str, CascadeOutputs], path: s
             columns[f"{stage}.alone_cost"] = np.full(len(labels), alone[t])
     if suffix == ".parquet":
         pa, pq = _pyarrow("writing")
-        pq.write_table(pa.table(columns), path)
+        pq.write_table(pa.table(columns), str(path))
         return
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -180,6 +223,8 @@ def _check_parts(
     outputs: CascadeOutputs | Mapping[str, CascadeOutputs],
 ) -> dict[str, CascadeOutputs]:
     if isinstance(outputs, CascadeOutputs):
+        if outputs.num_samples == 0:
+            raise ValueError("outputs has 0 samples: need at least one sample")
         return {ALL: outputs}
     if not isinstance(outputs, Mapping) or not outputs:
         raise TypeError(
@@ -190,6 +235,8 @@ def _check_parts(
     for key, value in parts.items():
         if not isinstance(value, CascadeOutputs):
             raise TypeError(f"outputs[{key!r}] must be CascadeOutputs, got {type(value).__name__}")
+        if value.num_samples == 0:
+            raise ValueError(f"outputs[{key!r}] has 0 samples: need at least one sample")
         if key not in SPLITS and list(parts) != [ALL]:
             raise ValueError(f"split names must be among {list(SPLITS)}, got {key!r}")
     first = next(iter(parts.values()))
@@ -263,14 +310,14 @@ def _labels(labels: Any, n: int, c: int) -> torch.Tensor:
         if not whole.all():
             i = int(np.argmin(whole))
             raise ValueError(f"labels must be integer class indices, got labels[{i}]={array[i]}")
-    array = array.astype(np.int64)
-    outside = (array < 0) | (array >= c)
+    outside = (array < 0) | (array >= c)  # before the cast: 1e20 would overflow int64
     if outside.any():
         i = int(np.argmax(outside))
+        value = array[i].item()
         raise ValueError(
-            f"labels must be class indices in [0, {c}) ({c} classes), got labels[{i}]={array[i]}"
+            f"labels must be class indices in [0, {c}) ({c} classes), got labels[{i}]={value!r}"
         )
-    return torch.from_numpy(array)
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def _stage_costs(
@@ -286,6 +333,10 @@ def _stage_costs(
 def _cost_list(values: Any, k: int, name: str) -> list[float]:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
+    if _has_bool_or_text(values):
+        raise ValueError(
+            f"{name} must be {k} numbers (one per stage), not bools or text, got {values!r}"
+        )
     try:
         array = np.asarray(values, dtype=np.float64)
     except (ValueError, TypeError):
@@ -295,6 +346,29 @@ def _cost_list(values: Any, k: int, name: str) -> list[float]:
             f"{name} must be {k} finite numbers > 0 (one per stage), got {array.tolist()}"
         )
     return array.tolist()
+
+
+def _has_bool_or_text(values: Any) -> bool:
+    """Whether ``values`` is or holds a bool or a string (numpy would read them as numbers)."""
+    if isinstance(values, str | bytes | bool | np.bool_):
+        return True
+    if isinstance(values, np.ndarray):
+        if values.dtype == bool or values.dtype.kind in "USa":
+            return True
+        if values.dtype != object:
+            return False
+        values = values.tolist()
+    if isinstance(values, Sequence):
+        return any(isinstance(v, str | bytes | bool | np.bool_) for v in values)
+    return False
+
+
+def _path(path: Any) -> Path:
+    if isinstance(path, Path):
+        return path
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or a path, got {type(path).__name__} {path!r}")
+    return Path(path)
 
 
 def _stage_names(names: Sequence[str] | None, k: int) -> list[str]:
@@ -309,9 +383,11 @@ def _stage_names(names: Sequence[str] | None, k: int) -> list[str]:
 def _read_npz(path: Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):  # a bare .npy array saved under a .npz name
+                raise ValueError("it holds one array, not named arrays")
             stored = {key: data[key] for key in data.files}
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{str(path)!r} is not a readable .npz file: {err}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{str(path)!r} is not a readable .npz outputs file: {err}") from None
     if "labels" not in stored:
         raise ValueError(f"{str(path)!r} has no 'labels' array (found {sorted(stored)})")
     if ("probs" in stored) == ("logits" in stored):
@@ -338,12 +414,23 @@ def _read_csv(path: Path) -> dict[str, list[str]]:
     if not rows:
         raise ValueError(f"{str(path)!r} is empty: expected a header row and one row per sample")
     header, body = rows[0], rows[1:]
+    _refuse_duplicates(header, path)
+    if not body:
+        raise ValueError(f"{str(path)!r} has a header but no rows: expected one row per sample")
     for i, row in enumerate(body):
         if len(row) != len(header):
             raise ValueError(
                 f"{str(path)!r} line {i + 2} has {len(row)} cells, the header {len(header)}"
             )
     return {name: [row[j] for row in body] for j, name in enumerate(header)}
+
+
+def _refuse_duplicates(header: Sequence[str], path: Path) -> None:
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise ValueError(f"{str(path)!r} has two columns named {name!r}: rename one")
+        seen.add(name)
 
 
 def _pyarrow(action: str):
@@ -357,7 +444,17 @@ def _pyarrow(action: str):
 
 def _read_parquet(path: Path) -> dict[str, Any]:
     _, pq = _pyarrow("reading")
-    table = pq.read_table(path)
+    try:  # pyarrow raises its own error types for broken files
+        names = pq.read_schema(path).names
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a readable .parquet file: {err}") from None
+    _refuse_duplicates(names, path)  # before read_table, which fails on them obscurely
+    try:
+        table = pq.read_table(path)
+    except Exception as err:
+        raise ValueError(f"{str(path)!r} is not a readable .parquet file: {err}") from None
+    if table.num_rows == 0:
+        raise ValueError(f"{str(path)!r} has columns but no rows: expected one row per sample")
     return {name: table.column(name).to_numpy() for name in table.column_names}
 
 
@@ -386,6 +483,19 @@ def _class_column(columns: dict[str, Sequence], name: str, path: Path) -> np.nda
     return _numbers(columns[name], name, path)
 
 
+def _mean_cost(column: Sequence, name: str, path: Path) -> float:
+    """The mean of a per-sample cost column, every cell finite and > 0."""
+    cells = _numbers(column, name, path)
+    bad = ~(np.isfinite(cells) & (cells > 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{str(path)!r} column {name!r} row {i + 1} is {float(cells[i])!r}: every cost must be "
+            "a finite number > 0"
+        )
+    return float(cells.mean())
+
+
 def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]:
     """Table columns (``label``, ``split``, ``<stage>.p<c>``, ...) -> arrays by name."""
     if "label" not in columns:
@@ -394,7 +504,14 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
     kinds = set()
     for name in columns:
         if "." not in name:
-            continue  # label, split, an id: not a stage column
+            if name not in _PLAIN_COLUMNS:
+                close = difflib.get_close_matches(name, _PLAIN_COLUMNS, n=1)
+                hint = f": did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{str(path)!r} column {name!r} is unknown: a column without a dot must be "
+                    f"one of {list(_PLAIN_COLUMNS)}{hint}"
+                )
+            continue
         match = _COLUMN.match(name)
         if match is None:
             raise ValueError(
@@ -449,7 +566,7 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
             stage = list(stages)[have.index(False)]
             raise ValueError(f"{str(path)!r} lacks column {f'{stage}.{column}'!r}")
         arrays[key] = (
-            [float(_numbers(columns[s[column]], s[column], path).mean()) for s in stages.values()]
+            [_mean_cost(columns[s[column]], s[column], path) for s in stages.values()]
             if all(have)
             else None
         )
@@ -460,17 +577,21 @@ def _split(arrays: dict[str, Any], path: Path) -> dict[str, CascadeOutputs]:
     labels = np.asarray(arrays["labels"])
     split = arrays.get("split")
 
-    def build(rows: np.ndarray | slice) -> CascadeOutputs:
+    def build(rows: np.ndarray | slice, where: str = "") -> CascadeOutputs:
         probs, logits = arrays.get("probs"), arrays.get("logits")
-        return outputs_from_arrays(
-            labels[rows],
-            probs=None if probs is None else probs[rows],
-            logits=None if logits is None else logits[rows],
-            stage_costs=arrays["stage_costs"],
-            stage_names=arrays.get("stage_names"),
-            cost_unit=arrays.get("cost_unit") or "MACs",
-            alone_costs=arrays.get("alone_costs"),
-        )
+        try:
+            return outputs_from_arrays(
+                labels[rows],
+                probs=None if probs is None else probs[rows],
+                logits=None if logits is None else logits[rows],
+                stage_costs=arrays["stage_costs"],
+                stage_names=arrays.get("stage_names"),
+                cost_unit=arrays.get("cost_unit") or "MACs",
+                alone_costs=arrays.get("alone_costs"),
+            )
+        except (ValueError, TypeError) as err:
+            # row numbers are within the split where one is named
+            raise type(err)(f"{str(path)!r}{where}: {err}") from None
 
     if split is None:
         return {ALL: build(slice(None))}
@@ -483,7 +604,7 @@ def _split(arrays: dict[str, Any], path: Path) -> dict[str, CascadeOutputs]:
         raise ValueError(
             f"{str(path)!r} has split {unknown[0]!r}: split names must be among {list(SPLITS)}"
         )
-    return {name: build(np.flatnonzero(split == name)) for name in names}
+    return {name: build(np.flatnonzero(split == name), f" split {name!r}") for name in names}
 
 
 __all__ = ["ALL", "SPLITS", "load_outputs", "outputs_from_arrays", "save_outputs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from policycascade.agents.rules import StoppingRule
 from policycascade.agents.thresholds import ShiftedRule, ThresholdRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.evaluation import evaluate_rule
+from policycascade.outputs_io import refuse_existing, write_atomically
 from policycascade.serving import FORMAT, VERSION, ServingRule, decode_float, encode_float
 
 # float32 scores computed by torch and by numpy differ by a few rounding errors (log, exp and
@@ -90,18 +92,26 @@ def save_rule(
     path: str | Path,
     outputs: CascadeOutputs | None = None,
     extra: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``rule`` (see :func:`rule_to_dict`) and ``extra`` blocks to ``path``; return the dict.
 
     ``extra`` adds top-level blocks (a ``guarantee``, say); it cannot replace the rule's own.
+    An existing ``path`` is replaced only with ``overwrite=True``; the file is written whole
+    (through a temporary file in the same folder) or not at all.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or a path, got {type(path).__name__} {path!r}")
+    path = Path(path)
+    refuse_existing(path, overwrite)
     data = rule_to_dict(rule, outputs)
     for key, value in (extra or {}).items():
         if key in _RESERVED:
             raise ValueError(f"extra must not replace the rule's own block {key!r}")
         data[key] = value
     text = json.dumps(data, indent=2, allow_nan=False)
-    Path(path).write_text(text + "\n")
+    write_atomically(path, lambda tmp: tmp.write_text(text + "\n"))
     return data
 
 

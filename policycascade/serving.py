@@ -19,6 +19,8 @@ VERSION = 1
 FAMILIES = ("threshold", "shifted-threshold")
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin", "ensemble")
 _EPS = 1e-12  # as in policycascade.agents.thresholds: log reads p < 1e-12 as 1e-12
+PROB_ATOL = 1e-3  # as outputs_io.SIMPLEX_ATOL: a probability may exceed 1 by rounding this much
+_CALIBRATION_NUMBERS = ("mean_cost", "accuracy")  # optional numbers of a calibration block
 
 
 def encode_float(value: float) -> float | str:
@@ -36,6 +38,10 @@ def decode_float(value: float | int | str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"{name} must be a number, 'inf' or '-inf', got {value!r}")
     return float(value)
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -107,6 +113,37 @@ class ServingRule:
             )
         self.temperatures = None if temps is None else [float(t) for t in temps]
         self.offsets = self._stage_values(params["offsets"], "offsets") if shifted else None
+        self._check_calibration(data.get("calibration"))
+
+    def _check_calibration(self, block: Any) -> None:
+        """The optional ``calibration`` block is what rule_io wrote, or a ValueError."""
+        if block is None:
+            return
+        where = f"{self.source}: the 'calibration' block"
+        if not isinstance(block, dict):
+            raise ValueError(f"{where} must be a dict (or null), got {block!r}")
+        missing = [key for key in ("num_samples", "exit_shares") if key not in block]
+        if missing:
+            raise ValueError(f"{where} has no {missing[0]!r} entry (found {sorted(block)})")
+        count = block["num_samples"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{where}: num_samples must be an integer >= 1, got {count!r}")
+        shares = block["exit_shares"]
+        if (
+            not isinstance(shares, list)
+            or len(shares) != self.num_stages
+            or not all(_is_number(v) and 0 <= v <= 1 for v in shares)
+        ):
+            raise ValueError(
+                f"{where}: exit_shares must be {self.num_stages} numbers in [0, 1] (one per "
+                f"stage), got {shares!r}"
+            )
+        for key in _CALIBRATION_NUMBERS:
+            if block.get(key) is not None and not _is_number(block[key]):
+                raise ValueError(f"{where}: {key} must be a finite number, got {block[key]!r}")
+        unit = block.get("cost_unit")
+        if unit is not None and not isinstance(unit, str):
+            raise ValueError(f"{where}: cost_unit must be a string, got {unit!r}")
 
     def _stage_values(self, values: list, name: str) -> np.ndarray:
         if len(values) != self.num_stages - 1:
@@ -126,6 +163,10 @@ class ServingRule:
         With ``visited=True`` fewer stages (N, S <= K, C) are accepted: early-exit serving.
         """
         probs = np.asarray(probs)
+        if probs.dtype == object or not (
+            np.issubdtype(probs.dtype, np.floating) or np.issubdtype(probs.dtype, np.integer)
+        ):
+            raise ValueError(f"probs must be a numeric array, got dtype {probs.dtype}")
         if not np.issubdtype(probs.dtype, np.floating):
             probs = probs.astype(np.float64)
         if probs.ndim != 3:
@@ -139,6 +180,13 @@ class ServingRule:
             raise ValueError(
                 f"probs has {k} stages and {c} classes but the rule in {self.source} is for "
                 f"{self._cascade()}"
+            )
+        bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1 + PROB_ATOL)
+        if bad.any():
+            n, t, j = np.argwhere(bad)[0]
+            raise ValueError(
+                f"probs[{n}, {t}] (sample {n}, stage {t}) holds {probs[n, t, j]!r} at class {j}: "
+                "probabilities must be finite and in [0, 1]"
             )
         return probs
 

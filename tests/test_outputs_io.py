@@ -170,7 +170,7 @@ def test_round_trip_without_split_keeps_units_and_alone_costs(tmp_path, suffix):
     )
     for original in (out, shared):
         path = tmp_path / f"outputs{suffix}"
-        save_outputs(original, path)
+        save_outputs(original, path, overwrite=True)  # the second pass replaces the first
         loaded = load_outputs(path)
         assert list(loaded) == ["all"]
         assert_same(loaded["all"], original)
@@ -224,7 +224,7 @@ def test_table_of_logits(tmp_path):
         (["label", "a.p0", "a.p1", "b.p0", "b.p2"], [0, 1, 0, 1, 0], {}, "lacks column 'a.p2'"),
         (["label", "a.p0", "a.p1", "b.logit0", "b.logit1"], [0, 1, 0, 1, 0], {}, "mixes"),
         (["label", "a.prob0", "a.p1"], [0, 1, 0], {}, "column 'a.prob0' is not <stage>.p<c>"),
-        (["label", "x"], [0, 1], {}, "has no stage columns"),
+        (["label", "id"], [0, 1], {}, "has no stage columns"),
         (["label", "a.p0", "a.p1", "b.p0", "b.p1"], [0, 1, 0, 1, 0], {}, "pass stage_costs="),
         (
             ["label", "a.p0", "a.p1", "a.cost", "b.p0", "b.p1"],
@@ -277,3 +277,109 @@ def test_bad_paths_are_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ValueError, match="reading .parquet needs pyarrow: pip install pyarrow"):
         load_outputs(tmp_path / "out.parquet")
+
+
+# --- bad input found by a probe: each is refused naming the argument, file, column, row ---
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "message"),
+    [
+        (  # a misspelt split column would let a fit read test rows
+            ["label", "splt", "a.p0", "a.p1", "b.p0", "b.p1"],
+            [[0, "test", 1, 0, 1, 0]],
+            "column 'splt' is unknown: .* did you mean 'split'\\?",
+        ),
+        (
+            ["label", "a.p0", "a.p1", "a.p0", "b.p0", "b.p1"],
+            [[0, 1, 0, 0.5, 1, 0]],
+            "has two columns named 'a.p0'",
+        ),
+        (["label", "a.p0", "a.p1", "b.p0", "b.p1"], [], "has a header but no rows"),
+        (
+            ["label", "a.p0", "a.p1", "a.cost", "b.p0", "b.p1", "b.cost"],
+            [[0, 1, 0, 1.5, 1, 0, 3], [1, 0, 1, 1.5, 0, 1, -3]],
+            "column 'b.cost' row 2 is -3.0: every cost must be a finite number > 0",
+        ),
+        (
+            ["label", "a.p0", "a.p1", "a.cost", "b.p0", "b.p1", "b.cost"],
+            [[0, 1, 0, "nan", 1, 0, 3]],
+            "column 'a.cost' row 1 is nan",
+        ),
+        (
+            ["label", "a.p0", "a.p1", "a.cost", "b.p0", "b.p1", "b.cost"],
+            [[0, 1, 0, 0, 1, 0, 3]],
+            "column 'a.cost' row 1 is 0.0",
+        ),
+        (  # errors raised while building the outputs name the file and the split
+            ["label", "split", "a.p0", "a.p1", "a.cost", "b.p0", "b.p1", "b.cost"],
+            [[0, "val", 1, 0, 1, 1, 0, 3], [1e20, "test", 0, 1, 1, 0, 1, 3]],
+            "'.*bad.csv' split 'test': labels must be class indices in \\[0, 2\\) "
+            "\\(2 classes\\), got labels\\[0\\]=1e\\+20",
+        ),
+    ],
+)
+def test_probed_bad_tables_are_refused(tmp_path, header, rows, message, recwarn):
+    path = tmp_path / "bad.csv"
+    write_table(path, header, rows)
+    with pytest.raises(ValueError, match=message):
+        load_outputs(path)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_duplicate_and_unknown_parquet_columns_are_refused(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pa.Table.from_arrays(
+        [pa.array([0]), pa.array([1.0]), pa.array([0.0]), pa.array([0.5])],
+        names=["label", "a.p0", "a.p1", "a.p0"],
+    )
+    pq.write_table(table, tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="'.*dup.parquet' has two columns named 'a.p0'"):
+        load_outputs(tmp_path / "dup.parquet", stage_costs=[1, 2])
+
+
+def test_no_samples_and_odd_costs_and_huge_labels_are_refused(tmp_path, recwarn):
+    with pytest.raises(ValueError, match="probs must hold at least one sample"):
+        outputs_from_arrays([], probs=np.zeros((0, 2, 2)), stage_costs=[1, 2])
+    empty = CascadeOutputs(
+        torch.zeros(0, 3, 3), torch.zeros(0, dtype=torch.long), StageCosts([1, 2, 3])
+    )
+    with pytest.raises(ValueError, match="outputs\\['test'\\] has 0 samples"):
+        save_outputs({"val": hand_outputs(), "test": empty}, tmp_path / "o.npz")
+    for costs in ([1, True, 3], ["1", "2", "3"], np.array([True, True, True]), "123"):
+        with pytest.raises(ValueError, match="stage_costs must be 3 numbers .* not bools or text"):
+            outputs_from_arrays([0], probs=np.full((1, 3, 2), 0.5), stage_costs=costs)
+    with pytest.raises(ValueError, match="got labels\\[1\\]=1e\\+20"):
+        outputs_from_arrays([0, 1e20], probs=np.full((2, 2, 2), 0.5), stage_costs=[1, 2])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_save_outputs_keeps_an_existing_file_unless_overwrite(tmp_path):
+    path = tmp_path / "out.csv"
+    path.write_text("mine\n")
+    with pytest.raises(FileExistsError, match="'.*out.csv' already exists: pass overwrite=True"):
+        save_outputs(hand_outputs(), path)
+    assert path.read_text() == "mine\n"
+    save_outputs(named(hand_outputs()), path, overwrite=True)
+    assert_same(load_outputs(path)["all"], named(hand_outputs()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]  # no temporary left
+
+
+def test_npz_is_written_under_the_given_name_whatever_the_case(tmp_path):
+    path = tmp_path / "OUT.NPZ"
+    save_outputs(named(hand_outputs()), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.NPZ"]
+    assert_same(load_outputs(path)["all"], named(hand_outputs()))
+
+
+def test_bad_path_types_and_garbage_npz_are_refused(tmp_path):
+    for bad in (5, None):
+        with pytest.raises(TypeError, match="path must be a str or a path, got"):
+            load_outputs(bad)
+    (tmp_path / "junk.npz").write_bytes(b"this is not a zip archive at all")
+    with pytest.raises(ValueError, match="'.*junk.npz' is not a readable .npz outputs file"):
+        load_outputs(tmp_path / "junk.npz")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet either")
+    with pytest.raises(ValueError, match="'.*junk.parquet' is not a readable .parquet file"):
+        load_outputs(tmp_path / "junk.parquet")

@@ -136,7 +136,7 @@ def test_every_criterion_and_shifted_rules_match_torch(tmp_path, criterion):
     rules.append(ScoreSearch.for_rule(rules[0], val.probs, val.labels, val.costs).for_reward(0.01))
     assert isinstance(rules[-1], ShiftedRule)
     for rule in rules:
-        save_rule(rule, tmp_path / "rule.json", outputs=val)
+        save_rule(rule, tmp_path / "rule.json", outputs=val, overwrite=True)
         served = load_serving_rule(tmp_path / "rule.json")
         for outputs, reference in ((val, rule), (test, load_rule(tmp_path / "rule.json"))):
             exit_stage, answer = served.predict(outputs.probs.numpy())
@@ -270,3 +270,38 @@ def test_import_policycascade_serving_does_not_import_torch():
     result = run_python("import sys, policycascade.serving; print('torch' in sys.modules)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False", "importing policycascade.serving pulled in torch"
+
+
+def test_probed_bad_rules_and_probabilities_are_refused(tmp_path):
+    val = three_stage_cascade(60, 8)
+    rule = ThresholdRule("max-softmax", [0.9, 0.8])
+    path = tmp_path / "r.json"
+    data = save_rule(rule, path, outputs=val)
+    with pytest.raises(FileExistsError, match="'.*r.json' already exists: pass overwrite=True"):
+        save_rule(ThresholdRule("max-softmax", [0.5, 0.5]), path)
+    assert json.loads(path.read_text()) == data  # the user's file is kept
+    save_rule(ThresholdRule("max-softmax", [0.5, 0.5]), path, outputs=val, overwrite=True)
+    assert list(load_rule(path).thresholds) == pytest.approx([0.5, 0.5], abs=1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    for block, message in (
+        ([1], "the 'calibration' block must be a dict"),
+        ({"exit_shares": [0.5, 0.5, 0]}, "has no 'num_samples' entry"),
+        ({"num_samples": 3, "exit_shares": [1.0]}, "exit_shares must be 3 numbers in \\[0, 1\\]"),
+        ({"num_samples": True, "exit_shares": [1, 0, 0]}, "num_samples must be an integer"),
+    ):
+        broken = dict(data, calibration=block)
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        for load in (load_serving_rule, load_rule):
+            with pytest.raises(
+                ValueError, match=f"'.*broken.json': {message}|broken.json.*{message}"
+            ):
+                load(tmp_path / "broken.json")
+    served = load_serving_rule(path)
+    probs = val.probs.numpy().astype(np.float64)
+    for value in (np.nan, -0.2, 1.5, np.inf):
+        bad = probs.copy()
+        bad[4, 1, 2] = value
+        with pytest.raises(ValueError, match="probs\\[4, 1\\] \\(sample 4, stage 1\\) holds"):
+            served.predict(bad)
+        with pytest.raises(ValueError, match="probs\\[4, 1\\]"):
+            served.stop_at(1, bad[:, :2])
