@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_outputs
 from policycascade.agents.rules import exit_stages
 from policycascade.agents.thresholds import ThresholdRule
 from policycascade.watch import (
@@ -18,7 +19,6 @@ from policycascade.watch import (
     kl_bounds,
 )
 from policycascade.watch_cli import detection_delays, false_alarm_times, main
-from tests.conftest import random_outputs
 
 SHARES = [0.5, 0.3, 0.2]
 COSTS = [10.0, 40.0, 140.0]  # cumulative MACs of exiting at each stage
