@@ -21,7 +21,13 @@ from policycascade.agents.thresholds import ShiftedRule, ThresholdRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.evaluation import evaluate_rule
 from policycascade.outputs_io import refuse_existing, write_atomically
-from policycascade.serving import FORMAT, VERSION, ServingRule, decode_float, encode_float
+from policycascade.serving import (
+    FORMAT,
+    VERSION,
+    decode_float,
+    encode_float,
+    read_rule_file,
+)
 
 # float32 scores computed by torch and by numpy differ by a few rounding errors (log, exp and
 # sums are not bitwise the same); 1e-5 * max(1, |t|) is ~100 float32 ulps of the scale
@@ -118,13 +124,7 @@ def save_rule(
 def load_rule(path: str | Path, outputs: CascadeOutputs | None = None) -> StoppingRule:
     """The torch rule saved at ``path``; with ``outputs``, first check it is their cascade's."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no rule file at {str(path)!r}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not JSON: {err}") from None
-    ServingRule(data, repr(str(path)))  # the format checks, shared with serving
+    data = read_rule_file(path)  # the format checks, shared with serving
     if outputs is not None:
         check_rule_outputs(data, outputs, repr(str(path)))
     return rule_from_dict(data)

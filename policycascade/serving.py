@@ -252,8 +252,8 @@ class ServingRule:
         return exit_stage, answer.astype(np.int64)
 
 
-def load_serving_rule(path: str | Path) -> ServingRule:
-    """The rule saved at ``path`` by :func:`policycascade.rule_io.save_rule`."""
+def read_rule_file(path: str | Path) -> dict[str, Any]:
+    """A rule file's JSON, checked by :class:`ServingRule` (the one format check)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no rule file at {str(path)!r}")
@@ -261,7 +261,13 @@ def load_serving_rule(path: str | Path) -> ServingRule:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not JSON: {err}") from None
-    return ServingRule(data, repr(str(path)))
+    ServingRule(data, repr(str(path)))
+    return data
+
+
+def load_serving_rule(path: str | Path) -> ServingRule:
+    """The rule saved at ``path`` by :func:`policycascade.rule_io.save_rule`."""
+    return ServingRule(read_rule_file(path), repr(str(path)))
 
 
 __all__ = ["FORMAT", "VERSION", "ServingRule", "decode_float", "encode_float", "load_serving_rule"]
