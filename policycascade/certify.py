@@ -97,8 +97,8 @@ def _check(calibration, target, delta, bound, path, path_share, unlabelled_probs
         raise ValueError(f"bound must be 'auto' or one of {list(BOUNDS)}, got {bound!r}")
     if bound == "exact" and target.kind == "budget":
         raise ValueError("bound='exact' needs 0/1 losses; a budget's cost loss is continuous")
-    if path not in ("auto", "split", "fixed"):
-        raise ValueError(f"path must be 'auto', 'split' or 'fixed', got {path!r}")
+    if path not in ("auto", "split", "fixed", "both"):
+        raise ValueError(f"path must be 'auto', 'split', 'fixed' or 'both', got {path!r}")
     if not 0 < path_share < 1:
         raise ValueError(f"path_share must be in (0, 1), got {path_share}")
     if unlabelled_probs is not None:
@@ -127,8 +127,14 @@ def certified_fit(
     ``family`` is a criterion name (thresholds of its confidence) or any StoppingRule
     (offsets of its stop score, e.g. a learned rule). ``bound='auto'`` bets (Waudby-Smith &
     Ramdas) for a drop or a budget and uses the exact binomial test for an accuracy.
-    ``path='auto'`` is ``fixed`` (every calibration sample tests; no path fitting) for
-    max-softmax and softmax-margin, else ``split`` (``path_share`` of the samples fit it).
+    ``path='auto'`` is ``both`` for max-softmax and softmax-margin, else ``split``
+    (``path_share`` of the samples fit it). ``both`` certifies the ``fixed`` path (one
+    shared threshold; every calibration sample tests) and the ``split`` path at delta / 2
+    each and keeps the cheaper certified rule on the calibration samples: by the union
+    bound both promises hold together with probability >= 1 - delta. The fixed path keeps
+    the most where one threshold suits every stage; the split path where a stage is
+    confidently wrong on some inputs (the specialist cascade), where the fixed one saves
+    nothing.
     ``unlabelled_probs`` (sample, K, C) join the test samples of a budget target.
     Where nothing beyond the safe end passes, returns that end (the largest classifier
     alone; the first stage for a budget) with ``certified=False`` and an estimate of the
@@ -137,7 +143,11 @@ def certified_fit(
     _check(calibration, target, delta, bound, path, path_share, unlabelled_probs)
     bound = DEFAULT_BOUND[target.kind] if bound == "auto" else bound
     if path == "auto":
-        path = "fixed" if isinstance(family, str) and family in FIXED_FAMILIES else "split"
+        path = "both" if isinstance(family, str) and family in FIXED_FAMILIES else "split"
+    if path == "both":
+        return _both_paths(
+            calibration, target, delta, family, bound, path_share, seed, unlabelled_probs
+        )
     delta = float(delta)
     everyone = Family.of(family, calibration.probs, calibration.labels, calibration.costs)
     n = calibration.num_samples
@@ -194,6 +204,35 @@ def certified_fit(
         path=path,
         message=message,
     )
+
+
+def _both_paths(calibration, target, delta, family, bound, path_share, seed, unlabelled):
+    """The fixed and the split path at delta / 2 each: the cheaper certified rule.
+
+    When neither certifies, the fixed path's fallback (the surely safe end).
+    """
+    from policycascade.evaluation import evaluate_rule
+
+    fits = [
+        certified_fit(
+            calibration, target, delta / 2, family, bound, way, path_share, seed, unlabelled
+        )
+        for way in ("fixed", "split")
+    ]
+    certified = [f for f in fits if f.certified]
+    if not certified:
+        chosen = fits[0]
+    else:
+
+        def cost(fit: Certified) -> float:
+            metrics = evaluate_rule(fit.rule, calibration)
+            # a budget target is met cheaply by any rule: prefer the more accurate one
+            return -metrics["accuracy"] if target.kind == "budget" else metrics["mean_macs"]
+
+        chosen = min(certified, key=cost)
+    chosen.path = f"both ({chosen.path} chosen, delta/2 each)"
+    chosen.delta = float(delta)
+    return chosen
 
 
 def _needed_samples(

@@ -157,7 +157,8 @@ def _true_drop(rule, population: CascadeOutputs) -> float:
 
 
 @pytest.mark.parametrize(
-    ("path", "bound", "draws"), [("fixed", "auto", 200), ("split", "exact", 30)]
+    ("path", "bound", "draws"),
+    [("fixed", "auto", 200), ("split", "exact", 30), ("both", "exact", 30)],
 )
 def test_certified_rule_violates_its_target_at_most_delta_of_the_time(path, bound, draws):
     population = _population(20_000, seed=0)  # the truth: samples are drawn from it iid
