@@ -51,16 +51,12 @@ policycascade.register_cascade("Stored", [n.eval() for n in nets], splits=splits
 
 @pytest.fixture(scope="module")
 def stored_run(tmp_path_factory) -> Path:
-    """A run trained on a cascade registered by a module only the training process imports."""
+    """A run trained here on a cascade registered here: other processes never register it."""
     folder = tmp_path_factory.mktemp("own")
-    (folder / "storedcascades.py").write_text(textwrap.dedent(REGISTERING_MODULE))
-    env = "storedcascades:policycascade/Stored-v0"
-    command = [sys.executable, "-m", "policycascade", "train", "--env", env, "--alpha", "0.01"]
-    command += ["--logdir", str(folder / "runs"), "--no-progress"]
-    result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    (run_dir,) = (folder / "runs").iterdir()
-    return run_dir
+    namespace: dict = {}
+    exec(textwrap.dedent(REGISTERING_MODULE), namespace)  # registers policycascade/Stored-v0
+    run = policycascade.train_policy("policycascade/Stored-v0", alpha=0.01, logdir=folder / "runs")
+    return run.run_dir
 
 
 def test_a_finished_run_stores_its_outputs_rule_and_labels(stored_run):
@@ -88,7 +84,8 @@ def test_compare_works_in_a_process_that_never_registered_the_cascade(stored_run
         "data.load_dataset = refuse\n"
         "from policycascade.compare import main\n"
         f"code = main([{str(stored_run)!r}, '--out', {str(out)!r}, '--sweep-points', '3'])\n"
-        "assert 'storedcascades' not in sys.modules\n"
+        "import gymnasium\n"
+        "assert 'policycascade/Stored-v0' not in gymnasium.registry  # registered elsewhere\n"
         "sys.exit(code)\n"
     )
     result = subprocess.run(
@@ -193,16 +190,26 @@ def test_run_directories_are_claimed_atomically_by_concurrent_processes(tmp_path
     assert {Path(c).name for c in claimed} == {"run", "run-2", "run-3", "run-4"}
 
 
+def _try_lock(run_dir: str, queue) -> None:
+    try:
+        with run_lock(Path(run_dir)):
+            queue.put("locked")
+    except ConfigError as error:
+        queue.put(str(error))
+
+
 def test_a_run_directory_has_one_writer(tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
     with run_lock(tmp_path):
-        code = (
-            "import sys; from pathlib import Path; from policycascade.runs import run_lock\n"
-            f"with run_lock(Path({str(tmp_path)!r})): pass\n"
-        )
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert result.returncode != 0 and "being written by another process" in result.stderr
-    with run_lock(tmp_path):  # released when the block ends
-        pass
+        other = context.Process(target=_try_lock, args=(str(tmp_path), queue))
+        other.start()
+        other.join(60)
+        assert "being written by another process" in queue.get(timeout=5)
+    other = context.Process(target=_try_lock, args=(str(tmp_path), queue))  # released now
+    other.start()
+    other.join(60)
+    assert queue.get(timeout=5) == "locked"
 
 
 def test_a_new_run_never_writes_into_a_used_directory(tmp_path):
