@@ -30,8 +30,16 @@ def check_new_file(path: Path, option: str, overwrite: bool = False) -> None:
         raise ValueError(f"{option} {str(path)!r} is a folder; give a file path")
     if path.exists() and not overwrite:
         raise ValueError(f"{option} {str(path)!r} exists; pass --overwrite to replace it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise ValueError(f"{option} {str(path)!r} cannot be created: {str(parent)!r} is a file")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing ancestor.
+
+    That ancestor is where creating ``path`` would write.
+    """
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

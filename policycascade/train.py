@@ -27,6 +27,7 @@ from policycascade.config import (
     given_options,
 )
 from policycascade.distributed import init_from_environment
+from policycascade.fsutil import nearest_existing
 from policycascade.harness import NonFiniteError, TrainingInterrupted
 from policycascade.runs import (
     claim_run_dir,
@@ -270,9 +271,7 @@ def check_writable(folder: Path, what: str) -> None:
 
     Nothing is created here: the nearest existing folder above it must be a writable folder.
     """
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise ConfigError(
             f"{what} {str(folder)!r} cannot be created: {str(existing)!r} is not a directory"

@@ -14,6 +14,7 @@ from policycascade.compare.extras import parse_shift
 from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, CompareOptions
 from policycascade.compare.runs import expand_run_dirs
 from policycascade.config import HelpFormatter
+from policycascade.fsutil import nearest_existing
 from policycascade.runs import read_run
 
 
@@ -160,9 +161,7 @@ def _output_dir(path: str | None, overwrite: bool) -> Path:
             f"--out {str(out)!r} is not empty: compare writes into a new or empty folder; pass "
             "--overwrite to replace an earlier comparison's files there (nothing else is touched)"
         )
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(out)
     if not parent.is_dir():
         raise ValueError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
     return out
