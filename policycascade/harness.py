@@ -249,8 +249,12 @@ class RunHarness(FiniteChecks, Checkpointing):
         return metrics
 
     def final_metrics(self) -> dict[str, Any]:
-        """Test-split metrics of the rule and of each single classifier (metrics.json)."""
+        """Test-split metrics of the rule and of each single classifier (metrics.json).
+
+        The val and test outputs it computes stay in ``final_outputs`` for the run's store.
+        """
         test_outputs, val_outputs = self.outputs("test"), self.outputs("val")
+        self.final_outputs = {"val": val_outputs, "test": test_outputs}
         extras = self.algorithm.final_extras()
         if self.alpha is not None:  # what the user would otherwise deploy at this alpha
             # (a threshold search prices its rules at 0 MACs of their own)

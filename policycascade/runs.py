@@ -271,7 +271,7 @@ def _train_and_log(
 def _store(harness: RunHarness, run_dir: Path) -> None:
     """The finished run's outputs, rule and labels (:mod:`policycascade.run_store`)."""
     algorithm = harness.algorithm
-    outputs = {split: harness.outputs(split) for split in ("val", "test")}
+    outputs = harness.final_outputs  # computed once, by final_metrics
     names = list(harness.cascade.names)
     summary = RunSummary(
         label=algorithm.label,
