@@ -154,6 +154,25 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def read_config(run_dir: str | Path) -> TrainConfig:
+    """A run's configuration from its ``config.yaml``, without loading the checkpoint.
+
+    A run directory without the file gives the checkpoint's config.
+    """
+    config_file = Path(run_dir) / CONFIG_NAME
+    if config_file.is_file():
+        return _config_file(config_file)
+    return read_run(run_dir)[0]
+
+
+def _config_file(config_file: Path) -> TrainConfig:
+    """The config in a ``config.yaml``, or a ConfigError naming the file."""
+    try:
+        return config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config_file} cannot be read as a config: {error}") from None
+
+
 def read_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[TrainConfig, dict]:
@@ -188,10 +207,7 @@ def read_run(
         )
     config_file = run_dir / CONFIG_NAME
     if config_file.is_file():
-        try:
-            on_disk = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")))
-        except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{config_file} cannot be read as a config: {error}") from None
+        on_disk = _config_file(config_file)
         differences = _differences(on_disk.to_dict(), config.to_dict())
         if differences:
             raise ConfigError(

@@ -15,7 +15,7 @@ from policycascade.compare.policies import DEFAULT_BUDGETS, DEFAULT_EPSILONS, Co
 from policycascade.compare.runs import expand_run_dirs
 from policycascade.config import HelpFormatter
 from policycascade.fsutil import nearest_existing
-from policycascade.runs import read_run
+from policycascade.runs import read_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +206,7 @@ def _choose_threads(runs: list[str]) -> None:
 
     config = None
     for path in expand_run_dirs(runs)[:1]:
-        config = read_run(path)[0]
+        config = read_config(path)
     if config is None or config.env:  # outputs only, or frozen classifiers: no training
         configure_threads(None, 0, "cpu", "rule fits on cached outputs", log=None)
     else:
