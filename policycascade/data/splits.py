@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 
 @dataclass
@@ -46,6 +45,8 @@ def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of a stratified train/val/test partition, fixed by ``seed``."""
+    from sklearn.model_selection import train_test_split  # slow import: only when splitting
+
     indices = np.arange(len(labels))
     rest, test = train_test_split(
         indices, test_size=test_fraction, stratify=labels, random_state=seed

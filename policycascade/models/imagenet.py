@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.ops import Conv2dNormActivation
 
 IMAGENET_CLASSIFIERS = [
     "alexnet",
@@ -41,6 +39,8 @@ def imagenet_classifier(name: str, weights: str | None = None) -> nn.Module:
             an offline machine.
     """
     _check_name(name, IMAGENET_CLASSIFIERS, "imagenet_classifier")
+    import torchvision  # slow import (about a second): only when a model is built
+
     builder = getattr(torchvision.models, name)
     kwargs = {"transform_input": True} if name == "googlenet" else {}
     if weights == "default":
@@ -77,6 +77,9 @@ def cifar_classifier(name: str, num_classes: int = 100) -> nn.Module:
     layers (multiply plus add) are counted as thop did.
     """
     _check_name(name, CIFAR_CLASSIFIERS, "cifar_classifier")
+    import torchvision  # slow import (about a second): only when a model is built
+    from torchvision.ops import Conv2dNormActivation
+
     if name == "resnet18":
         model = torchvision.models.resnet18(num_classes=num_classes)
         # 32x32 inputs keep full resolution in the first stage: 3x3 stem, no max-pool.
