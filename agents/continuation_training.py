@@ -3,8 +3,9 @@
 Three kinds of unit, one per harness epoch, each checkpointed (the classifier units also
 after every classifier epoch, so a kill loses at most one epoch of them):
 
-1. the classifiers, each trained alone with cross-entropy for ``classifier_epochs`` and
-   kept from its best validation epoch (the same procedure as the comparison's
+1. the classifiers, each trained alone with cross-entropy for ``classifier_epochs`` with
+   the run's shared training options (optimiser, lr schedule, augmentation, precision)
+   and kept from its best validation epoch (the same procedure as the comparison's
    reference, so the learned rule is the only difference);
 2. ``folds`` cross-fitting units: the same training on the other folds of the training
    split, scoring the held-out fold, so that every training sample has outputs from
@@ -28,6 +29,8 @@ from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
 from policycascade.crossfit import ReferenceTraining, fold_seed, stratified_folds
 from policycascade.data import Split
+from policycascade.seeding import seed_torch
+from policycascade.supervised import TrainingOptions
 
 if TYPE_CHECKING:
     from policycascade.harness import RunHarness
@@ -110,16 +113,13 @@ class ContinuationTraining(Algorithm):
 
     def _train(self, cascade: nn.Module, train: Split, seed: int, unit: int) -> None:
         """Reference training of ``cascade``, checkpointed after every classifier epoch."""
-        c = self.harness.config
         training = ReferenceTraining(
             cascade,
             train,
             self._split("val"),
             self.settings.classifier_epochs,
-            c.lr,
-            c.batch_size,
-            c.weight_decay,
-            seed,
+            seed=seed,
+            options=TrainingOptions.from_config(self.harness.config),
         )
         if self._resuming(unit):
             training.load_state_dict(self.unit_in_progress["training"])
@@ -195,7 +195,7 @@ class ContinuationTraining(Algorithm):
         cascade.load_state_dict(self._initial_state)
         seed = fold_seed(h.config.seed, fold, s.folds)
         if not self._resuming(fold + 1):  # resumed: the checkpoint restored the generators
-            torch.manual_seed(seed)
+            seed_torch(seed)
         self._train(cascade, self._split("train", rest), seed, unit=fold + 1)
         x, _ = h.split_on_device("train")
         probs = h.eval_logits(cascade, x[held_out.to(h.device)]).softmax(-1).cpu()

@@ -25,7 +25,14 @@ from policycascade.cascade import Cascade
 from policycascade.costs import eval_mode
 from policycascade.data import Split
 from policycascade.models import build_cascade
-from policycascade.supervised import ClassifierFitting, fit_classifiers, trained_classes_of
+from policycascade.seeding import seeded
+from policycascade.supervised import (
+    ClassifierFitting,
+    TrainingOptions,
+    fit_classifiers,
+    resolve_options,
+    trained_classes_of,
+)
 
 # fit(x_train, y_train, fold_seed) -> predict(x) giving (n, K, C) logits
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -88,25 +95,33 @@ def cascade_fitter(
     input_shape: Sequence[int],
     num_classes: int,
     epochs: int = 40,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    weight_decay: float = 1e-4,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
     device: str | torch.device = "cpu",
+    *,
+    options: TrainingOptions | None = None,
 ) -> Fitter:
     """A ``fit`` for :func:`cross_fitted_outputs`: a fresh cascade trained like pre-training.
 
-    Each call seeds torch's global generator with its ``fold_seed`` (the
-    classifiers' initial weights) and trains with :func:`~policycascade.supervised.fit_classifiers`
-    (Adam, cross-entropy on every stage, specialists masked).
+    Each call runs with torch's global generator seeded by its ``fold_seed`` (the
+    classifiers' initial weights; the caller's generator is restored after) and trains
+    with :func:`~policycascade.supervised.fit_classifiers` (cross-entropy on every stage,
+    specialists masked) with ``options``; ``lr``, ``batch_size`` and ``weight_decay`` are
+    the older way to set three of them. The predictions run at the options' precision.
     """
+    options = resolve_options(options, lr, batch_size, weight_decay)
 
     def fit(x_train: torch.Tensor, y_train: torch.Tensor, seed: int) -> Predictor:
-        torch.manual_seed(seed)
-        cascade = build_cascade(cascade_name, input_shape, num_classes).to(device)
-        fit_classifiers(
-            cascade, Split(x_train, y_train), epochs, lr, batch_size, weight_decay, seed
-        )
-        return lambda x: logits_of(cascade, x)
+        with seeded(seed):
+            cascade = build_cascade(cascade_name, input_shape, num_classes).to(device)
+            fit_classifiers(cascade, Split(x_train, y_train), epochs, seed=seed, options=options)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with options.autocast(torch.device(device)):
+                return logits_of(cascade, x)
+
+        return predict
 
     return fit
 
@@ -139,8 +154,10 @@ class ReferenceTraining:
 
     After every :meth:`step` each classifier's validation accuracy is measured and its
     weights, buffers included, are kept if they beat its best so far (the earliest epoch
-    wins ties). :meth:`state_dict` holds everything the remaining epochs depend on (the
-    cascade's weights, the optimiser, the shuffle generator, the best weights so far), so
+    wins ties); at ``bf16`` precision the validation pass is autocast too, as the run
+    evaluates its classifiers. :meth:`state_dict` holds everything the remaining epochs
+    depend on (the cascade's weights, the optimiser, its lr schedule, the shuffle and
+    augmentation generators, the best weights so far), so
     a training stopped between epochs and restored continues bit for bit; torch's global
     generator (dropout) is the caller's to save.
     """
@@ -151,10 +168,12 @@ class ReferenceTraining:
         train: Split,
         val: Split,
         epochs: int = 40,
-        lr: float = 3e-3,
-        batch_size: int = 64,
-        weight_decay: float = 1e-4,
+        lr: float | None = None,
+        batch_size: int | None = None,
+        weight_decay: float | None = None,
         seed: int = 0,
+        *,
+        options: TrainingOptions | None = None,
     ):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -162,7 +181,9 @@ class ReferenceTraining:
         self.epoch = 0  # epochs finished
         self.best_accuracy = [float("-inf")] * cascade.num_stages
         self.best_state: list[dict[str, torch.Tensor]] = [{} for _ in range(cascade.num_stages)]
-        self._fitting = ClassifierFitting(cascade, train, lr, batch_size, weight_decay, seed)
+        self._fitting = ClassifierFitting(
+            cascade, train, lr, batch_size, weight_decay, seed, options=options
+        )
 
     @property
     def done(self) -> bool:
@@ -173,7 +194,8 @@ class ReferenceTraining:
         """Train one epoch, keep each classifier's best weights; returns the val accuracies."""
         self._fitting.run_epoch()
         self.epoch += 1
-        accuracy = stage_accuracy(self.cascade, self.val)
+        with self._fitting.options.autocast(self._fitting.device):  # as the run evaluates it
+            accuracy = stage_accuracy(self.cascade, self.val)
         for t, acc in enumerate(accuracy):
             if not self.best_state[t] or acc > self.best_accuracy[t]:  # NaN (no val) keeps epoch 1
                 self.best_accuracy[t] = acc
@@ -210,22 +232,26 @@ def train_reference(
     train: Split,
     val: Split,
     epochs: int = 40,
-    lr: float = 3e-3,
-    batch_size: int = 64,
-    weight_decay: float = 1e-4,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
     seed: int = 0,
     on_epoch: EpochCallback | None = None,
+    *,
+    options: TrainingOptions | None = None,
 ) -> Cascade:
     """Train every classifier on cross-entropy; keep each one's weights from its best val epoch.
 
     The honest alternative to a learned cascade: independent classifiers with
     per-classifier early stopping. Training is
-    :func:`~policycascade.supervised.fit_classifiers` (the stage losses share no
-    parameters, so one Adam over their sum equals K independent ones); see
+    :func:`~policycascade.supervised.fit_classifiers` with ``options`` (the stage losses
+    share no parameters, so one optimiser over their sum equals K independent ones); see
     :class:`ReferenceTraining`. ``on_epoch(epoch, val_accuracy)`` is told each epoch's
     accuracies. Returns the cascade, in eval mode, holding every classifier's kept weights.
     """
-    training = ReferenceTraining(cascade, train, val, epochs, lr, batch_size, weight_decay, seed)
+    training = ReferenceTraining(
+        cascade, train, val, epochs, lr, batch_size, weight_decay, seed, options=options
+    )
     while not training.done:
         accuracy = training.step()
         if on_epoch is not None:

@@ -1,17 +1,20 @@
 """The user's alternative to a learned cascade: the same classifiers trained independently.
 
 Every classifier of the run's cascade family is trained alone with cross-entropy for
-the same number of epochs as the run's classifiers had, and keeps its weights from its
-best validation epoch (per-classifier early stopping). Threshold rules of every
-criterion are then fitted on validation, exactly as on the run's own classifiers.
-Trained reference cascades are cached per (data set, cascade, seed, epochs) and every
-training setting the reference reads (learning rate, batch size, weight decay, and the
-shared options it does not read yet, so that a cached reference is never reused for
-another setting).
+the same number of epochs as the run's classifiers had, with the run's own training
+options (optimiser, lr and schedule, weight decay, batch size, augmentation, precision),
+and keeps its weights from its best validation epoch (per-classifier early stopping).
+Threshold rules of every criterion are then fitted on validation, exactly as on the
+run's own classifiers. Trained reference outputs are cached under a key that holds every
+setting their weights depend on (:func:`reference_key`), so a cached reference is never
+reused for another setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -21,8 +24,36 @@ from policycascade.crossfit import train_reference
 from policycascade.data import Split
 from policycascade.models import build_cascade
 from policycascade.runs import LoadedRun
+from policycascade.seeding import seeded
+from policycascade.supervised import TrainingOptions
 
 REFERENCE = "reference"  # the trained_by label of the reference classifiers' rows
+KEY_FORMAT = 2  # bump when the reference's training changes what the same settings give
+
+
+def reference_key(
+    dataset: str,
+    cascade: str,
+    seed: int,
+    epochs: int,
+    options: TrainingOptions,
+    channels_last: bool = False,
+) -> str:
+    """The cache file name of a reference: every setting its weights depend on.
+
+    The data split and initial weights (``dataset``, ``seed``), the family (``cascade``),
+    the training length (``epochs``) and every training option; ``channels_last`` changes
+    the convolution kernels' arithmetic. Where the run ran (device, folders, threads) does
+    not count.
+    """
+    settings = {
+        "format": KEY_FORMAT,
+        "channels_last": bool(channels_last),
+        **dataclasses.asdict(options),
+    }
+    text = json.dumps(settings, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{dataset}__{cascade}__s{seed}__e{epochs}__{digest}.pt"
 
 
 def reference_outputs(
@@ -31,38 +62,39 @@ def reference_outputs(
     """(val, test) outputs of reference classifiers for ``run``'s setting, and the stage names."""
     config, harness = run.config, run.harness
     epochs = harness.algorithm.classifier_epochs
-    settings = _settings_key(config)
-    key = f"{config.dataset}__{config.cascade}__s{config.seed}__e{epochs}__{settings}.pt"
-    torch.manual_seed(config.seed)  # the reference's initial weights, fixed by the seed
-    cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
-    costs = cascade.costs()  # measured MACs: they do not depend on the weights
-    cached = None if cache_dir is None else cache_dir / key
-    if cached is not None and cached.is_file():
-        saved = torch.load(cached, weights_only=True)
-        return (
-            CascadeOutputs(saved["val_probs"], saved["val_labels"], costs),
-            CascadeOutputs(saved["test_probs"], saved["test_labels"], costs),
-            cascade.names,
-        )
-    cascade.to(harness.device)
-
-    def as_inputs(split: Split) -> Split:
-        return Split(harness.inputs(split.x.to(harness.device)), split.y.to(harness.device))
-
-    train_reference(
-        cascade,
-        as_inputs(run.data.train),
-        as_inputs(run.data.val),
-        epochs,
-        config.lr,
-        config.batch_size,
-        config.weight_decay,
-        config.seed,
+    options = TrainingOptions.from_config(config)
+    key = reference_key(
+        config.dataset, config.cascade, config.seed, epochs, options, config.channels_last
     )
+    cached = None if cache_dir is None else cache_dir / key
+    with seeded(config.seed):  # the reference's initial weights (and dropout), fixed by the seed
+        cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
+        costs = cascade.costs()  # measured MACs: they do not depend on the weights
+        if cached is not None and cached.is_file():
+            saved = torch.load(cached, weights_only=True)
+            return (
+                CascadeOutputs(saved["val_probs"], saved["val_labels"], costs),
+                CascadeOutputs(saved["test_probs"], saved["test_labels"], costs),
+                cascade.names,
+            )
+        cascade.to(harness.device)
+
+        def as_inputs(split: Split) -> Split:
+            return Split(harness.inputs(split.x.to(harness.device)), split.y.to(harness.device))
+
+        train_reference(
+            cascade,
+            as_inputs(run.data.train),
+            as_inputs(run.data.val),
+            epochs,
+            seed=config.seed,
+            options=options,
+        )
     outputs = []
     for split in ("val", "test"):
         x, y = harness.split_on_device(split)
-        outputs.append(cascade.outputs(x, y, costs, transform=harness.inputs).to("cpu"))
+        with harness.autocast():  # at the run's precision, as the run's own outputs
+            outputs.append(cascade.outputs(x, y, costs, transform=harness.inputs).to("cpu"))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
@@ -75,18 +107,3 @@ def reference_outputs(
             cached,
         )
     return outputs[0], outputs[1], cascade.names
-
-
-def _settings_key(config) -> str:
-    """A short hash of the shared training settings: every top-level option but the seed.
-
-    Where the run ran (device, folders, threads) does not count.
-    """
-    import hashlib
-    import json
-
-    skip = {"seed", "logdir", "device", "data_dir", "download", "threads", "agent"}
-    values = {k: v for k, v in config.to_dict().items() if not isinstance(v, dict)}
-    shared = {k: v for k, v in values.items() if k not in skip}
-    text = json.dumps(shared, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
