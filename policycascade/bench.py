@@ -689,6 +689,33 @@ def _us(seconds: float) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as aligned text tables."""
+    lines = _format_machine(report)
+    lines += ["", *_format_early_exit(report["early_exit"])]
+    v = report["vector_env"]
+    lines += [
+        "",
+        f"(2) env steps per second, {v['num_envs']} envs, uniform random actions",
+        f"CascadeStoppingVectorEnv {v['vector_env_steps_per_s']:>12,.0f}/s   "
+        f"SyncVectorEnv {v['sync_vector_env_steps_per_s']:>10,.0f}/s   ratio {v['ratio']:.0f}x",
+        "",
+        *_format_training_steps(report),
+    ]
+    job = report["train_job"]
+    lines += ["", "(4) training job"]
+    if "skipped" in job:
+        lines.append(f"skipped: {job['skipped']}")
+    else:
+        lines.append(
+            f"{job['command']}: {job['wall_s']:.1f} s, peak RSS {job['max_rss_mib']:,.0f} MiB"
+        )
+    lines += ["", *format_contention(report.get("contention"))]
+    sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
+    lines += ["", f"bench wall time {report['bench_wall_s']:.1f} s ({sections})"]
+    return "\n".join(lines)
+
+
+def _format_machine(report: dict[str, Any]) -> list[str]:
+    """The machine line, a warning when it was already busy, and the plan's note."""
     m = report["machine"]
     lines = [
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
@@ -703,14 +730,18 @@ def format_table(report: dict[str, Any]) -> str:
         )
     if report["plan"]["note"]:
         lines.append(report["plan"]["note"])
-    lines += [
-        "",
+    return lines
+
+
+def _format_early_exit(early_exit: dict[str, Any]) -> list[str]:
+    """Case (1) as lines of text."""
+    lines = [
         "(1) early exit vs the most expensive classifier alone, per input "
         "(target exits 50/25/15/10%)",
         f"{'cascade':<8} {'batch':>5} {'inputs':>6}  {'exits 0/1/2/3 (%)':<18} "
         f"{'early exit':>11} {'reference':>11} {'speed-up':>8} {'by MACs':>8}",
     ]
-    for name, result in report["early_exit"].items():
+    for name, result in early_exit.items():
         for row in result["rows"]:
             exits = "/".join(f"{100 * s:.0f}" for s in row["exit_share"])
             lines.append(
@@ -719,15 +750,12 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{_us(row['reference_s_per_sample']):>11} "
                 f"{row['speedup']:>7.2f}x {row['macs_speedup']:>7.2f}x"
             )
-    v = report["vector_env"]
-    lines += [
-        "",
-        f"(2) env steps per second, {v['num_envs']} envs, uniform random actions",
-        f"CascadeStoppingVectorEnv {v['vector_env_steps_per_s']:>12,.0f}/s   "
-        f"SyncVectorEnv {v['sync_vector_env_steps_per_s']:>10,.0f}/s   ratio {v['ratio']:.0f}x",
-        "",
-        "(3) one training step: joint REINFORCE (policy_split=train) vs cross-entropy only",
-    ]
+    return lines
+
+
+def _format_training_steps(report: dict[str, Any]) -> list[str]:
+    """Case (3), with the CUDA training step where there is one, as lines of text."""
+    lines = ["(3) one training step: joint REINFORCE (policy_split=train) vs cross-entropy only"]
     steps = dict(report["training_step"])
     if report["cuda"] is not None:
         steps["resnet-cuda"] = report["cuda"]
@@ -740,18 +768,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"cross-entropy {_us(s['cross_entropy_step_s']):>10}  ratio {s['ratio']:.2f}  "
             f"({s['reinforce_samples_per_s']:,.0f} samples/s)"
         )
-    job = report["train_job"]
-    lines += ["", "(4) training job"]
-    if "skipped" in job:
-        lines.append(f"skipped: {job['skipped']}")
-    else:
-        lines.append(
-            f"{job['command']}: {job['wall_s']:.1f} s, peak RSS {job['max_rss_mib']:,.0f} MiB"
-        )
-    lines += ["", *format_contention(report.get("contention"))]
-    sections = ", ".join(f"{name} {s:.0f} s" for name, s in report["section_s"].items())
-    lines += ["", f"bench wall time {report['bench_wall_s']:.1f} s ({sections})"]
-    return "\n".join(lines)
+    return lines
 
 
 def format_contention(result: dict[str, Any] | None) -> list[str]:

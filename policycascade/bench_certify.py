@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,6 @@ def bench_run(
     labels = torch.cat([val.labels.cpu(), test.labels.cpu()])
     pool = Family.of(family, probs, labels, val.costs)
     n_cal, n_all = val.num_samples, len(labels)
-    k = val.num_stages
     gen = torch.Generator().manual_seed(seed)
     # results[(eps, delta, path, bound)] -> lists of (violated, savings, certified)
     results: dict[tuple, list[tuple[bool, float, bool]]] = {}
@@ -84,74 +83,124 @@ def bench_run(
         fits = torch.tensor([search.for_accuracy_drop(e).thresholds for e in epsilons])
         for eps, drop, savings in zip(epsilons, *_drop_and_savings(held, fits), strict=True):
             plain[eps].append((bool(drop > eps), float(savings)))
-        # each path variant: (testing samples, path thresholds per target)
-        variants = {}
         inner = torch.randperm(n_cal, generator=gen)
-        for name in paths:
-            if name == "fixed":
-                variants[name] = (cal, lambda t: fixed_path(family, k, t))
-            else:
-                share = float(name.split(":")[1])
-                n_path = round(share * n_cal)
-                fit_on = cal.subset(inner[:n_path]).search()
-                cache: dict[tuple, torch.Tensor] = {}
-
-                def build(t, fit_on=fit_on, cache=cache):
-                    key = (t.kind, tuple(path_grid(t)))
-                    if key not in cache:
-                        cache[key] = split_path(fit_on, t)
-                    return cache[key]
-
-                variants[name] = (cal.subset(inner[n_path:]), build)
-        for name, (testing, build) in variants.items():
-            chosen = {}  # (eps, delta, bound) -> index on that epsilon's path
-            for eps in epsilons:
-                target = Target.accuracy_drop(eps)
-                path = build(target)
-                for delta in deltas:
-                    for bound in bounds:
-                        p = path_p_values(testing, path, target, delta, bound)
-                        chosen[eps, delta, bound] = max(fixed_sequence(p, delta), 0)
-            # only the chosen rules are evaluated on the (large) held-out samples
-            for eps in epsilons:
-                path = build(Target.accuracy_drop(eps))
-                rows = sorted({j for (e, _, _), j in chosen.items() if e == eps})
-                drop, savings = _drop_and_savings(held, path[rows])
-                at = dict(zip(rows, zip(drop, savings, strict=True), strict=True))
-                for delta in deltas:
-                    for bound in bounds:
-                        j = chosen[eps, delta, bound]
-                        results.setdefault((eps, delta, name, bound), []).append(
-                            (bool(at[j][0] > eps), float(at[j][1]), j > 0)
-                        )
+        for name, (testing, build) in _path_variants(cal, paths, family, inner).items():
+            chosen = _chosen_rules(testing, build, epsilons, deltas, bounds)
+            for key, value in _held_out(held, build, chosen, epsilons).items():
+                results.setdefault((key[0], key[1], name, key[2]), []).append(value)
     seconds = time.time() - started
-    rows = []
-    for (eps, delta, name, bound), values in results.items():
-        violated = sum(v[0] for v in values)
-        low, high = clopper_pearson(violated, len(values))
-        plain_savings = float(np.mean([s for _, s in plain[eps]]))
-        savings = float(np.mean([v[1] for v in values]))
-        rows.append(
-            {
-                "run": Path(run_dir).name,
-                "calibration": n_cal,
-                "test": n_all - n_cal,
-                "epsilon": eps,
-                "delta": delta,
-                "path": name,
-                "bound": bound,
-                "resplits": len(values),
-                "violation_rate": violated / len(values),
-                "violation_ci95": [low, high],
-                "plain_violation_rate": float(np.mean([v for v, _ in plain[eps]])),
-                "certified_rate": float(np.mean([v[2] for v in values])),
-                "savings": savings,
-                "plain_savings": plain_savings,
-                "savings_kept": savings / plain_savings if plain_savings > 0 else float("nan"),
-                "seconds_all_rows": seconds,
-            }
-        )
-    return rows
+    summary = {"run": Path(run_dir).name, "calibration": n_cal, "test": n_all - n_cal}
+    return [
+        _summary_row(summary, eps, delta, name, bound, values, plain[eps], seconds)
+        for (eps, delta, name, bound), values in results.items()
+    ]
+
+
+PathBuilder = Callable[[Target], torch.Tensor]  # a target -> its path of threshold rows
+
+
+def _path_variants(
+    cal: Family, paths: Sequence[str], family: str, inner: torch.Tensor
+) -> dict[str, tuple[Family, PathBuilder]]:
+    """Each path variant: (its testing samples, its path thresholds per target).
+
+    ``fixed``: the data-free path, tested on every calibration sample; ``split:SHARE``:
+    the path fitted on the first SHARE of ``inner`` (a permutation of the calibration
+    samples), tested on the rest.
+    """
+    k = cal.num_stages
+    variants: dict[str, tuple[Family, PathBuilder]] = {}
+    for name in paths:
+        if name == "fixed":
+            variants[name] = (cal, lambda t: fixed_path(family, k, t))
+        else:
+            share = float(name.split(":")[1])
+            n_path = round(share * len(inner))
+            fit_on = cal.subset(inner[:n_path]).search()
+            cache: dict[tuple, torch.Tensor] = {}
+
+            def build(t, fit_on=fit_on, cache=cache):
+                key = (t.kind, tuple(path_grid(t)))
+                if key not in cache:
+                    cache[key] = split_path(fit_on, t)
+                return cache[key]
+
+            variants[name] = (cal.subset(inner[n_path:]), build)
+    return variants
+
+
+def _chosen_rules(
+    testing: Family,
+    build: PathBuilder,
+    epsilons: Sequence[float],
+    deltas: Sequence[float],
+    bounds: Sequence[str],
+) -> dict[tuple[float, float, str], int]:
+    """(eps, delta, bound) -> the index the fixed-sequence test chooses on that epsilon's path."""
+    chosen = {}
+    for eps in epsilons:
+        target = Target.accuracy_drop(eps)
+        path = build(target)
+        for delta in deltas:
+            for bound in bounds:
+                p = path_p_values(testing, path, target, delta, bound)
+                chosen[eps, delta, bound] = max(fixed_sequence(p, delta), 0)
+    return chosen
+
+
+def _held_out(
+    held: Family,
+    build: PathBuilder,
+    chosen: dict[tuple[float, float, str], int],
+    epsilons: Sequence[float],
+) -> dict[tuple[float, float, str], tuple[bool, float, bool]]:
+    """(eps, delta, bound) -> (violated, savings, certified) of the chosen rule on ``held``.
+
+    Only the chosen rules are evaluated on the (large) held-out samples.
+    """
+    outcome = {}
+    for eps in epsilons:
+        path = build(Target.accuracy_drop(eps))
+        rows = sorted({j for (e, _, _), j in chosen.items() if e == eps})
+        drop, savings = _drop_and_savings(held, path[rows])
+        at = dict(zip(rows, zip(drop, savings, strict=True), strict=True))
+        for (e, delta, bound), j in chosen.items():
+            if e == eps:
+                outcome[eps, delta, bound] = (bool(at[j][0] > eps), float(at[j][1]), j > 0)
+    return outcome
+
+
+def _summary_row(
+    summary: dict,
+    eps: float,
+    delta: float,
+    name: str,
+    bound: str,
+    values: list[tuple[bool, float, bool]],
+    plain: list[tuple[bool, float]],
+    seconds: float,
+) -> dict:
+    """One (epsilon, delta, path, bound) over all resplits, next to the plain fit's numbers."""
+    violated = sum(v[0] for v in values)
+    low, high = clopper_pearson(violated, len(values))
+    plain_savings = float(np.mean([s for _, s in plain]))
+    savings = float(np.mean([v[1] for v in values]))
+    return {
+        **summary,
+        "epsilon": eps,
+        "delta": delta,
+        "path": name,
+        "bound": bound,
+        "resplits": len(values),
+        "violation_rate": violated / len(values),
+        "violation_ci95": [low, high],
+        "plain_violation_rate": float(np.mean([v for v, _ in plain])),
+        "certified_rate": float(np.mean([v[2] for v in values])),
+        "savings": savings,
+        "plain_savings": plain_savings,
+        "savings_kept": savings / plain_savings if plain_savings > 0 else float("nan"),
+        "seconds_all_rows": seconds,
+    }
 
 
 def format_table(rows: list[dict]) -> str:

@@ -20,6 +20,7 @@ Each variant runs a short warm-up (kernel selection, allocator) before it is tim
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import tempfile
@@ -203,8 +204,8 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the options, run the measurement, print it; returns the exit status."""
+def build_parser() -> OneLineParser:
+    """Options of ``policycascade bench-epoch``."""
     parser = OneLineParser(
         prog="policycascade bench-epoch",
         description="Time one training epoch of a paper setting: device-resident data in fp32, "
@@ -242,36 +243,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda[:N]'")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, run the measurement, print it; returns the exit status."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name, least in (("train_images", 5), ("batch_size", 1), ("workers", 0)):
         value = getattr(args, name)
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     try:
-        overrides: dict[str, Any] = {"device": args.device}
-        if args.batch_size:
-            overrides["batch_size"] = args.batch_size
-        config = per_run_configs(config_from_dict({**load_config_file(args.config), **overrides}))[
-            0
-        ]
-        with tempfile.TemporaryDirectory() as fake_root:
-            if args.fake:
-                if config.dataset != "cifar10":
-                    raise ConfigError(
-                        f"--fake writes cifar10 only; the config is {config.dataset!r}"
-                    )
-                write_fake_cifar10(
-                    Path(fake_root), args.train_images, min(10_000, args.train_images // 5)
-                )
-                config = dataclasses.replace(config, data_dir=fake_root)
-            elif args.data_dir:
-                config = dataclasses.replace(config, data_dir=args.data_dir)
-            report = measure(config, args.variants, args.workers)
+        report = _measure_from_args(args)
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR
     print_report(report, format_table(report), args.json)
     return 0
+
+
+def _measure_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options' config (on fake CIFAR-10 images with ``--fake``), measured."""
+    overrides: dict[str, Any] = {"device": args.device}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    config = per_run_configs(config_from_dict({**load_config_file(args.config), **overrides}))[0]
+    with tempfile.TemporaryDirectory() as fake_root:
+        if args.fake:
+            if config.dataset != "cifar10":
+                raise ConfigError(f"--fake writes cifar10 only; the config is {config.dataset!r}")
+            write_fake_cifar10(
+                Path(fake_root), args.train_images, min(10_000, args.train_images // 5)
+            )
+            config = dataclasses.replace(config, data_dir=fake_root)
+        elif args.data_dir:
+            config = dataclasses.replace(config, data_dir=args.data_dir)
+        return measure(config, args.variants, args.workers)
 
 
 if __name__ == "__main__":

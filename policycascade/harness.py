@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.thresholds import best_reward_rule
-from policycascade.augment import random_crop_flip
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.checkpointing import (
     CHECKPOINT_FORMAT,
@@ -28,8 +27,7 @@ from policycascade.checkpointing import (
     preserved_global_state,
 )
 from policycascade.config import TrainConfig
-from policycascade.costs import eval_mode
-from policycascade.data import NORMALISATION, DataSplits, load_dataset, to_float
+from policycascade.data import DataSplits, load_dataset
 from policycascade.distributed import broadcast_buffers, current_context
 from policycascade.envs.registration import (
     check_reported_split,
@@ -39,11 +37,9 @@ from policycascade.envs.registration import (
 )
 from policycascade.evaluation import evaluate_exits, evaluate_rule
 from policycascade.finite import FiniteChecks, NonFiniteError
+from policycascade.harness_inputs import HarnessInputs
 from policycascade.models import build_cascade
 from policycascade.runtime import resolve_device, seed_everything
-from policycascade.supervised import batches
-
-EVAL_BATCH = 1024
 
 
 class TrainingInterrupted(Exception):
@@ -64,7 +60,7 @@ def algorithm_class(agent: str) -> type[Algorithm]:
     return algorithms[agent]
 
 
-class RunHarness(FiniteChecks, Checkpointing):
+class RunHarness(HarnessInputs, FiniteChecks, Checkpointing):
     """Builds and trains one (config, alpha) run into ``run_dir``; ``train=False`` only loads.
 
     ``data`` replaces the configured data set (benchmarks on random tensors, say).
@@ -148,76 +144,6 @@ class RunHarness(FiniteChecks, Checkpointing):
         if self.dist.enabled:
             return torch.nn.parallel.DistributedDataParallel(module)
         return module
-
-    def split_on_device(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A split's images and labels on the device, copied there once per run."""
-        if split not in self._on_device:
-            data = self.data.split(split)
-            self._on_device[split] = (data.x.to(self.device), data.y.to(self.device))
-        return self._on_device[split]
-
-    def num_samples(self, split: str) -> int:
-        """Samples in a split, as the algorithms see it."""
-        return len(self.split_on_device(split)[1])
-
-    @contextlib.contextmanager
-    def subset(self, split: str, size: int) -> Iterator[None]:
-        """Train on the first ``size`` samples of a split only (benchmark warm-ups)."""
-        full = self.split_on_device(split)
-        self._on_device[split] = (full[0][:size], full[1][:size])
-        try:
-            yield
-        finally:
-            self._on_device[split] = full
-
-    def inputs(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """Stored images -> model inputs on the device, one batch at a time.
-
-        uint8 images are normalised here; training batches are augmented per image if
-        configured (the data set stays on the device as uint8). A registered cascade's
-        samples go to its classifiers as registered (tokens, tables, images of any kind).
-        """
-        if self.registered is not None:
-            return x
-        if x.dtype == torch.uint8:
-            x = to_float(x, *NORMALISATION[self.config.dataset])
-        if train and self.config.augment:
-            x = random_crop_flip(x, pad=4, flip=True, generator=self.sample_generator)
-        if self.config.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bfloat16 autocast of the classifiers' passes when ``precision`` is ``bf16``."""
-        if self.config.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def classify(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Logits in fp32, the forward pass at the configured precision."""
-        with self.autocast():
-            return module(x).float()
-
-    @torch.no_grad()
-    def eval_logits(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``module``'s logits on stored images ``x`` in eval mode, in batches (flags restored)."""
-        with eval_mode(module):
-            return torch.cat(
-                [
-                    self.classify(module, self.inputs(x[i : i + EVAL_BATCH]))
-                    for i in range(0, len(x), EVAL_BATCH)
-                ]
-            )
-
-    def train_batches(
-        self, num_samples: int, generator: torch.Generator | None = None
-    ) -> list[torch.Tensor]:
-        """One shuffled epoch of index batches (the run's shuffle generator by default)."""
-        return batches(num_samples, self.config.batch_size, generator or self.shuffle_generator)
-
-    def to_device(self, idx: torch.Tensor) -> torch.Tensor:
-        """This process's share of a global index batch, on the device."""
-        return self.dist.shard(idx).to(self.device)
 
     def save_within_epoch(self) -> None:
         """Checkpoint part-way through an epoch (a long unit); stop here if a signal arrived.

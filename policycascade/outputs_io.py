@@ -500,6 +500,39 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
     """Table columns (``label``, ``split``, ``<stage>.p<c>``, ...) -> arrays by name."""
     if "label" not in columns:
         raise ValueError(f"{str(path)!r} has no 'label' column (columns: {list(columns)[:8]}...)")
+    stages, kind = _stage_columns(columns, path)
+    scores = _stage_scores(columns, stages, kind, path)  # (sample, stage, class)
+    arrays: dict[str, Any] = {
+        "labels": _numbers(columns["label"], "label", path),
+        "probs": scores if kind == "probs" else None,
+        "logits": scores if kind == "logits" else None,
+        "stage_names": list(stages),
+        "cost_unit": _constant(columns["cost_unit"], "cost_unit", path)
+        if "cost_unit" in columns
+        else None,
+        "split": np.asarray(columns["split"], dtype=str) if "split" in columns else None,
+    }
+    for key, column in (("stage_costs", "cost"), ("alone_costs", "alone_cost")):
+        have = [column in s for s in stages.values()]
+        if any(have) and not all(have):
+            stage = list(stages)[have.index(False)]
+            raise ValueError(f"{str(path)!r} lacks column {f'{stage}.{column}'!r}")
+        arrays[key] = (
+            [_mean_cost(columns[s[column]], s[column], path) for s in stages.values()]
+            if all(have)
+            else None
+        )
+    return arrays
+
+
+def _stage_columns(
+    columns: dict[str, Sequence], path: Path
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """Each stage's column names, and whether its scores are ``"probs"`` or ``"logits"``.
+
+    A stage maps ``classes`` (class -> column) and, where given, ``cost`` and
+    ``alone_cost`` to column names; unknown columns are refused.
+    """
     stages: dict[str, dict[str, Any]] = {}  # in order of first appearance
     kinds = set()
     for name in columns:
@@ -530,7 +563,13 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
         raise ValueError(
             f"{str(path)!r} mixes probability (.p<c>) and logit (.logit<c>) columns: use one kind"
         )
-    kind = "probs" if kinds == {"p"} else "logits"
+    return stages, "probs" if kinds == {"p"} else "logits"
+
+
+def _stage_scores(
+    columns: dict[str, Sequence], stages: dict[str, dict[str, Any]], kind: str, path: Path
+) -> np.ndarray:
+    """The (sample, stage, class) scores; every stage needs one column per class."""
     suffix = "p" if kind == "probs" else "logit"
     num_classes = max(max(s["classes"], default=-1) + 1 for s in stages.values())
     classes = range(num_classes)
@@ -541,7 +580,7 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
                 f"{str(path)!r} lacks column {f'{stage}.{suffix}{missing[0]}'!r}: every stage "
                 f"needs one column per class, {suffix}0 to {suffix}{num_classes - 1}"
             )
-    scores = np.stack(
+    return np.stack(
         [
             np.stack(
                 [_numbers(columns[s["classes"][c]], s["classes"][c], path) for c in classes], 1
@@ -549,28 +588,7 @@ def _table_to_arrays(columns: dict[str, Sequence], path: Path) -> dict[str, Any]
             for s in stages.values()
         ],
         axis=1,
-    )  # (sample, stage, class)
-    arrays: dict[str, Any] = {
-        "labels": _numbers(columns["label"], "label", path),
-        "probs": scores if kind == "probs" else None,
-        "logits": scores if kind == "logits" else None,
-        "stage_names": list(stages),
-        "cost_unit": _constant(columns["cost_unit"], "cost_unit", path)
-        if "cost_unit" in columns
-        else None,
-        "split": np.asarray(columns["split"], dtype=str) if "split" in columns else None,
-    }
-    for key, column in (("stage_costs", "cost"), ("alone_costs", "alone_cost")):
-        have = [column in s for s in stages.values()]
-        if any(have) and not all(have):
-            stage = list(stages)[have.index(False)]
-            raise ValueError(f"{str(path)!r} lacks column {f'{stage}.{column}'!r}")
-        arrays[key] = (
-            [_mean_cost(columns[s[column]], s[column], path) for s in stages.values()]
-            if all(have)
-            else None
-        )
-    return arrays
+    )
 
 
 def _split(arrays: dict[str, Any], path: Path) -> dict[str, CascadeOutputs]:

@@ -262,39 +262,18 @@ def best_subset(
     """
     check_same_task(val, test, ("val", "test"))
     k = val.num_stages
-    if target_accuracy is not None and macs_budget is not None:
-        raise ValueError("give target_accuracy or macs_budget, not both")
-    if macs_budget is not None and not macs_budget > 0:
-        raise ValueError(f"macs_budget must be > 0, got {macs_budget}")
+    target, value = _target(val, target_accuracy, macs_budget)
     names = list(stage_names) if stage_names is not None else [f"stage{t}" for t in range(k)]
     if len(names) != k:
         raise ValueError(f"stage_names needs one name per stage ({k}), got {len(names)}: {names}")
     make_search = threshold_search(search) if isinstance(search, str) else search
-    full_stages = tuple(range(k))
-    candidates = [_check_stages(s, k) for s in (subsets or candidate_subsets(k))]
-    if full_stages not in candidates:
-        candidates.append(full_stages)
-    if macs_budget is None:
-        target, value = "accuracy", target_accuracy
-        if value is None:
-            value = float((val.probs[:, -1].argmax(-1) == val.labels).double().mean())
-    else:
-        target, value = "budget", float(macs_budget)
-
+    candidates = _candidates(subsets, k)
     scores = [
         _score(stages, names, make_search, sub_outputs(val, stages), target, value, sweep_points)
         for stages in candidates
     ]
-
-    def rank(score: SubsetScore) -> tuple:
-        if target == "accuracy":
-            quality = -score.val_mean_macs if score.feasible else score.val_accuracy
-            return (score.feasible, quality, score.val_accuracy, -len(score.stages))
-        quality = score.val_accuracy if score.feasible else -score.val_mean_macs
-        return (score.feasible, quality, -score.val_mean_macs, -len(score.stages))
-
-    best = max(scores, key=rank)
-    full = scores[candidates.index(full_stages)]
+    best = max(scores, key=lambda score: _rank(score, target))
+    full = scores[candidates.index(tuple(range(k)))]
     best_test, best_curve = _on_test(best, test)
     full_test, full_curve = _on_test(full, test)
     return SubsetChoice(
@@ -309,6 +288,42 @@ def best_subset(
         full_test_curve=full_curve,
         macs_saved=macs_saved(best_curve, full_curve, full_test["accuracy"]),
     )
+
+
+def _candidates(subsets: Sequence[Sequence[int]] | None, k: int) -> list[tuple[int, ...]]:
+    """The subsets to try (default :func:`candidate_subsets`), checked, the full cascade added."""
+    full_stages = tuple(range(k))
+    candidates = [_check_stages(s, k) for s in (subsets or candidate_subsets(k))]
+    if full_stages not in candidates:
+        candidates.append(full_stages)
+    return candidates
+
+
+def _target(
+    val: CascadeOutputs, target_accuracy: float | None, macs_budget: float | None
+) -> tuple[str, float]:
+    """The criterion and its value: ``("budget", macs_budget)`` or ``("accuracy", value)``.
+
+    The accuracy defaults to the last classifier's on validation.
+    """
+    if target_accuracy is not None and macs_budget is not None:
+        raise ValueError("give target_accuracy or macs_budget, not both")
+    if macs_budget is not None and not macs_budget > 0:
+        raise ValueError(f"macs_budget must be > 0, got {macs_budget}")
+    if macs_budget is not None:
+        return "budget", float(macs_budget)
+    if target_accuracy is None:
+        return "accuracy", float((val.probs[:, -1].argmax(-1) == val.labels).double().mean())
+    return "accuracy", target_accuracy
+
+
+def _rank(score: SubsetScore, target: str) -> tuple:
+    """Sort key of the criterion: feasible first, then the target's quality, then fewer stages."""
+    if target == "accuracy":
+        quality = -score.val_mean_macs if score.feasible else score.val_accuracy
+        return (score.feasible, quality, score.val_accuracy, -len(score.stages))
+    quality = score.val_accuracy if score.feasible else -score.val_mean_macs
+    return (score.feasible, quality, -score.val_mean_macs, -len(score.stages))
 
 
 def _score(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -328,7 +329,7 @@ def _bench_run(run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from policycascade import load_run
     from policycascade.agents.rules import exit_stages
-    from policycascade.shift import CORRUPTIONS, corrupt
+    from policycascade.shift import corrupt
 
     run = load_run(run_dir, device="cpu")
     rule, h = run.rule, run.harness
@@ -339,31 +340,13 @@ def _bench_run(run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     value_range = (0.0, 1.0) if x.dtype == torch.uint8 else (float(x.min()), float(x.max()))
     generator = torch.Generator().manual_seed(run.config.seed)
     clean = exit_stages(rule, run.outputs("test").probs).cpu().numpy()
-    costs = np.asarray(watch.exit_costs)
-    rows = []
-    for kind in CORRUPTIONS:
-        for severity in range(1, 6):
-            shifted = run.cascade.outputs(
-                corrupt(x, kind, severity, generator, value_range), y, h.costs, transform=h.inputs
-            )
-            stages = exit_stages(rule, shifted.probs).cpu().numpy()
-            delays = detection_delays(
-                watch, stages, args.streams, args.max_samples, rng, clean, args.prefix
-            )
-            found = [d for d in delays if d is not None]
-            rows.append(
-                {
-                    "kind": kind,
-                    "severity": severity,
-                    "cost_ratio": float(costs[stages].mean() / costs[clean].mean()),
-                    "exit_shares": (
-                        np.bincount(stages, minlength=len(costs)) / len(stages)
-                    ).tolist(),
-                    "detected": len(found) / len(delays),
-                    "mean_delay": float(np.mean(found)) if found else None,
-                    "delays": delays,
-                }
-            )
+
+    def shifted_exits(kind: str, severity: int) -> np.ndarray:
+        corrupted = corrupt(x, kind, severity, generator, value_range)
+        shifted = run.cascade.outputs(corrupted, y, h.costs, transform=h.inputs)
+        return exit_stages(rule, shifted.probs).cpu().numpy()
+
+    rows = _shift_rows(shifted_exits, watch, clean, rng, args)
     fresh, source = _clean_stream(run, rule, args.clean_samples, rng, clean)
     times = false_alarm_times(watch, fresh)
     null = null_false_alarms(
@@ -388,6 +371,45 @@ def _bench_run(run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
         "null_streams": args.null_repeats,
         "null_streams_alarmed": null,
     }
+
+
+def _shift_rows(
+    shifted_exits: Callable[[str, int], np.ndarray],
+    watch: DriftWatch,
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """Per corruption and severity: cost ratio to clean, exit shares, detection delays.
+
+    ``shifted_exits(kind, severity)`` gives the exit stages of the corrupted samples;
+    each stream starts with ``--prefix`` of the ``clean`` exits.
+    """
+    from policycascade.shift import CORRUPTIONS
+
+    costs = np.asarray(watch.exit_costs)
+    rows = []
+    for kind in CORRUPTIONS:
+        for severity in range(1, 6):
+            stages = shifted_exits(kind, severity)
+            delays = detection_delays(
+                watch, stages, args.streams, args.max_samples, rng, clean, args.prefix
+            )
+            found = [d for d in delays if d is not None]
+            rows.append(
+                {
+                    "kind": kind,
+                    "severity": severity,
+                    "cost_ratio": float(costs[stages].mean() / costs[clean].mean()),
+                    "exit_shares": (
+                        np.bincount(stages, minlength=len(costs)) / len(stages)
+                    ).tolist(),
+                    "detected": len(found) / len(delays),
+                    "mean_delay": float(np.mean(found)) if found else None,
+                    "delays": delays,
+                }
+            )
+    return rows
 
 
 def _clean_stream(run, rule, size: int, rng: np.random.Generator, test_stages: np.ndarray):

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from policycascade.cascade import Cascade
@@ -31,6 +30,8 @@ _AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
 
 def classifier_names() -> list[str]:
     """Names of torchvision's classification models (``torchvision.models.list_models``)."""
+    import torchvision  # slow import (about a second): only when a model is built
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -38,6 +39,8 @@ def torchvision_classifier(
     name: str, weights: Weights = None, num_classes: int = 1000
 ) -> nn.Module:
     """The torchvision classifier ``name`` with the given weights (see the module docstring)."""
+    import torchvision  # slow import (about a second): only when a model is built
+
     known = classifier_names()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
@@ -146,22 +149,9 @@ def pretrained_cascade(
         per_model = list(weights)
         if len(per_model) != len(models):
             raise ValueError(f"got {len(per_model)} weights for {len(models)} models")
-    classifiers = []
-    for model, w in zip(models, per_model, strict=True):
-        if isinstance(model, str):
-            classifiers.append(torchvision_classifier(model, w, num_classes))
-        elif isinstance(model, nn.Module):
-            if w is not None:
-                path = _as_path(w)
-                if path is None:
-                    raise ValueError(
-                        f"a given {type(model).__name__} module takes weights from a local "
-                        f"file or None, got {w!r}"
-                    )
-                _load_file(model, type(model).__name__, path)
-            classifiers.append(model)
-        else:
-            raise TypeError(f"models must be torchvision names or modules, got {model!r}")
+    classifiers = [
+        _classifier(model, w, num_classes) for model, w in zip(models, per_model, strict=True)
+    ]
     names = list(names) if names is not None else _default_names(models)
     if len(names) != len(classifiers):
         raise ValueError(f"got {len(names)} names for {len(classifiers)} models")
@@ -177,6 +167,23 @@ def pretrained_cascade(
     return Cascade(
         [classifiers[i] for i in order], input_shape, num_classes, [names[i] for i in order]
     )
+
+
+def _classifier(model: str | nn.Module, weights: Weights, num_classes: int) -> nn.Module:
+    """A torchvision classifier by name, or a given module with its weights file loaded."""
+    if isinstance(model, str):
+        return torchvision_classifier(model, weights, num_classes)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"models must be torchvision names or modules, got {model!r}")
+    if weights is not None:
+        path = _as_path(weights)
+        if path is None:
+            raise ValueError(
+                f"a given {type(model).__name__} module takes weights from a local "
+                f"file or None, got {weights!r}"
+            )
+        _load_file(model, type(model).__name__, path)
+    return model
 
 
 def _default_names(models: Sequence[str | nn.Module]) -> list[str]:
