@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-FEATURE_SETS = ("max-softmax", "confidence", "history", "class")
+from policycascade.stop_feature_names import FEATURE_SETS
+
 _EPS = 1e-12  # log-scale features read p < 1e-12 as 1e-12 (log-odds at most ~27.6)
 
 

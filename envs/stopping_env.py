@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-import operator
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -14,6 +14,7 @@ from gymnasium import spaces
 from gymnasium.error import InvalidAction, ResetNeeded
 
 from policycascade.cascade import CascadeOutputs
+from policycascade.registry_checks import check_integer
 from policycascade.rewards import check_alpha, check_loss_name, prediction_loss, step_reward
 
 CONTINUE, STOP = 0, 1
@@ -22,23 +23,6 @@ CONTINUE, STOP = 0, 1
 def observation_space(num_classes: int, num_stages: int) -> spaces.Box:
     """Flat observation: the stage's softmax (C values) followed by a one-hot stage index (K)."""
     return spaces.Box(0.0, 1.0, shape=(num_classes + num_stages,), dtype=np.float32)
-
-
-def check_integer(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int if it is an integer >= ``minimum``, else raise naming ``name``.
-
-    Python, NumPy and 0-d integer tensors count; booleans and floats such as 2.0 do not
-    (``int(2.7)`` would silently drop the fraction).
-    """
-    try:
-        if isinstance(value, (bool, np.bool_)):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
 
 
 def check_env_alpha(alpha: Any) -> float:
@@ -247,3 +231,11 @@ class CascadeStoppingEnv(gym.Env):
         )
         last = self.num_stages - 1
         return f"sample {self._sample} stage {self._stage}/{last}  top classes {classes}"
+
+
+def env_from_source(
+    outputs: Callable[[], CascadeOutputs], alpha: float, loss: str, render_mode: str | None
+) -> CascadeStoppingEnv:
+    """An env on ``outputs()``, called only once ``alpha`` and ``loss`` are known to be valid."""
+    alpha, loss = check_env_alpha(alpha), check_loss_name(loss)  # before the outputs
+    return CascadeStoppingEnv(outputs(), alpha=alpha, loss=loss, render_mode=render_mode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -189,3 +190,12 @@ class CascadeStoppingVectorEnv(VectorEnv):
             info[key] = torch.where(done, info_done[key], info[key])
         truncated = torch.zeros_like(done)
         return self._observation(), reward, done, truncated, info
+
+
+def vector_env_from_source(
+    outputs: Callable[[], CascadeOutputs], num_envs: int, alpha: float, loss: str, device: str
+) -> CascadeStoppingVectorEnv:
+    """A batched env on ``outputs()``, called only once the other arguments are valid."""
+    num_envs = check_integer("num_envs", num_envs, 1)  # before the outputs
+    alpha, loss = check_env_alpha(alpha), check_loss_name(loss)
+    return CascadeStoppingVectorEnv(num_envs, outputs(), alpha=alpha, loss=loss, device=device)
