@@ -210,6 +210,64 @@ class ContinuationValueRule(nn.Module):
         rule.load_state_dict(checkpoint["state_dict"])
         return rule.eval()
 
+    def to_json_parameters(self) -> dict[str, Any]:
+        """JSON-ready parameters for a rule file: the config and each stage model's weights.
+
+        Every tensor is ``{"shape": [...], "values": nested lists}`` (float32 values, exact
+        as JSON floats); ``hidden`` is null for logistic regression. ``policycascade.serving``
+        computes the same scores from them with numpy.
+        """
+
+        def tensor(t: torch.Tensor) -> dict[str, Any]:
+            return {"shape": list(t.shape), "values": t.detach().cpu().tolist()}
+
+        def layer(linear: nn.Linear) -> dict[str, Any]:
+            return {"weight": tensor(linear.weight), "bias": tensor(linear.bias)}
+
+        models = [
+            {
+                "mean": tensor(m.mean),
+                "scale": tensor(m.scale),
+                "hidden": None if m.body is None else layer(m.body[0]),
+                "head": layer(m.head),
+            }
+            for m in self.stage_models
+        ]
+        return {"config": self.config(), "stage_models": models}
+
+    @classmethod
+    def from_json_parameters(cls, params: dict[str, Any]) -> ContinuationValueRule:
+        """The rule :meth:`to_json_parameters` described; a ValueError where a shape differs."""
+        rule = cls(**params["config"])
+        if len(params["stage_models"]) != len(rule.stage_models):
+            raise ValueError(
+                f"the rule has {len(rule.stage_models)} stage models, the parameters "
+                f"{len(params['stage_models'])}"
+            )
+        state = {}
+        for t, stored in enumerate(params["stage_models"]):
+            layers = {"head": stored["head"]}
+            if stored.get("hidden") is not None:
+                layers["body.0"] = stored["hidden"]
+            state[f"{t}.mean"], state[f"{t}.scale"] = stored["mean"], stored["scale"]
+            for name, weights in layers.items():
+                state[f"{t}.{name}.weight"] = weights["weight"]
+                state[f"{t}.{name}.bias"] = weights["bias"]
+        own = rule.stage_models.state_dict()
+        if set(state) != set(own):
+            raise ValueError(f"stage model weights {sorted(state)} do not match {sorted(own)}")
+        loaded = {}
+        for key, stored in state.items():
+            value = torch.tensor(stored["values"], dtype=torch.float32)
+            if list(value.shape) != list(stored["shape"]) or value.shape != own[key].shape:
+                raise ValueError(
+                    f"{key} has shape {list(value.shape)} (stored {stored['shape']}), the "
+                    f"rule needs {list(own[key].shape)}"
+                )
+            loaded[key] = value
+        rule.stage_models.load_state_dict(loaded)
+        return rule.eval()
+
 
 def _fit_stage_model(
     model: _StageModel,

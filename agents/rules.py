@@ -1,4 +1,7 @@
-"""The interface every stopping policy satisfies, learned or rule-based; its one decision path."""
+"""The interface every stopping policy satisfies, learned or rule-based; its one decision path.
+
+Also the one rule that skips stages, :class:`LargestOnlyRule` (the largest classifier alone).
+"""
 
 from __future__ import annotations
 
@@ -66,3 +69,48 @@ def rule_predictions(
     """
     predict = getattr(rule, "predictions", None)
     return None if predict is None else predict(probs, exit_stage)
+
+
+class LargestOnlyRule:
+    """Send every sample straight to the last classifier: only it runs, and it answers.
+
+    The certified fallback (``policycascade.certify``): it decides as a rule that never
+    stops before the last stage (scores -inf), but it *skips* the earlier stages, so it
+    costs the last classifier alone (``StageCosts.alone_macs[-1]``), not every stage's
+    cumulative cost. Code that charges or runs stages asks :func:`skips_to_last`.
+    """
+
+    skips_to_last = True
+
+    def __init__(self, num_stages: int, name: str = "largest classifier alone"):
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 2:
+            raise ValueError(f"num_stages must be an integer >= 2, got {num_stages!r}")
+        self.num_stages, self.name = num_stages, name
+
+    def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
+        """-inf at every stage but the last (float64): nothing stops before it."""
+        columns = min(history.shape[1], self.num_stages - 1)
+        return torch.full(
+            (len(history), columns), -torch.inf, dtype=torch.float64, device=history.device
+        )
+
+    def policy_macs(self) -> list[int]:
+        """It decides nothing at run time: no stopping module runs."""
+        return [0] * self.num_stages
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LargestOnlyRule) and (other.num_stages, other.name) == (
+            self.num_stages,
+            self.name,
+        )
+
+    def __hash__(self) -> int:
+        return hash((LargestOnlyRule, self.num_stages, self.name))
+
+    def __repr__(self) -> str:
+        return f"LargestOnlyRule(num_stages={self.num_stages})"
+
+
+def skips_to_last(rule: StoppingRule) -> bool:
+    """Whether ``rule`` runs only the last classifier (skips every earlier stage)."""
+    return getattr(rule, "skips_to_last", False) is True

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policycascade.agents.rules import StoppingRule
+from policycascade.agents.rules import LargestOnlyRule, StoppingRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.certify_bounds import BOUNDS, p_values
 from policycascade.certify_paths import (
@@ -29,6 +29,7 @@ from policycascade.certify_paths import (
     FIXED_FAMILIES,
     Family,
     Target,
+    answers_with_last_classifier,
     fixed_path,
     fixed_sequence,
     path_grid,
@@ -39,6 +40,7 @@ from policycascade.certify_paths import (
 __all__ = [
     "Certified",
     "Family",
+    "LargestOnlyRule",
     "Target",
     "certified_fit",
     "fixed_path",
@@ -122,7 +124,7 @@ def certified_fit(
     seed: int = 0,
     unlabelled_probs: torch.Tensor | None = None,
 ) -> Certified:
-    """The cheapest path rule whose risk target holds with probability >= 1 - delta.
+    """The cheapest certified path rule: its risk target holds with probability >= 1 - delta.
 
     ``family`` is a criterion name (thresholds of its confidence) or any StoppingRule
     (offsets of its stop score, e.g. a learned rule). ``bound='auto'`` bets (Waudby-Smith &
@@ -131,14 +133,13 @@ def certified_fit(
     (``path_share`` of the samples fit it). ``both`` certifies the ``fixed`` path (one
     shared threshold; every calibration sample tests) and the ``split`` path at delta / 2
     each and keeps the cheaper certified rule on the calibration samples: by the union
-    bound both promises hold together with probability >= 1 - delta. The fixed path keeps
-    the most where one threshold suits every stage; the split path where a stage is
-    confidently wrong on some inputs (the specialist cascade), where the fixed one saves
-    nothing.
+    bound both promises hold together with probability >= 1 - delta.
     ``unlabelled_probs`` (sample, K, C) join the test samples of a budget target.
-    Where nothing beyond the safe end passes, returns that end (the largest classifier
-    alone; the first stage for a budget) with ``certified=False`` and an estimate of the
-    calibration samples needed to certify the first rule of the path.
+    For a drop or an accuracy, the path's surely safe end is the largest classifier alone
+    (:class:`LargestOnlyRule`, which skips the other stages and costs 100% of it); of the
+    certified rules it returns the cheapest on the calibration samples. Where nothing beyond
+    the safe end passes, it returns that end (the first stage alone for a budget) with
+    ``certified=False`` and an estimate of the calibration samples needed.
     """
     _check(calibration, target, delta, bound, path, path_share, unlabelled_probs)
     bound = DEFAULT_BOUND[target.kind] if bound == "auto" else bound
@@ -148,19 +149,57 @@ def certified_fit(
         return _both_paths(
             calibration, target, delta, family, bound, path_share, seed, unlabelled_probs
         )
-    delta = float(delta)
+    return _one_path(
+        calibration, target, float(delta), family, bound, path, path_share, seed, unlabelled_probs
+    )
+
+
+def _one_path(calibration, target, delta, family, bound, path, path_share, seed, unlabelled):
+    """Fixed-sequence testing along one path (``fixed`` or ``split``)."""
+    everyone, testing, thresholds = _path_and_tests(
+        calibration, target, family, path, path_share, seed, unlabelled
+    )
+    p = path_p_values(testing, thresholds, target, delta, bound)
+    last = fixed_sequence(p, delta)
+    certified = last >= 1 or (last == 0 and target.kind == "accuracy")
+    rule, p_value = _chosen_rule(calibration, family, everyone, thresholds, p, last, target)
+    needed = None
+    message = f"certified {target} at delta={delta:g} with {bound} on {len(testing.scores)} samples"
+    if not certified:
+        scale = calibration.num_samples / len(testing.scores)
+        needed = _needed_samples(testing, thresholds, target, delta, bound, scale)
+        message = _fallback_message(target, delta, calibration.num_samples, last, needed)
+    elif isinstance(rule, LargestOnlyRule):
+        message += "; the largest classifier alone is cheaper than every certified path rule"
+    return Certified(
+        rule=rule,
+        certified=certified,
+        bound=bound,
+        num_samples=len(testing.scores),
+        p_value=p_value,
+        target=target,
+        delta=delta,
+        needed_samples=needed,
+        path_p_values=[float(v) for v in p],
+        path=path,
+        message=message,
+    )
+
+
+def _path_and_tests(calibration, target, family, path, path_share, seed, unlabelled):
+    """The family on every calibration sample, on the samples that test, and the path."""
     everyone = Family.of(family, calibration.probs, calibration.labels, calibration.costs)
     n = calibration.num_samples
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if path == "split":
         n_path = min(max(1, round(path_share * n)), n - 1)
-        path_thresholds = split_path(everyone.subset(order[:n_path]).search(), target)
+        thresholds = split_path(everyone.subset(order[:n_path]).search(), target)
         testing = everyone.subset(order[n_path:])
     else:
-        path_thresholds = fixed_path(family, calibration.num_stages, target)
+        thresholds = fixed_path(family, calibration.num_stages, target)
         testing = everyone.subset(order)
-    if unlabelled_probs is not None:
-        extra = Family.of(family, unlabelled_probs, None, calibration.costs)
+    if unlabelled is not None:
+        extra = Family.of(family, unlabelled, None, calibration.costs)
         testing = Family(
             torch.cat([testing.scores, extra.scores]),
             None,
@@ -168,41 +207,46 @@ def certified_fit(
             testing.reference_macs,
             testing.make_rule,
         )
-    p = path_p_values(testing, path_thresholds, target, delta, bound)
-    last = fixed_sequence(p, delta)
+    return everyone, testing, thresholds
+
+
+def _chosen_rule(calibration, family, everyone, thresholds, p, last, target):
+    """The returned rule and its p-value: the cheapest certified one, else the safe end.
+
+    For a drop or an accuracy (family answering with the last classifier), the safe end
+    is the largest classifier alone; the certified rules are the rejected prefix of the
+    path (fixed-sequence testing rejects them all together with probability >= 1 - delta,
+    so choosing among them by their label-free cost keeps the guarantee). Where none
+    passed, the p-value is the first path rule's beyond the safe end.
+    """
     certified = last >= 1 or (last == 0 and target.kind == "accuracy")
-    chosen = max(last, 0)
-    needed = None
-    message = f"certified {target} at delta={delta:g} with {bound} on {len(testing.scores)} samples"
-    if not certified:
-        needed = _needed_samples(
-            testing, path_thresholds, target, delta, bound, n / len(testing.scores)
+    beyond = float(p[min(last + 1, len(p) - 1)])
+    if target.kind == "budget" or not answers_with_last_classifier(family):
+        chosen = max(last, 0)
+        rule = everyone.make_rule(thresholds[chosen].tolist())
+        return rule, float(p[chosen]) if certified else beyond
+    safe = LargestOnlyRule(calibration.num_stages)
+    if not certified or last == 0:
+        return safe, float(p[0]) if certified else beyond
+    macs = everyone.cumulative[everyone.exits(thresholds[1 : last + 1])].mean(1)
+    cheapest = int(torch.argmin(macs))
+    if float(macs[cheapest]) >= float(calibration.costs.alone_macs[-1]):
+        return safe, float(p[0])
+    return everyone.make_rule(thresholds[1 + cheapest].tolist()), float(p[1 + cheapest])
+
+
+def _fallback_message(target: Target, delta: float, n: int, last: int, needed) -> str:
+    """What a fit that certified nothing beyond the safe end says."""
+    fallback = "the first stage" if target.kind == "budget" else "the largest classifier"
+    return (
+        f"could not certify {target} at delta={delta:g} with {n} calibration samples; "
+        f"fell back to {fallback} alone"
+        + (" (itself not certified)" if last < 0 else "")
+        + (
+            f"; about {needed} calibration samples would certify the path's first rule"
+            if needed
+            else "; the path's first rule is out of reach"
         )
-        fallback = (
-            "the first stage alone" if target.kind == "budget" else "the largest classifier alone"
-        )
-        message = (
-            f"could not certify {target} at delta={delta:g} with {n} calibration samples; "
-            f"fell back to {fallback}"
-            + (" (itself not certified)" if last < 0 else "")
-            + (
-                f"; about {needed} calibration samples would certify the path's first rule"
-                if needed
-                else "; the path's first rule is out of reach"
-            )
-        )
-    return Certified(
-        rule=everyone.make_rule(path_thresholds[chosen].tolist()),
-        certified=certified,
-        bound=bound,
-        num_samples=len(testing.scores),
-        p_value=float(p[chosen] if last >= 0 and certified else p[min(last + 1, len(p) - 1)]),
-        target=target,
-        delta=delta,
-        needed_samples=needed,
-        path_p_values=[float(v) for v in p],
-        path=path,
-        message=message,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from policycascade.agents.rules import StoppingRule, first_stop
 from policycascade.agents.thresholds import (
     CRITERIA,
+    ENSEMBLE,
     ScoreSearch,
     ShiftedRule,
     ThresholdRule,
@@ -260,6 +261,24 @@ def path_p_values(
     if target.kind != "accuracy":
         p[0] = 0.0 if losses[0].mean() <= risk else 1.0
     return p
+
+
+def answers_with_last_classifier(family: str | StoppingRule) -> bool:
+    """Whether a family's rule that reaches the last stage answers with its arg-max.
+
+    Then the largest classifier alone (:class:`~policycascade.agents.rules.LargestOnlyRule`)
+    makes the same answers as the path's surely safe rule (every threshold +inf) and can
+    replace it. Not for rules that answer with an ensemble of the visited stages.
+    """
+    if isinstance(family, str):
+        return family != ENSEMBLE
+    if isinstance(family, ThresholdRule):
+        return family.criterion != ENSEMBLE
+    if isinstance(family, ShiftedRule):
+        return answers_with_last_classifier(family.base)
+    if getattr(family, "predictions", None) is None:
+        return True
+    return getattr(family, "answer", None) == "exit"
 
 
 def fixed_sequence(p: np.ndarray, delta: float) -> int:

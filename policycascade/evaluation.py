@@ -6,16 +6,42 @@ from typing import Any
 
 import torch
 
-from policycascade.agents.rules import StoppingRule, exit_stages, first_stop, rule_predictions
+from policycascade.agents.rules import (
+    StoppingRule,
+    exit_stages,
+    first_stop,
+    rule_predictions,
+    skips_to_last,
+)
 from policycascade.cascade import CascadeOutputs
+from policycascade.costs import StageCosts
+
+
+def exit_costs(rule: StoppingRule, costs: StageCosts) -> list[int | float]:
+    """Cost of a sample exiting at each stage under ``rule``, in the costs' unit.
+
+    Every stage up to the exit ran, the rule's stopping modules included; a rule that
+    skips to the last stage (:class:`~policycascade.agents.rules.LargestOnlyRule`) pays the
+    last classifier alone there (its other entries are never reached).
+    """
+    paid = costs.with_policy_macs(rule.policy_macs())
+    out = list(paid.cumulative_macs)
+    if skips_to_last(rule):
+        out[-1] = paid.alone_macs[-1]
+    return out
 
 
 def evaluate_exits(
-    outputs: CascadeOutputs, exit_stage: torch.Tensor, predictions: torch.Tensor | None = None
+    outputs: CascadeOutputs,
+    exit_stage: torch.Tensor,
+    predictions: torch.Tensor | None = None,
+    costs_by_exit: list[int | float] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, cost and exit statistics of a policy that exits at ``exit_stage``.
 
-    ``predictions`` defaults to the exit classifier's arg-max. Returns plain
+    ``predictions`` defaults to the exit classifier's arg-max; ``costs_by_exit`` (K
+    values, default the cumulative costs) what a sample exiting at each stage spent
+    (:func:`exit_costs`). Returns plain
     Python numbers and lists (JSON-ready):
 
     - ``accuracy``; ``mean_macs`` (per sample, every stage run up to the exit,
@@ -30,8 +56,12 @@ def evaluate_exits(
     exit_stage = exit_stage.to(probs.device)
     if predictions is None:
         predictions = probs[torch.arange(n, device=probs.device), exit_stage].argmax(-1)
-    cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64, device=probs.device)
-    spent = cumulative[exit_stage]
+    if costs_by_exit is None:
+        costs_by_exit = costs.cumulative_macs
+    elif len(costs_by_exit) != k:
+        raise ValueError(f"costs_by_exit needs {k} values, got {len(costs_by_exit)}")
+    by_exit_cost = torch.tensor(costs_by_exit, dtype=torch.float64, device=probs.device)
+    spent = by_exit_cost[exit_stage]
     counts = torch.bincount(exit_stage, minlength=k).to(torch.float64)
     stage_correct = (probs.argmax(-1) == labels.unsqueeze(1)).to(torch.float64)  # (n, k)
     one_hot_exit = torch.nn.functional.one_hot(exit_stage, k).to(torch.float64)  # (n, k)
@@ -52,12 +82,15 @@ def evaluate_rule(rule: StoppingRule, outputs: CascadeOutputs) -> dict[str, Any]
     """Any stopping rule on cached outputs: its exits and answers, scored by :func:`evaluate_exits`.
 
     The outputs' stage costs are replaced by the rule's own (its ``policy_macs``), so every
-    rule pays for exactly what it runs.
+    rule pays for exactly what it runs (:func:`exit_costs`: the last classifier alone for
+    a rule that skips to it).
     """
     costs = outputs.costs.with_policy_macs(rule.policy_macs())
     exit_stage = exit_stages(rule, outputs.probs)
     predictions = rule_predictions(rule, outputs.probs, exit_stage)
-    return evaluate_exits(outputs.with_costs(costs), exit_stage, predictions)
+    return evaluate_exits(
+        outputs.with_costs(costs), exit_stage, predictions, exit_costs(rule, outputs.costs)
+    )
 
 
-__all__ = ["evaluate_exits", "evaluate_rule", "first_stop"]
+__all__ = ["evaluate_exits", "evaluate_rule", "exit_costs", "first_stop"]

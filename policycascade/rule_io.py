@@ -8,6 +8,7 @@ monitor. :mod:`policycascade.serving` applies the file with numpy alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from policycascade.agents.rules import StoppingRule
+from policycascade.agents.rules import LargestOnlyRule, StoppingRule
 from policycascade.agents.thresholds import ShiftedRule, ThresholdRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.evaluation import evaluate_rule
@@ -132,13 +133,37 @@ def load_rule(path: str | Path, outputs: CascadeOutputs | None = None) -> Stoppi
 
 def rule_from_dict(data: dict[str, Any]) -> StoppingRule:
     """The torch rule :func:`rule_to_dict` described."""
-    params = data["parameters"]
-    if data["family"] == "threshold":
+    return _rule(data["family"], data["parameters"], int(data["num_stages"]))
+
+
+def _rule(family: str, params: dict[str, Any], num_stages: int) -> StoppingRule:
+    if family == "threshold":
         return _threshold_rule(params)
-    if data["family"] == "shifted-threshold":
+    if family == "largest-only":
+        return LargestOnlyRule(num_stages, params.get("name", "largest classifier alone"))
+    if family == "class-aware-threshold":
+        from policycascade.agents.class_aware import ClassAwareThresholdRule
+
+        offsets = params.get("offsets")
+        return ClassAwareThresholdRule(
+            params["criterion"],
+            [[decode_float(v, "thresholds") for v in row] for row in params["thresholds"]],
+            params.get("temperatures"),
+            params.get("name", ""),
+            shared_thresholds=params.get("shared_thresholds"),
+            alpha=params.get("alpha"),
+            offsets=None if offsets is None else [decode_float(v, "offsets") for v in offsets],
+        )
+    if family == "continuation-value":
+        from policycascade.agents.continuation import ContinuationValueRule
+
+        return ContinuationValueRule.from_json_parameters(params)
+    if family in ("shifted-threshold", "shifted"):
+        base = params["base"]
         offsets = [decode_float(v, "offsets") for v in params["offsets"]]
-        return ShiftedRule(_threshold_rule(params["base"]["parameters"]), offsets, params["name"])
-    raise ValueError(f"unknown rule family {data['family']!r}")
+        inner = _rule(base.get("family", "threshold"), base["parameters"], num_stages)
+        return ShiftedRule(inner, offsets, params["name"])
+    raise ValueError(f"unknown rule family {family!r}")
 
 
 def check_rule_outputs(data: dict[str, Any], outputs: CascadeOutputs, source: str = "rule") -> None:
@@ -162,23 +187,51 @@ def check_rule_outputs(data: dict[str, Any], outputs: CascadeOutputs, source: st
 
 
 def _parameters(rule: StoppingRule) -> tuple[str, dict[str, Any]]:
-    if isinstance(rule, ThresholdRule):
-        return "threshold", _threshold_parameters(rule)
+    """(family, JSON-ready parameters) of a rule the file format knows."""
     if isinstance(rule, ShiftedRule):
-        if not isinstance(rule.base, ThresholdRule):
+        if isinstance(rule.base, ShiftedRule):
             raise TypeError(
-                "a ShiftedRule can be saved only over a ThresholdRule, got a ShiftedRule over "
-                f"{type(rule.base).__name__}"
+                "a ShiftedRule can be saved only over a ThresholdRule, ClassAwareThresholdRule or "
+                "ContinuationValueRule, got a ShiftedRule over ShiftedRule"
             )
-        return "shifted-threshold", {
-            "base": {"family": "threshold", "parameters": _threshold_parameters(rule.base)},
+        family, params = _parameters(rule.base)
+        if family == "largest-only":
+            raise TypeError("a ShiftedRule over a LargestOnlyRule cannot be saved: shift nothing")
+        return "shifted-threshold" if family == "threshold" else "shifted", {
+            "base": {"family": family, "parameters": params},
             "offsets": [encode_float(v) for v in rule.offsets],
             "name": rule.name,
         }
+    if isinstance(rule, ThresholdRule):
+        return "threshold", _threshold_parameters(rule)
+    if isinstance(rule, LargestOnlyRule):
+        return "largest-only", {"name": rule.name}
+    kind = type(rule).__name__
+    if kind == "ClassAwareThresholdRule":  # by name: core does not import the class to check
+        return "class-aware-threshold", _class_aware_parameters(rule)
+    if kind == "ContinuationValueRule":
+        return "continuation-value", rule.to_json_parameters()
     raise TypeError(
-        f"save_rule supports ThresholdRule and ShiftedRule over a ThresholdRule, got "
-        f"{type(rule).__name__}"
+        f"save_rule supports ThresholdRule, ClassAwareThresholdRule, ContinuationValueRule, "
+        f"LargestOnlyRule and a ShiftedRule over one of the first three, got {kind}"
     )
+
+
+def _class_aware_parameters(rule) -> dict[str, Any]:
+    def floats(values):
+        return None if values is None else [encode_float(v) for v in values]
+
+    return {
+        "criterion": rule.criterion,
+        "thresholds": [[encode_float(v) for v in row] for row in rule.thresholds],
+        "temperatures": None
+        if rule.temperatures is None
+        else [float(t) for t in rule.temperatures],
+        "offsets": floats(rule.offsets),
+        "shared_thresholds": floats(rule.shared_thresholds),
+        "alpha": rule.alpha,
+        "name": rule.name,
+    }
 
 
 def _threshold_parameters(rule: ThresholdRule) -> dict[str, Any]:
@@ -204,19 +257,48 @@ def _threshold_rule(params: dict[str, Any]) -> ThresholdRule:
 def _lower_by_rounding_margin(
     data: dict[str, Any], rule: StoppingRule, probs: torch.Tensor
 ) -> None:
-    """Lower each finite cut by a rounding margin within its calibration gap (rule_to_dict)."""
-    params = data["parameters"]
-    if data["family"] == "threshold":
+    """Lower each finite cut by a rounding margin within its calibration gap (rule_to_dict).
+
+    Cuts: a threshold rule's thresholds, a shifted rule's offsets, a class-aware rule's
+    per-class thresholds (its offsets where it has them). A continuation rule's own cut
+    (0) stays: its scores differ by float32 rounding between torch and numpy.
+    """
+    params, family = data["parameters"], data["family"]
+    if family == "threshold":
         scores = rule.confidences(probs).double().cpu()  # stop iff confidence >= threshold
-        key = "thresholds"
-    else:
+        _lower_cuts(params, "thresholds", [(scores[:, t], t) for t in range(scores.shape[1])])
+    elif family in ("shifted-threshold", "shifted"):
         scores = rule.base.stop_scores(probs).double().cpu()  # stop iff base score >= offset
-        key = "offsets"
-    fitted = [decode_float(v, key) for v in params[key]]
-    lowered = [_lowered(scores[:, t], cut) for t, cut in enumerate(fitted)]
+        _lower_cuts(params, "offsets", [(scores[:, t], t) for t in range(scores.shape[1])])
+    elif family == "class-aware-threshold" and rule.offsets is not None:
+        scores = dataclasses.replace(rule, offsets=None).stop_scores(probs).cpu()
+        _lower_cuts(params, "offsets", [(scores[:, t], t) for t in range(scores.shape[1])])
+    elif family == "class-aware-threshold":
+        conf, predicted = rule.confidences(probs)
+        conf, predicted = conf.double().cpu(), predicted.cpu()
+        cells = [
+            (conf[predicted[:, t] == c, t], (t, c))
+            for t in range(conf.shape[1])
+            for c in range(rule.num_classes)
+        ]
+        _lower_cuts(params, "thresholds", cells)
+
+
+def _lower_cuts(params: dict[str, Any], key: str, cells: list) -> None:
+    """Lower ``params[key]`` (flat, or rows by (t, c)) at each (scores, index) of ``cells``."""
+    fitted = json.loads(json.dumps(params[key]))  # a copy, nested or flat
+    lowered = json.loads(json.dumps(params[key]))
+    for scores, index in cells:
+        if isinstance(index, tuple):
+            t, c = index
+            cut = decode_float(fitted[t][c], key)
+            lowered[t][c] = encode_float(_lowered(scores, cut))
+        else:
+            cut = decode_float(fitted[index], key)
+            lowered[index] = encode_float(_lowered(scores, cut))
     if lowered != fitted:
-        params[f"fitted_{key}"] = [encode_float(v) for v in fitted]
-        params[key] = [encode_float(v) for v in lowered]
+        params[f"fitted_{key}"] = fitted
+        params[key] = lowered
 
 
 def _lowered(scores: torch.Tensor, cut: float) -> float:

@@ -2,7 +2,10 @@
 
 Reads the JSON written by :func:`policycascade.rule_io.save_rule` and makes the same
 decisions as the torch rule: stop at stage t where its score is >= 0, the last stage
-always stops. This module imports only the standard library and numpy.
+always stops. Families: confidence thresholds (optionally shifted per stage), class-aware
+thresholds, the continuation-value rule (its small per-stage networks, stored as nested
+lists) and the largest classifier alone. This module imports only the standard library
+and numpy.
 """
 
 from __future__ import annotations
@@ -16,8 +19,18 @@ import numpy as np
 
 FORMAT = "policycascade-rule"
 VERSION = 1
-FAMILIES = ("threshold", "shifted-threshold")
+FAMILIES = (
+    "threshold",
+    "shifted-threshold",
+    "shifted",
+    "class-aware-threshold",
+    "continuation-value",
+    "largest-only",
+)
+SHIFTABLE = ("threshold", "class-aware-threshold", "continuation-value")  # bases of "shifted"
 CRITERIA = ("max-softmax", "entropy", "softmax-margin", "logit-margin", "ensemble")
+FEATURE_SETS = ("max-softmax", "confidence", "history", "class")  # the continuation rule's
+OUTCOMES = 4  # the continuation rule's joint outcome classes (agents/continuation.py)
 _EPS = 1e-12  # as in policycascade.agents.thresholds: log reads p < 1e-12 as 1e-12
 PROB_ATOL = 1e-3  # as outputs_io.SIMPLEX_ATOL: a probability may exceed 1 by rounding this much
 _CALIBRATION_NUMBERS = ("mean_cost", "accuracy")  # optional numbers of a calibration block
@@ -69,11 +82,255 @@ def _confidence(probs: np.ndarray, criterion: str) -> np.ndarray:
     return np.log(np.maximum(top2[..., 0], eps)) - np.log(np.maximum(top2[..., 1], eps))
 
 
-class ServingRule:
-    """A threshold rule (optionally with per-stage offsets) read from a rule file.
+def _tempered(stage: np.ndarray, temperature: float) -> np.ndarray:
+    """Softmax of log(p) / T, as ``agents.thresholds.apply_temperature`` computes it."""
+    eps = stage.dtype.type(_EPS)
+    return _softmax(np.log(np.maximum(stage, eps)) / stage.dtype.type(temperature))
 
-    Stage t's score is ``confidence_t - thresholds[t]`` (minus ``offsets[t]`` for a
-    shifted rule), in float64; the sample stops at the first stage whose score is >= 0.
+
+def _log_odds_of_top(probs: np.ndarray) -> np.ndarray:
+    """Log-odds of the top class, 1 - p1 summed from the others (as stop_features)."""
+    top = -np.sort(-probs, axis=-1)
+    rest = top[..., 1:].sum(-1)
+    return np.log(np.maximum(top[..., 0], _EPS)) - np.log(np.maximum(rest, _EPS))
+
+
+def stop_features(history: np.ndarray, feature_set: str) -> np.ndarray:
+    """Features (N, F) of the decision at stage S - 1, as ``agents.stop_features`` computes them."""
+    current = history[:, -1]
+    if feature_set == "max-softmax":
+        return _log_odds_of_top(current)[:, None]
+    top2 = -np.sort(-current, axis=-1)[:, :2]
+    features = [
+        np.stack(
+            [
+                _log_odds_of_top(current),
+                top2[:, 0] - top2[:, 1],
+                (current * np.log(np.maximum(current, _EPS))).sum(-1),
+                np.log(np.maximum(top2[:, 0], _EPS)) - np.log(np.maximum(top2[:, 1], _EPS)),
+            ],
+            axis=1,
+        )
+    ]
+    prediction = current.argmax(-1)
+    if feature_set in ("history", "class"):
+        earlier = history[:, :-1]
+        ensemble = _running_ensemble(history)[:, -1]
+        features += [
+            _log_odds_of_top(earlier),
+            (earlier.argmax(-1) == prediction[:, None]).astype(history.dtype),
+            _log_odds_of_top(ensemble)[:, None],
+            (ensemble.argmax(-1) == prediction)[:, None].astype(history.dtype),
+        ]
+    if feature_set == "class":
+        features.append(np.eye(history.shape[-1], dtype=history.dtype)[prediction])
+    return np.concatenate(features, axis=1)
+
+
+class _Thresholds:
+    """Family ``threshold``: stage t's score is its confidence minus ``thresholds[t]``."""
+
+    def __init__(self, params: dict[str, Any], k: int, source: str):
+        self.criterion = params["criterion"]
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"{source}: criterion must be one of {list(CRITERIA)}")
+        self.thresholds = _stage_values(params["thresholds"], "thresholds", k, source)
+        self.temperatures = _temperatures(params.get("temperatures"), k, source)
+        self.answer = "ensemble" if self.criterion == "ensemble" else "exit"
+
+    def stop_scores(self, probs: np.ndarray, k: int) -> np.ndarray:
+        columns = []
+        for t in range(min(probs.shape[1], k - 1)):
+            if self.criterion == "ensemble":
+                conf = _running_ensemble(probs[:, : t + 1])[:, -1].max(-1)
+            else:
+                stage = probs[:, t]
+                if self.temperatures is not None:
+                    stage = _tempered(stage, self.temperatures[t])
+                conf = _confidence(stage, self.criterion)
+            columns.append(conf.astype(np.float64) - self.thresholds[t])
+        return _columns(columns, len(probs))
+
+
+class _ClassAware:
+    """Family ``class-aware-threshold``: confidence minus the threshold of the arg-max class."""
+
+    answer = "exit"
+
+    def __init__(self, params: dict[str, Any], k: int, source: str):
+        self.criterion = params["criterion"]
+        if self.criterion not in CRITERIA[:-1]:
+            raise ValueError(f"{source}: criterion must be one of {list(CRITERIA[:-1])}")
+        rows = params["thresholds"]
+        if not isinstance(rows, list) or len(rows) != k - 1:
+            raise ValueError(f"{source}: thresholds must hold {k - 1} per-class lists")
+        self.table = np.array(
+            [[decode_float(v, "thresholds") for v in row] for row in rows], dtype=np.float64
+        )
+        if self.table.ndim != 2:
+            raise ValueError(f"{source}: thresholds must hold one value per class at every stage")
+        self.temperatures = _temperatures(params.get("temperatures"), k, source)
+        offsets = params.get("offsets")
+        self.offsets = None if offsets is None else _stage_values(offsets, "offsets", k, source)
+
+    def stop_scores(self, probs: np.ndarray, k: int) -> np.ndarray:
+        columns = []
+        for t in range(min(probs.shape[1], k - 1)):
+            stage = probs[:, t]
+            predicted = stage.argmax(-1)
+            if self.temperatures is not None:
+                stage = _tempered(stage, self.temperatures[t])
+            score = _confidence(stage, self.criterion).astype(np.float64) - self.table[t, predicted]
+            if self.offsets is not None:  # inf - inf stops there, as in the torch rule
+                with np.errstate(invalid="ignore"):
+                    shifted = score - self.offsets[t]
+                score = np.where(np.isnan(shifted), 0.0, shifted)
+            columns.append(score)
+        return _columns(columns, len(probs))
+
+
+class _Continuation:
+    """Family ``continuation-value``: each stage's small network, in float64 from the weights."""
+
+    def __init__(self, params: dict[str, Any], k: int, source: str):
+        config = params["config"]
+        self.feature_set, self.answer = config["feature_set"], config["answer"]
+        if self.feature_set not in FEATURE_SETS or self.answer not in ("exit", "ensemble"):
+            raise ValueError(
+                f"{source}: feature_set must be one of {list(FEATURE_SETS)} and answer 'exit' "
+                f"or 'ensemble', got {self.feature_set!r}, {self.answer!r}"
+            )
+        if config["num_stages"] != k:
+            raise ValueError(f"{source}: the continuation rule has {config['num_stages']} stages")
+        self.alpha = float(config["alpha"])
+        self.costs = np.array(config["cumulative_costs"], dtype=np.float64)
+        models = params["stage_models"]
+        if self.costs.shape != (k,) or len(models) != k - 1:
+            raise ValueError(f"{source}: needs {k} cumulative costs and {k - 1} stage models")
+        self.models = [_StageModel(m, OUTCOMES + k - 1 - t, source) for t, m in enumerate(models)]
+
+    def stop_scores(self, probs: np.ndarray, k: int) -> np.ndarray:
+        history = probs.astype(np.float32).astype(np.float64)  # what the torch rule reads
+        columns = []
+        for t in range(min(probs.shape[1], k - 1)):
+            logits = self.models[t](stop_features(history[:, : t + 1], self.feature_set))
+            outcome, exit_p = _softmax(logits[:, :OUTCOMES]), _softmax(logits[:, OUTCOMES:])
+            extra = self.costs[t + 1 :] - self.costs[t]
+            columns.append(outcome[:, 2] - outcome[:, 1] + self.alpha * (exit_p * extra).sum(-1))
+        return _columns(columns, len(probs))
+
+
+class _StageModel:
+    """(features - mean) / scale, an optional ReLU layer, then the head: (N, F) -> logits."""
+
+    def __init__(self, data: dict[str, Any], outputs: int, source: str):
+        self.mean, self.scale = _array(data["mean"], source), _array(data["scale"], source)
+        hidden = data.get("hidden")
+        self.hidden = None if hidden is None else _layer(hidden, source)
+        self.head = _layer(data["head"], source)
+        width = len(self.mean) if self.hidden is None else len(self.hidden[1])
+        if self.head[0].shape != (outputs, width) or (
+            self.hidden is not None and self.hidden[0].shape[1] != len(self.mean)
+        ):
+            raise ValueError(f"{source}: a stage model's weights do not fit together")
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        if features.shape[1] != len(self.mean):
+            raise ValueError(
+                f"a stage model reads {len(self.mean)} features, got {features.shape[1]}"
+            )
+        z = (features - self.mean) / self.scale
+        if self.hidden is not None:
+            z = np.maximum(z @ self.hidden[0].T + self.hidden[1], 0.0)
+        return z @ self.head[0].T + self.head[1]
+
+
+class _LargestOnly:
+    """Family ``largest-only``: nothing stops before the last stage, which alone runs."""
+
+    answer = "exit"
+
+    def stop_scores(self, probs: np.ndarray, k: int) -> np.ndarray:
+        return np.full((len(probs), min(probs.shape[1], k - 1)), -np.inf)
+
+
+class _Shifted:
+    """Families ``shifted`` and ``shifted-threshold``: a base family's score minus offsets."""
+
+    def __init__(self, base, offsets: np.ndarray):
+        self.base, self.offsets, self.answer = base, offsets, base.answer
+
+    def stop_scores(self, probs: np.ndarray, k: int) -> np.ndarray:
+        scores = self.base.stop_scores(probs, k)
+        return scores - self.offsets[: scores.shape[1]]
+
+
+def _scorer(family: str, params: dict[str, Any], k: int, source: str):
+    """The numpy scorer of one family's parameters."""
+    if family == "threshold":
+        return _Thresholds(params, k, source)
+    if family == "class-aware-threshold":
+        return _ClassAware(params, k, source)
+    if family == "continuation-value":
+        return _Continuation(params, k, source)
+    if family == "largest-only":
+        return _LargestOnly()
+    base = params["base"]
+    base_family = base.get("family", "threshold")
+    allowed = ("threshold",) if family == "shifted-threshold" else SHIFTABLE
+    if base_family not in allowed:
+        raise ValueError(
+            f"{source}: a {family} rule's base family must be one of {list(allowed)}, "
+            f"got {base_family!r}"
+        )
+    offsets = _stage_values(params["offsets"], "offsets", k, source)
+    return _Shifted(_scorer(base_family, base["parameters"], k, source), offsets)
+
+
+def _stage_values(values: list, name: str, k: int, source: str) -> np.ndarray:
+    if not isinstance(values, list) or len(values) != k - 1:
+        count = len(values) if isinstance(values, list) else values
+        raise ValueError(f"{source}: {name} must hold {k - 1} values, got {count}")
+    return np.array([decode_float(v, name) for v in values], dtype=np.float64)
+
+
+def _temperatures(values: Any, k: int, source: str) -> list[float] | None:
+    if values is None:
+        return None
+    if len(values) < k - 1:
+        raise ValueError(f"{source}: temperatures must hold one value per stage, got {values}")
+    return [float(t) for t in values]
+
+
+def _array(data: dict[str, Any], source: str) -> np.ndarray:
+    """A tensor stored as {"shape": [...], "values": nested lists}."""
+    values = np.array(data["values"], dtype=np.float64)
+    if list(values.shape) != list(data["shape"]) or not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"{source}: a weight of shape {data['shape']} holds values of shape "
+            f"{list(values.shape)} (or non-finite values)"
+        )
+    return values
+
+
+def _layer(data: dict[str, Any], source: str) -> tuple[np.ndarray, np.ndarray]:
+    weight, bias = _array(data["weight"], source), _array(data["bias"], source)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{source}: a layer needs a (out, in) weight and an (out,) bias")
+    return weight, bias
+
+
+def _columns(columns: list[np.ndarray], n: int) -> np.ndarray:
+    return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
+
+
+class ServingRule:
+    """A rule read from a rule file, applied with numpy: any family of :data:`FAMILIES`.
+
+    Stage t's score is the family's (a confidence minus its threshold, a network's value
+    of stopping minus continuing, ...), in float64; the sample stops at the first stage
+    whose score is >= 0. ``skips_to_last``: the rule runs the last classifier alone (an
+    early-exit server skips every other stage).
     """
 
     def __init__(self, data: dict[str, Any], source: str = "<dict>"):
@@ -89,30 +346,17 @@ class ServingRule:
             raise ValueError(f"{source}: family must be one of {list(FAMILIES)}, got {family!r}")
         self.source, self.data, self.family = source, data, family
         try:
-            self._read_parameters(data)
+            self.num_stages = int(data["num_stages"])
+            if self.num_stages < 2:
+                raise ValueError(f"{source}: num_stages must be >= 2, got {self.num_stages}")
+            self.num_classes = data.get("num_classes")
+            self.stage_names = data.get("stage_names")
+            self._scores = _scorer(family, data["parameters"], self.num_stages, source)
         except KeyError as err:
             raise ValueError(f"{source} is not a complete rule file: no {err} entry") from None
-        except TypeError as err:
+        except (TypeError, AttributeError) as err:
             raise ValueError(f"{source} is not a well-formed rule file: {err}") from None
-
-    def _read_parameters(self, data: dict[str, Any]) -> None:
-        self.num_stages = int(data["num_stages"])
-        self.num_classes = data.get("num_classes")
-        self.stage_names = data.get("stage_names")
-        params = data["parameters"]
-        shifted = self.family == "shifted-threshold"
-        base = params["base"]["parameters"] if shifted else params
-        self.criterion = base["criterion"]
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"{self.source}: criterion must be one of {list(CRITERIA)}")
-        self.thresholds = self._stage_values(base["thresholds"], "thresholds")
-        temps = base.get("temperatures")
-        if temps is not None and len(temps) < self.num_stages - 1:
-            raise ValueError(
-                f"{self.source}: temperatures must hold one value per stage, got {temps}"
-            )
-        self.temperatures = None if temps is None else [float(t) for t in temps]
-        self.offsets = self._stage_values(params["offsets"], "offsets") if shifted else None
+        self.skips_to_last = family == "largest-only"
         self._check_calibration(data.get("calibration"))
 
     def _check_calibration(self, block: Any) -> None:
@@ -144,13 +388,6 @@ class ServingRule:
         unit = block.get("cost_unit")
         if unit is not None and not isinstance(unit, str):
             raise ValueError(f"{where}: cost_unit must be a string, got {unit!r}")
-
-    def _stage_values(self, values: list, name: str) -> np.ndarray:
-        if len(values) != self.num_stages - 1:
-            raise ValueError(
-                f"{self.source}: {name} must hold {self.num_stages - 1} values, got {len(values)}"
-            )
-        return np.array([decode_float(v, name) for v in values], dtype=np.float64)
 
     def _cascade(self) -> str:
         names = f" {self.stage_names}" if self.stage_names else ""
@@ -192,25 +429,7 @@ class ServingRule:
 
     def stop_scores(self, probs: np.ndarray) -> np.ndarray:
         """Scores (N, min(S, K - 1)) in float64 from the visited softmaxes (N, S, C); >= 0 stops."""
-        probs = self.check_outputs(probs, visited=True)
-        columns = []
-        for t in range(min(probs.shape[1], self.num_stages - 1)):
-            if self.criterion == "ensemble":
-                conf = _running_ensemble(probs[:, : t + 1])[:, -1].max(-1)
-            else:
-                stage = probs[:, t]
-                if self.temperatures is not None:
-                    eps = stage.dtype.type(_EPS)
-                    scaled = np.log(np.maximum(stage, eps)) / stage.dtype.type(self.temperatures[t])
-                    stage = _softmax(scaled)
-                conf = _confidence(stage, self.criterion)
-            score = conf.astype(np.float64) - self.thresholds[t]
-            if self.offsets is not None:
-                score = score - self.offsets[t]
-            columns.append(score)
-        if not columns:
-            return np.zeros((len(probs), 0))
-        return np.stack(columns, axis=1)
+        return self._scores.stop_scores(self.check_outputs(probs, visited=True), self.num_stages)
 
     def stop_at(self, stage: int, probs_so_far: np.ndarray) -> np.ndarray:
         """Whether each sample stops at ``stage``, given the softmaxes of stages 0..S-1 (N, S, C).
@@ -242,12 +461,12 @@ class ServingRule:
     def predict(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(exit stage, answered class), each (N,) int64.
 
-        The answer is the exit classifier's arg-max, or the running ensemble's for the
-        ensemble criterion.
+        The answer is the exit classifier's arg-max, or the running ensemble's for a rule
+        that answers with it (the ensemble criterion, a continuation rule fitted so).
         """
         probs = self.check_outputs(probs)
         exit_stage = self.exit_stages(probs)
-        answers = _running_ensemble(probs) if self.criterion == "ensemble" else probs
+        answers = _running_ensemble(probs) if self._scores.answer == "ensemble" else probs
         answer = answers[np.arange(len(probs)), exit_stage].argmax(-1)
         return exit_stage, answer.astype(np.int64)
 

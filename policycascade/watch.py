@@ -32,6 +32,7 @@ exactly the alarms of one sample at a time. NumPy only.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -106,67 +107,25 @@ class DriftWatch:
         calibration_share: float = 0.5,
         tolerance: float = 1e-3,
     ):
-        shares = np.asarray(exit_shares, dtype=np.float64)
-        costs = np.asarray(exit_costs, dtype=np.float64)
-        if shares.ndim != 1 or len(shares) < 2:
-            raise ValueError(f"exit_shares needs K >= 2 shares, got {list(np.atleast_1d(shares))}")
-        k = len(shares)
-        if (
-            not (np.all(np.isfinite(shares)) and np.all(shares >= 0))
-            or abs(shares.sum() - 1) > 1e-3
-        ):
-            raise ValueError(f"exit_shares must be >= 0 and sum to 1, got {shares.tolist()}")
-        if costs.shape != (k,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
-            raise ValueError(f"exit_costs needs {k} finite costs >= 0, got {list(exit_costs)}")
-        if not costs.max() > 0:
-            raise ValueError(f"exit_costs must not all be 0, got {costs.tolist()}")
-        if isinstance(num_calibration, bool) or not isinstance(num_calibration, (int, np.integer)):
-            raise TypeError(f"num_calibration must be an int, got {num_calibration!r}")
-        if num_calibration < 1:
-            raise ValueError(f"num_calibration must be >= 1, got {num_calibration}")
-        if not (isinstance(alpha_false_alarm, (int, float)) and 0 < alpha_false_alarm < 1):
-            raise ValueError(f"alpha_false_alarm must be in (0, 1), got {alpha_false_alarm!r}")
-        if not (isinstance(calibration_share, (int, float)) and 0 < calibration_share < 1):
-            raise ValueError(f"calibration_share must be in (0, 1), got {calibration_share!r}")
-        counts = shares * num_calibration
-        whole = np.round(counts)
-        if np.any(np.abs(counts - whole) > min(0.49, max(1e-6, tolerance * num_calibration))):
-            raise ValueError(
-                f"exit_shares times num_calibration={num_calibration} must be whole counts, "
-                f"got {counts.tolist()}"
-            )
-        if whole.sum() != num_calibration:
-            raise ValueError(
-                f"exit_shares times num_calibration={num_calibration} must count "
-                f"{num_calibration} samples, got {int(whole.sum())}"
-            )
+        costs, whole = _checked_calibration(
+            exit_shares,
+            exit_costs,
+            num_calibration,
+            (alpha_false_alarm, calibration_share, mean_cost),
+            tolerance,
+        )
         self.calibration_counts = whole.astype(np.int64)
         self.num_calibration = int(num_calibration)
         self.exit_costs = costs
         self.alpha_false_alarm = float(alpha_false_alarm)
         self.calibration_share = float(calibration_share)
         # Per quantity, its value for a sample exiting at each stage: (Q, K), in [0, 1].
-        self._values = np.vstack([np.eye(k), costs / costs.max()])
+        self._values = np.vstack([np.eye(len(costs)), costs / costs.max()])
         expected = self._values @ self.calibration_counts / self.num_calibration
-        if mean_cost is not None:
-            computed = float(shares @ costs)
-            if not math.isclose(float(mean_cost), computed, rel_tol=tolerance, abs_tol=1e-12):
-                raise ValueError(
-                    f"mean_cost={mean_cost!r} is not sum(exit_shares * exit_costs) = {computed:.6g}"
-                )
-        num_tests = 2 * self.num_quantities
-        calibration_level = self.alpha_false_alarm * self.calibration_share / num_tests
-        self._threshold = math.log(num_tests / (self.alpha_false_alarm * (1 - calibration_share)))
-        bounds = [kl_bounds(float(e), self.num_calibration, calibration_level) for e in expected]
         self.expected = np.asarray(expected, dtype=np.float64)  # (Q,) calibration means in [0, 1]
-        self.expected_low = np.array([low for low, _ in bounds])
-        self.expected_high = np.array([high for _, high in bounds])
-        # Each test's null bound and bet sign, in test order q * 2 + d (d: 0 up, 1 down).
-        self._null = np.stack([self.expected_high, self.expected_low], axis=1).reshape(-1)
-        self._sign = np.tile([1.0, -1.0], self.num_quantities)
-        room = np.where(self._sign > 0, self._null, 1 - self._null)  # largest bet: 1 / room
-        self._max_bet = np.where(room > 0, MAX_BET / np.maximum(room, 1e-300), 0.0)
-        self._kelly_scale = 1 / np.maximum(self._null * (1 - self._null), 1e-300)
+        self._threshold, self.expected_low, self.expected_high = _calibration_bounds(
+            self.expected, self.num_calibration, self.alpha_false_alarm, self.calibration_share
+        )
         self.rule = None  # the watched rule, where known: lets update_probs apply it
         self.reset()
 
@@ -232,14 +191,15 @@ class DriftWatch:
 
     def reset(self) -> None:
         """Forget the stream (counts, alarms); keep the calibration."""
-        self.counts = np.zeros(self.num_stages, dtype=np.int64)
+        self._stream = _StreamCounts(self.num_stages)
         self.alarms: list[Alarm] = []
         self._raised = np.zeros(2 * self.num_quantities, dtype=bool)
-        # cumulative exit counts after 0, 1, 2, ... samples, from sample _cumulative_start on:
-        # the rows the windows read, in a buffer that moves its tail to the front when full
-        self._cumulative = np.zeros((4 * (max(*WINDOWS, RECENT) + 1), self.num_stages), np.int64)
-        self._cumulative_rows, self._cumulative_start = 1, 0
-        self._log_wealth = np.zeros((len(WINDOWS), 2 * self.num_quantities))
+        self._bets = _Martingales(self._values, self.expected_low, self.expected_high)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Exit counts of the stream since the last reset, one per stage."""
+        return self._stream.counts
 
     @property
     def samples_seen(self) -> int:
@@ -277,84 +237,36 @@ class DriftWatch:
 
     def _update_chunk(self, stages: np.ndarray) -> list[Alarm]:
         before = self.samples_seen
-        log_wealth = self._advance(stages)  # (batch, windows, 2Q) after each sample
+        log_wealth = self._bets.advance(self._stream, stages)  # (batch, windows, 2Q)
         mixture = _log_mean_exp(log_wealth, axis=1)  # (batch, 2Q)
         crossed = (mixture >= self._threshold) & ~self._raised
         new = []
         for test in np.flatnonzero(crossed.any(axis=0)):
             at = before + int(np.argmax(crossed[:, test])) + 1  # samples seen at the alarm
-            q, d = divmod(int(test), 2)
-            seen = self._counts_at(at)
-            last = seen - self._counts_at(max(at - RECENT, 0))
-            new.append(
-                Alarm(
-                    quantity="mean_cost" if q == self.num_stages else "exit_share",
-                    stage=None if q == self.num_stages else q,
-                    direction=DIRECTIONS[d],
-                    observed=self._in_units(q, float(self._values[q] @ seen) / at),
-                    recent=self._in_units(q, float(self._values[q] @ last) / last.sum()),
-                    expected=self._in_units(q, float(self.expected[q])),
-                    expected_low=self._in_units(q, float(self.expected_low[q])),
-                    expected_high=self._in_units(q, float(self.expected_high[q])),
-                    samples_seen=at,
-                )
-            )
+            new.append(self._alarm(int(test), at))
             self._raised[test] = True
         new.sort(key=lambda a: (a.samples_seen, a.stage is None, a.stage or 0))
         if len(stages):
-            self._log_wealth = log_wealth[-1]
+            self._bets.log_wealth = log_wealth[-1]
         return new
 
-    def _counts_at(self, time: int) -> np.ndarray:
-        """Exit counts of the first ``time`` stream samples (kept for the last windows only)."""
-        return self._cumulative[time - self._cumulative_start]
-
-    def _append(self, stages: np.ndarray) -> None:
-        """Extend the cumulative exit counts by ``stages``, keeping the rows windows still read."""
-        keep = min(self._cumulative_rows, max(WINDOWS) + 1)
-        if self._cumulative_rows + len(stages) > len(self._cumulative):
-            rows = self._cumulative[self._cumulative_rows - keep : self._cumulative_rows]
-            capacity = max(len(self._cumulative), keep + len(stages))
-            self._cumulative = np.zeros((capacity, self.num_stages), dtype=np.int64)
-            self._cumulative[:keep] = rows
-            self._cumulative_start += self._cumulative_rows - keep
-            self._cumulative_rows = keep
-        end = self._cumulative_rows + len(stages)
-        counts = np.cumsum(_one_hot(stages, self.num_stages), axis=0)
-        self._cumulative[self._cumulative_rows : end] = self.counts + counts
-        self._cumulative_rows = end
-        self.counts = self._cumulative[end - 1].copy()
-
-    def _advance(self, stages: np.ndarray) -> np.ndarray:
-        """Every martingale's log wealth after each of ``stages``: (batch, windows, 2Q).
-
-        The bet on each sample reads the window of samples before it only (predictable).
-        """
-        before = self.samples_seen + np.arange(len(stages))  # samples before each new one
-        self._append(stages)
-        value = np.repeat(self._values[:, stages].T, 2, axis=1)  # (batch, 2Q)
-        factors = []
-        for window in WINDOWS:
-            start = np.maximum(before - window, 0)
-            in_window = (
-                self._cumulative[before - self._cumulative_start]
-                - self._cumulative[start - self._cumulative_start]
-            ).astype(np.float64)
-            window_sum = np.repeat(self._sums(in_window), 2, axis=1)  # (batch, 2Q)
-            size = (before - start).astype(np.float64)[:, None]
-            mean = (window_sum + PRIOR_SAMPLES * self._null) / (size + PRIOR_SAMPLES)
-            bet = np.clip(self._sign * (mean - self._null) * self._kelly_scale, 0, self._max_bet)
-            factors.append(np.log1p(self._sign * bet * (value - self._null)))
-        factors = np.stack(factors, axis=1)  # (batch, windows, 2Q)
-        # summed in stream order from the running wealth: the same floats for any batching
-        return np.cumsum(np.concatenate([self._log_wealth[None], factors]), axis=0)[1:]
-
-    def _sums(self, counts: np.ndarray) -> np.ndarray:
-        """Each quantity's sum over samples with these exit counts: (n, K) -> (n, Q)."""
-        total = np.zeros((len(counts), self.num_quantities))
-        for stage in range(self.num_stages):  # one fixed order: the same floats for any batching
-            total += counts[:, stage, None] * self._values[None, :, stage]
-        return total
+    def _alarm(self, test: int, at: int) -> Alarm:
+        """The alarm of ``test`` (quantity * 2 + direction), crossed at ``at`` samples seen."""
+        q, d = divmod(test, 2)
+        seen = self._stream.at(at)
+        last = seen - self._stream.at(max(at - RECENT, 0))
+        low, high = self.expected_low[q], self.expected_high[q]
+        return Alarm(
+            quantity="mean_cost" if q == self.num_stages else "exit_share",
+            stage=None if q == self.num_stages else q,
+            direction=DIRECTIONS[d],
+            observed=self._in_units(q, float(self._values[q] @ seen) / at),
+            recent=self._in_units(q, float(self._values[q] @ last) / last.sum()),
+            expected=self._in_units(q, float(self.expected[q])),
+            expected_low=self._in_units(q, float(low)),
+            expected_high=self._in_units(q, float(high)),
+            samples_seen=at,
+        )
 
     def _in_units(self, quantity: int, value: float) -> float:
         return float(value * self.exit_costs.max() if quantity == self.num_stages else value)
@@ -368,7 +280,7 @@ class DriftWatch:
         n = max(self.samples_seen, 1)
         out = {f"exit_share/stage{k}": float(c) / n for k, c in enumerate(self.counts)}
         out["mean_cost"] = float(self.counts @ self.exit_costs) / n
-        log_wealth = _log_mean_exp(self._log_wealth, axis=0) / math.log(10)
+        log_wealth = _log_mean_exp(self._bets.log_wealth, axis=0) / math.log(10)
         names = [f"exit_share_stage{k}" for k in range(self.num_stages)] + ["mean_cost"]
         for test, value in enumerate(log_wealth):
             out[f"evidence/{names[test // 2]}_{DIRECTIONS[test % 2]}"] = float(value)
@@ -394,14 +306,160 @@ class DriftWatch:
         }
 
 
+class _Martingales:
+    """Per test (quantity q, direction d; index 2 q + d), one betting martingale per window.
+
+    Each bets that the stream's mean lies above the quantity's upper calibration bound
+    (d = 0) or below its lower one (d = 1): the Bernoulli Kelly bet at the mean of the
+    previous ``w`` samples, shrunk towards the bound, capped at ``MAX_BET`` of the largest
+    safe bet.
+    """
+
+    def __init__(self, values: np.ndarray, low: np.ndarray, high: np.ndarray):
+        self._values = values  # (Q, K): each quantity's value for an exit at each stage
+        self._null = np.stack([high, low], axis=1).reshape(-1)
+        self._sign = np.tile([1.0, -1.0], len(low))
+        room = np.where(self._sign > 0, self._null, 1 - self._null)  # largest bet: 1 / room
+        self._max_bet = np.where(room > 0, MAX_BET / np.maximum(room, 1e-300), 0.0)
+        self._kelly_scale = 1 / np.maximum(self._null * (1 - self._null), 1e-300)
+        self.log_wealth = np.zeros((len(WINDOWS), 2 * len(low)))
+
+    def advance(self, stream: _StreamCounts, stages: np.ndarray) -> np.ndarray:
+        """Every martingale's log wealth after each of ``stages``: (batch, windows, 2Q).
+
+        The bet on each sample reads the window of samples before it only (predictable).
+        """
+        before = int(stream.counts.sum()) + np.arange(len(stages))  # samples before each one
+        stream.append(stages)
+        value = np.repeat(self._values[:, stages].T, 2, axis=1)  # (batch, 2Q)
+        factors = []
+        for window in WINDOWS:
+            start = np.maximum(before - window, 0)
+            in_window = (stream.at(before) - stream.at(start)).astype(np.float64)
+            window_sum = np.repeat(self._sums(in_window), 2, axis=1)  # (batch, 2Q)
+            size = (before - start).astype(np.float64)[:, None]
+            mean = (window_sum + PRIOR_SAMPLES * self._null) / (size + PRIOR_SAMPLES)
+            bet = np.clip(self._sign * (mean - self._null) * self._kelly_scale, 0, self._max_bet)
+            factors.append(np.log1p(self._sign * bet * (value - self._null)))
+        factors = np.stack(factors, axis=1)  # (batch, windows, 2Q)
+        # summed in stream order from the running wealth: the same floats for any batching
+        return np.cumsum(np.concatenate([self.log_wealth[None], factors]), axis=0)[1:]
+
+    def _sums(self, counts: np.ndarray) -> np.ndarray:
+        """Each quantity's sum over samples with these exit counts: (n, K) -> (n, Q)."""
+        total = np.zeros((len(counts), self._values.shape[0]))
+        # one fixed order of stages: the same floats for any batching
+        for stage in range(self._values.shape[1]):
+            total += counts[:, stage, None] * self._values[None, :, stage]
+        return total
+
+
+class _StreamCounts:
+    """Cumulative exit counts of a stream after 0, 1, 2, ... samples, for the recent rows only.
+
+    The rows the windows (and an alarm's ``recent`` value) read, in a buffer that moves
+    its tail to the front when full.
+    """
+
+    def __init__(self, num_stages: int):
+        self.num_stages = num_stages
+        self.counts = np.zeros(num_stages, dtype=np.int64)
+        self._rows = np.zeros((4 * (max(*WINDOWS, RECENT) + 1), num_stages), np.int64)
+        self._used, self._start = 1, 0  # rows filled; the sample count of row 0
+
+    def at(self, time: int | np.ndarray) -> np.ndarray:
+        """Exit counts of the first ``time`` stream samples (kept for the last windows only)."""
+        return self._rows[time - self._start]
+
+    def append(self, stages: np.ndarray) -> None:
+        """Extend the cumulative exit counts by ``stages``, keeping the rows windows still read."""
+        keep = min(self._used, max(WINDOWS) + 1)
+        if self._used + len(stages) > len(self._rows):
+            rows = self._rows[self._used - keep : self._used]
+            capacity = max(len(self._rows), keep + len(stages))
+            self._rows = np.zeros((capacity, self.num_stages), dtype=np.int64)
+            self._rows[:keep] = rows
+            self._start += self._used - keep
+            self._used = keep
+        end = self._used + len(stages)
+        counts = np.cumsum(_one_hot(stages, self.num_stages), axis=0)
+        self._rows[self._used : end] = self.counts + counts
+        self._used = end
+        self.counts = self._rows[end - 1].copy()
+
+
+def _checked_calibration(
+    exit_shares, exit_costs, num_calibration, levels, tolerance
+) -> tuple[np.ndarray, np.ndarray]:
+    """DriftWatch's arguments checked: (exit costs, whole calibration counts), or an error.
+
+    ``levels``: (alpha_false_alarm, calibration_share, mean_cost or None).
+    """
+    alpha_false_alarm, calibration_share, mean_cost = levels
+    shares = np.asarray(exit_shares, dtype=np.float64)
+    costs = np.asarray(exit_costs, dtype=np.float64)
+    if shares.ndim != 1 or len(shares) < 2:
+        raise ValueError(f"exit_shares needs K >= 2 shares, got {list(np.atleast_1d(shares))}")
+    k = len(shares)
+    if not (np.all(np.isfinite(shares)) and np.all(shares >= 0)) or abs(shares.sum() - 1) > 1e-3:
+        raise ValueError(f"exit_shares must be >= 0 and sum to 1, got {shares.tolist()}")
+    if costs.shape != (k,) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
+        raise ValueError(f"exit_costs needs {k} finite costs >= 0, got {list(exit_costs)}")
+    if not costs.max() > 0:
+        raise ValueError(f"exit_costs must not all be 0, got {costs.tolist()}")
+    if isinstance(num_calibration, bool) or not isinstance(num_calibration, (int, np.integer)):
+        raise TypeError(f"num_calibration must be an int, got {num_calibration!r}")
+    if num_calibration < 1:
+        raise ValueError(f"num_calibration must be >= 1, got {num_calibration}")
+    if not (isinstance(alpha_false_alarm, (int, float)) and 0 < alpha_false_alarm < 1):
+        raise ValueError(f"alpha_false_alarm must be in (0, 1), got {alpha_false_alarm!r}")
+    if not (isinstance(calibration_share, (int, float)) and 0 < calibration_share < 1):
+        raise ValueError(f"calibration_share must be in (0, 1), got {calibration_share!r}")
+    counts = shares * num_calibration
+    whole = np.round(counts)
+    if np.any(np.abs(counts - whole) > min(0.49, max(1e-6, tolerance * num_calibration))):
+        raise ValueError(
+            f"exit_shares times num_calibration={num_calibration} must be whole counts, "
+            f"got {counts.tolist()}"
+        )
+    if whole.sum() != num_calibration:
+        raise ValueError(
+            f"exit_shares times num_calibration={num_calibration} must count "
+            f"{num_calibration} samples, got {int(whole.sum())}"
+        )
+    if mean_cost is not None:
+        computed = float(shares @ costs)
+        if not math.isclose(float(mean_cost), computed, rel_tol=tolerance, abs_tol=1e-12):
+            raise ValueError(
+                f"mean_cost={mean_cost!r} is not sum(exit_shares * exit_costs) = {computed:.6g}"
+            )
+    return costs, whole
+
+
+def _calibration_bounds(
+    expected: np.ndarray, n: int, alpha: float, calibration_share: float
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The martingales' log threshold and each quantity's calibration bounds (low, high).
+
+    2 Q calibration bounds at ``alpha * calibration_share / (2 Q)`` each, 2 Q martingales
+    sharing the rest of ``alpha`` (module docstring).
+    """
+    num_tests = 2 * len(expected)
+    threshold = math.log(num_tests / (alpha * (1 - calibration_share)))
+    bounds = [kl_bounds(float(e), n, alpha * calibration_share / num_tests) for e in expected]
+    return threshold, np.array([lo for lo, _ in bounds]), np.array([hi for _, hi in bounds])
+
+
 def exit_costs_of(rule, costs) -> list[float]:
     """Cost of a sample exiting at each stage under ``rule``, in the costs' unit (MACs, say).
 
-    Every stage up to the exit ran, stopping modules included, as in
-    :func:`policycascade.evaluation.evaluate_exits` (``mean_macs``) and in a rule
-    file's ``calibration.mean_cost``.
+    Every stage up to the exit ran, stopping modules included (the last classifier alone
+    for a rule that skips to it), as :func:`policycascade.evaluation.exit_costs` charges
+    them and as in a rule file's ``calibration.mean_cost``.
     """
-    return [float(m) for m in costs.with_policy_macs(rule.policy_macs()).cumulative_macs]
+    from policycascade.evaluation import exit_costs  # the one cost rule (imports torch)
+
+    return [float(m) for m in exit_costs(rule, costs)]
 
 
 def _check_stages(exit_stages: Any, num_stages: int) -> np.ndarray:
@@ -463,3 +521,116 @@ def kl_bounds(mean: float, n: int, level: float) -> tuple[float, float]:
         return inside
 
     return bisect(0.0), bisect(1.0)
+
+
+SCORE_BINS = 10  # histogram bins of the conformal p-values a ScoreWatch bets on
+SCORE_WINDOWS = (100, 1000)  # previous p-values each of its martingales' histogram reads
+SCORE_PRIOR = 5.0  # pseudo-count per bin of those histograms
+
+
+@dataclass(frozen=True)
+class ScoreAlarm:
+    """A ScoreWatch alarm: the stream's scores no longer follow their calibration distribution."""
+
+    direction: str  # "up": recent scores rank high among all scores so far; "down": low
+    recent_rank: float  # mean conformal p-value of the last RECENT samples (0.5 expected)
+    samples_seen: int
+
+    @property
+    def what(self) -> str:
+        """One line: which way the scores moved, after how many samples."""
+        return (
+            f"score distribution moved {self.direction}: recent samples rank "
+            f"{self.recent_rank:.3f} on average (0.5 expected), after {self.samples_seen} samples"
+        )
+
+
+class ScoreWatch:
+    """Anytime-valid, label-free two-sample test of a per-sample score against its calibration.
+
+    A conformal test martingale (Vovk, Nouretdinov & Gammerman 2003): each stream sample's
+    p-value is the share of the calibration and stream scores so far (itself included)
+    above its own, ties broken at random. If calibration and stream samples are
+    exchangeable these p-values are i.i.d. uniform, whatever the score's distribution, so
+    no calibration bound spends any of ``alpha_false_alarm``. It bets on them with the
+    histogram (``SCORE_BINS`` bins, ``SCORE_PRIOR`` pseudo-counts each) of the previous
+    ``w`` p-values, mixed half and half with the uniform density: one martingale per window of
+    ``SCORE_WINDOWS``, averaged; by Ville's inequality the average ever reaches
+    ``1 / alpha_false_alarm`` with at most that probability. The score: any label-free
+    number per sample, e.g. the rule's stop score at the first stage (every sample runs
+    it), which sees an input shift before the exit shares move much.
+    """
+
+    def __init__(self, calibration_scores: Any, alpha_false_alarm: float = 0.01, seed: int = 0):
+        scores = np.asarray(calibration_scores, dtype=np.float64).ravel()
+        if len(scores) < 1 or not np.all(np.isfinite(scores)):
+            raise ValueError(f"calibration_scores must be >= 1 finite numbers, got {len(scores)}")
+        if not (isinstance(alpha_false_alarm, (int, float)) and 0 < alpha_false_alarm < 1):
+            raise ValueError(f"alpha_false_alarm must be in (0, 1), got {alpha_false_alarm!r}")
+        self.calibration_scores = np.sort(scores)
+        self.alpha_false_alarm, self.seed = float(alpha_false_alarm), seed
+        self.reset()
+
+    @classmethod
+    def from_outputs(cls, rule, calibration, alpha_false_alarm: float = 0.01) -> ScoreWatch:
+        """The watch of ``rule``'s first-stage stop score, calibrated on cached outputs."""
+        return cls(first_stage_scores(rule, calibration.probs), alpha_false_alarm)
+
+    def reset(self) -> None:
+        """Forget the stream: the reference is the calibration scores again."""
+        self._reference = self.calibration_scores.tolist()  # sorted
+        self._rng = np.random.default_rng(self.seed)
+        self._bins: list[int] = []
+        self._counts = [[0] * SCORE_BINS for _ in SCORE_WINDOWS]  # recent p-values per bin
+        self._log_wealth = [0.0] * len(SCORE_WINDOWS)
+        self.p_values: list[float] = []
+        self.alarm: ScoreAlarm | None = None
+
+    @property
+    def samples_seen(self) -> int:
+        """Stream samples seen since the last reset."""
+        return len(self.p_values)
+
+    def update(self, scores: Any) -> ScoreAlarm | None:
+        """Feed the next samples' scores, in order; returns the alarm if one was raised now."""
+        values = np.asarray(scores, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(values)):
+            raise ValueError("scores must be finite numbers")
+        before = self.alarm
+        uniforms = self._rng.uniform(size=len(values)).tolist()
+        for z, u in zip(values.tolist(), uniforms, strict=True):
+            self._one(z, u)
+        return self.alarm if self.alarm is not before else None
+
+    def _one(self, z: float, u: float) -> None:
+        """One sample: its conformal p-value (ties broken by ``u``), then every bet on it."""
+        bisect.insort(self._reference, z)
+        low, high = bisect.bisect_left(self._reference, z), bisect.bisect_right(self._reference, z)
+        n = len(self._reference)
+        p = (n - high + u * (high - low)) / n
+        b = min(int(p * SCORE_BINS), SCORE_BINS - 1)
+        self.p_values.append(p)
+        self._bins.append(b)
+        for j, w in enumerate(SCORE_WINDOWS):
+            counts = self._counts[j]
+            seen = min(len(self._bins) - 1, w)  # p-values before this one in the window
+            density = (counts[b] + SCORE_PRIOR) / (seen + SCORE_PRIOR * SCORE_BINS) * SCORE_BINS
+            self._log_wealth[j] += math.log(0.5 + 0.5 * density)
+            counts[b] += 1
+            if len(self._bins) > w:
+                counts[self._bins[-w - 1]] -= 1
+        if self.alarm is None and self.log10_evidence() >= math.log10(1 / self.alpha_false_alarm):
+            recent = sum(self.p_values[-RECENT:]) / min(len(self.p_values), RECENT)
+            direction = "up" if recent < 0.5 else "down"
+            self.alarm = ScoreAlarm(direction, recent, self.samples_seen)
+
+    def log10_evidence(self) -> float:
+        """log10 of the averaged martingale's wealth (alarm at log10(1 / alpha))."""
+        peak = max(self._log_wealth)
+        mean = sum(math.exp(v - peak) for v in self._log_wealth) / len(self._log_wealth)
+        return (peak + math.log(mean)) / math.log(10)
+
+
+def first_stage_scores(rule, probs) -> np.ndarray:
+    """The rule's stop score at the first stage of each sample, (N,) float64 (label-free)."""
+    return rule.stop_scores(probs[:, :1]).double().cpu().numpy()[:, 0]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from policycascade.agents.continuation import ContinuationValueRule
 from policycascade.agents.rules import exit_stages, rule_predictions
 from policycascade.agents.thresholds import (
     ScoreSearch,
@@ -214,12 +213,10 @@ def test_calibration_block_and_thresholds_lowered_within_their_gaps(tmp_path):
 
 def test_refusals(tmp_path):
     val = three_stage_cascade(100, 6)
-    with pytest.raises(TypeError, match="got ContinuationValueRule"):
-        save_rule(ContinuationValueRule(3, 5, [0.05, 0.25, 1.25], 0.01), tmp_path / "r.json")
+    with pytest.raises(TypeError, match="got object"):
+        save_rule(object(), tmp_path / "r.json")
     inner = ShiftedRule(ThresholdRule("entropy", [0.0, 0.0]), [0.0, 0.0])
-    with pytest.raises(
-        TypeError, match="only over a ThresholdRule, got a ShiftedRule over ShiftedRule"
-    ):
+    with pytest.raises(TypeError, match="got a ShiftedRule over ShiftedRule"):
         save_rule(ShiftedRule(inner, [0.0, 0.0]), tmp_path / "r.json")
     rule = ThresholdRule("max-softmax", [0.9, 0.8])
     with pytest.raises(

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.stats import beta as beta_dist
 
 from conftest import random_outputs
 from policycascade.agents.rules import exit_stages
@@ -281,3 +282,38 @@ def test_cli_watches_a_saved_rule_and_reports_alarms(tmp_path, capsys):
     assert "--split must be one of" in capsys.readouterr().err
     assert main(["bench", "run", "--streams", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --streams must be >= 1, got 0"
+
+
+# --- ScoreWatch: a conformal two-sample test on a per-sample score -----------------------
+
+
+def test_score_watch_false_alarm_rate_under_exchangeability_is_within_alpha():
+    from policycascade.watch import ScoreWatch
+
+    rng = np.random.default_rng(11)
+    alarms, draws, alpha = 0, 150, 0.2
+    for i in range(draws):
+        pool = rng.normal(size=500)  # calibration and stream: one exchangeable sequence
+        watch = ScoreWatch(pool[:200], alpha_false_alarm=alpha, seed=i)
+        alarms += watch.update(pool[200:]) is not None
+    # Ville: P(ever alarm) <= alpha; the one-sided 99.9% lower CP bound must not exceed it
+    assert alarms == 0 or float(beta_dist.ppf(0.001, alarms, draws - alarms + 1)) <= alpha
+
+
+def test_score_watch_finds_a_shift_names_its_direction_and_resets():
+    from policycascade.watch import ScoreWatch
+
+    rng = np.random.default_rng(12)
+    watch = ScoreWatch(rng.normal(size=1000))
+    assert watch.update(rng.normal(size=300)) is None
+    alarm = watch.update(rng.normal(loc=1.0, size=2000))
+    assert alarm is not None and alarm.direction == "up" and alarm.recent_rank < 0.5
+    assert 300 < alarm.samples_seen < 800 and "moved up" in alarm.what
+    watch.reset()
+    down = watch.update(rng.normal(loc=-1.0, size=2000))
+    assert down is not None and down.direction == "down" and down.samples_seen < 500
+    assert all(0 < p <= 1 for p in watch.p_values)
+    with pytest.raises(ValueError, match="alpha_false_alarm"):
+        ScoreWatch([0.0, 1.0], alpha_false_alarm=1.0)
+    with pytest.raises(ValueError, match="calibration_scores"):
+        ScoreWatch([np.nan])
