@@ -4,7 +4,7 @@ from __future__ import annotations
 
 NAMESPACE = "policycascade"
 DIGITS_ID = f"{NAMESPACE}/DigitsCascade-v0"
-_ENVS = "policycascade.envs.registration"
+_ENVS = "policycascade.envs.digits_env"
 
 
 def register_builtin() -> None:

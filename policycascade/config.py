@@ -39,7 +39,6 @@ from policycascade.config_schema import (
     TrainConfig,
 )
 from policycascade.config_unread import (
-    CONTINUATION_UNREAD,
     EMBEDDED_DATASETS,
     ENV_UNREAD,
     REINFORCE_POLICY_TRAINING,
@@ -53,7 +52,6 @@ __all__ = [
     "ALPHA_FLAG_SECTION",
     "CLI_PREFIX",
     "CONFIG_PACKAGE",
-    "CONTINUATION_UNREAD",
     "EMBEDDED_DATASETS",
     "ENV_UNREAD",
     "REINFORCE_POLICY_TRAINING",

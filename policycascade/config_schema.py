@@ -301,8 +301,11 @@ class TrainConfig:
             what = f"pretrain_epochs + epochs = {total}"
         elif self.agent == "ltc":
             total, what = self.ltc.epochs, f"ltc.epochs = {self.ltc.epochs} per model"
+        elif not self.env:  # each classifier training run (and each fold's) counts afresh
+            total = self.continuation.classifier_epochs
+            what = f"continuation.classifier_epochs = {total}"
         else:
-            return  # the continuation learner has no schedule (unread_options refuses one)
+            return  # a registered cascade's classifiers are not trained (unread_options)
         late = [m for m in self.lr_milestones if m >= total]
         if late:
             raise ConfigError(

@@ -14,7 +14,7 @@ def option_value(config: TrainConfig, key: str) -> Any:
     return getattr(getattr(config, section) if section else config, name)
 
 
-EMBEDDED_DATASETS = ("digits", "synthetic", "specialist")
+EMBEDDED_DATASETS = ("digits", "synthetic", "specialist", "digits-noisy", "synthetic-noisy")
 ENV_UNREAD = (
     "dataset",
     "data_dir",
@@ -31,8 +31,6 @@ ENV_UNREAD = (
     "continuation.classifier_epochs",
     "continuation.folds",
 )
-# What the continuation learner's classifier training (policycascade.supervised) does not read.
-CONTINUATION_UNREAD = ("augment", "optimizer", "lr_milestones", "lr_gamma", "precision")
 REINFORCE_POLICY_TRAINING = (
     "baseline",
     "policy_split",
@@ -72,12 +70,6 @@ def unread_options(config: TrainConfig) -> dict[str, str]:
         add(
             ("data_dir", "download"),
             f"dataset {config.dataset!r} is built in (no files to read or download)",
-        )
-    if config.agent == "continuation":
-        add(
-            CONTINUATION_UNREAD,
-            "agent 'continuation' trains its classifiers with Adam in fp32, without "
-            "augmentation or lr schedule (agents 'reinforce' and 'ltc' read it)",
         )
     if config.agent != "reinforce":
         add(("compile",), f"torch.compile is used by agent 'reinforce' only, not {config.agent!r}")

@@ -21,6 +21,12 @@ from tqdm.auto import tqdm
 from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.thresholds import best_reward_rule
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.cascade_registry import (
+    check_reported_split,
+    registered_cascade,
+    registered_split_sources,
+    registered_splits,
+)
 from policycascade.checkpointing import (
     CHECKPOINT_FORMAT,
     Checkpointing,
@@ -29,12 +35,6 @@ from policycascade.checkpointing import (
 from policycascade.config import TrainConfig
 from policycascade.data import DataSplits, load_dataset
 from policycascade.distributed import broadcast_buffers, current_context
-from policycascade.envs.registration import (
-    check_reported_split,
-    registered_cascade,
-    registered_split_sources,
-    registered_splits,
-)
 from policycascade.evaluation import evaluate_exits, evaluate_rule
 from policycascade.finite import FiniteChecks, NonFiniteError
 from policycascade.harness_inputs import HarnessInputs

@@ -233,7 +233,7 @@ def preflight(config: TrainConfig) -> None:
 
 def check_env(env: str) -> None:
     """Import ``module:`` of an env id (working directory on the path) and find the id."""
-    from policycascade.envs.registration import registered_cascade
+    from policycascade.cascade_registry import registered_cascade
 
     if ":" in env:
         module = env.split(":", 1)[0]
@@ -250,7 +250,7 @@ def thread_choice(config: TrainConfig, log: Callable[[str], None] | None = print
 
     device = resolve_device(config.device)
     if config.env:
-        from policycascade.envs.registration import registered_cascade
+        from policycascade.cascade_registry import registered_cascade
 
         macs = max(registered_cascade(config.env).cascade.classifier_macs())
         batch, work = 1024, f"env {config.env!r} (outputs in batches of 1024)"

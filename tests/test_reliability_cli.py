@@ -12,7 +12,6 @@ import pytest
 
 from policycascade.cli_support import import_user_module
 from policycascade.config import (
-    CONTINUATION_UNREAD,
     ENV_UNREAD,
     TrainConfig,
     _cli_options,
@@ -156,9 +155,9 @@ def test_dry_run_accepts_what_it_reads(capsys):
 
 
 def test_every_flag_that_would_be_ignored_is_refused_whatever_its_value(capsys):
-    """Each unread option of the continuation learner and of an --env run, given as a flag."""
+    """Each unread option of an --env run, given as a flag."""
     env = ["--env", "m:policycascade/Mine-v0"]
-    cases = [([], key) for key in CONTINUATION_UNREAD] + [(env, key) for key in ENV_UNREAD]
+    cases = [(env, key) for key in ENV_UNREAD]
     flags = {
         (f.name if section is None else f"{section}.{f.name}"): (flag, f)
         for section, f, flag in _cli_options()
