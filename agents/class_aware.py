@@ -15,6 +15,11 @@ whose optimum is the shared threshold. A class with ``n_c << m`` samples stays a
 shared threshold; one with ``n_c >> m`` gets its own. Accuracy and budget targets are met
 through the Lagrangian: reward fits over a grid of cost weights ``alpha`` (plus the shared
 rule itself) are filtered by the target, then one offset per stage is searched on top.
+
+By default m is chosen by k-fold cross-validation on the fitting outputs themselves
+(:func:`cross_validate_prior`): each m of a small grid is fitted on k - 1 folds at cost
+weights spread over the grid and scored by the reward it earns on the held-out fold; an
+explicit m skips it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ from policycascade.agents.thresholds import (
 from policycascade.costs import StageCosts
 from policycascade.rewards import check_alpha
 
-DEFAULT_PRIOR_SAMPLES = 50.0  # m: the shared threshold weighs as much as 50 samples of a class
+DEFAULT_PRIOR_SAMPLES = 50.0  # m when it cannot be cross-validated (fewer samples than 2k)
+PRIOR_GRID = (0.0, 10.0, 50.0, 200.0, 1000.0)  # the m cross-validation chooses from
+CV_FOLDS = 5  # k of the k-fold cross-validation of m
+CV_SEED = 0  # fixes the folds, so a fit is reproducible
+CV_ALPHAS = 9  # cost weights the cross-validation scores m at: evenly spread over ``alphas``
 # cost weights of the reward fits that the accuracy and budget targets choose from
 DEFAULT_ALPHAS = tuple(float(a) for a in torch.logspace(-4, 0, 33, dtype=torch.float64))
 
@@ -153,8 +162,10 @@ class ClassAwareSearch:
     Same signature and fitting entries as :class:`ThresholdSearch` (``for_reward``,
     ``for_accuracy``, ``for_accuracy_drop``, ``for_budget``, ``sweep``), so ``compare``
     can treat it as another family. ``prior_samples`` is the pseudo-count m of the
-    shrinkage (0: every class fitted alone; inf: the shared rule); ``alphas`` the cost
-    weights of the reward fits the targets choose from.
+    shrinkage (0: every class fitted alone; inf: the shared rule; ``"cv"``, the default:
+    the m of ``prior_grid`` with the best held-out reward in ``folds``-fold cross-validation
+    on these outputs, read back as ``prior_samples`` with every m's score in
+    ``prior_scores``); ``alphas`` the cost weights of the reward fits the targets choose from.
     """
 
     def __init__(
@@ -165,9 +176,11 @@ class ClassAwareSearch:
         criterion: str = "max-softmax",
         temperature_scaling: bool = False,
         num_candidates: int | None = 100,
-        prior_samples: float = DEFAULT_PRIOR_SAMPLES,
+        prior_samples: float | str = "cv",
         alphas: tuple[float, ...] = DEFAULT_ALPHAS,
         passes: int = 3,
+        prior_grid: tuple[float, ...] = PRIOR_GRID,
+        folds: int = CV_FOLDS,
     ):
         if not (isinstance(probs, torch.Tensor) and probs.dim() == 3 and probs.shape[1] >= 2):
             raise ValueError(
@@ -181,8 +194,18 @@ class ClassAwareSearch:
             )
         if costs.num_stages != probs.shape[1]:
             raise ValueError(f"costs has {costs.num_stages} stages but probs has {probs.shape[1]}")
-        if not (isinstance(prior_samples, int | float) and prior_samples >= 0):
-            raise ValueError(f"prior_samples must be a number >= 0, got {prior_samples!r}")
+        if prior_samples != "cv" and not (
+            isinstance(prior_samples, int | float)
+            and not isinstance(prior_samples, bool)
+            and prior_samples >= 0
+        ):
+            raise ValueError(f"prior_samples must be 'cv' or a number >= 0, got {prior_samples!r}")
+        if not prior_grid or any(
+            isinstance(m, bool) or not isinstance(m, int | float) or not m >= 0 for m in prior_grid
+        ):
+            raise ValueError(f"prior_grid must be numbers >= 0, got {prior_grid!r}")
+        if isinstance(folds, bool) or not (isinstance(folds, int) and folds >= 2):
+            raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
         if not alphas or any(not (math.isfinite(a) and a >= 0) for a in alphas):
             raise ValueError(f"alphas must be finite values >= 0, got {alphas!r}")
         if not (isinstance(passes, int) and passes >= 1):
@@ -190,7 +213,12 @@ class ClassAwareSearch:
         self.shared = ThresholdSearch(
             probs, labels, costs, criterion, temperature_scaling, num_candidates
         )
-        self.prior_samples = float(prior_samples)
+        self._prior = None if prior_samples == "cv" else float(prior_samples)
+        self.prior_grid = tuple(float(m) for m in prior_grid)
+        self.folds = folds
+        self.prior_scores: dict[float, float] | None = None  # held-out reward per m (cv only)
+        self.temperature_scaling = temperature_scaling
+        self.criterion = criterion
         self.alphas = tuple(float(a) for a in alphas)
         self.passes = passes
         self.num_classes = probs.shape[2]
@@ -204,6 +232,19 @@ class ClassAwareSearch:
         self.conf = self.conf.double()
         self._always = torch.ones(len(self.probs), 1, dtype=torch.bool)  # the last stage stops
         self._grid: list[ClassAwareThresholdRule] | None = None
+
+    @property
+    def prior_samples(self) -> float:
+        """The shrinkage pseudo-count m: as given, or chosen by cross-validation on first use."""
+        if self._prior is None:
+            if len(self.labels) < 2 * self.folds:
+                self._prior = DEFAULT_PRIOR_SAMPLES
+            else:
+                self.prior_scores = cross_validate_prior(self)
+                best = max(self.prior_scores.values())
+                # ties: the largest m (the fewest effective parameters)
+                self._prior = max(m for m, v in self.prior_scores.items() if v >= best - 1e-12)
+        return self._prior
 
     @property
     def reference_macs(self) -> float:
@@ -233,12 +274,15 @@ class ClassAwareSearch:
         share = self.shared.cumulative / self.reference_macs
         return self.shared.correct - alpha * share.unsqueeze(0)
 
-    def _refit_classes(self, start: ThresholdRule, alpha: float) -> ClassAwareThresholdRule:
+    def _refit_classes(
+        self, start: ThresholdRule, alpha: float, prior_samples: float | None = None
+    ) -> ClassAwareThresholdRule:
         """Coordinate ascent over stages, all classes of a stage at once, from the shared rule."""
         table = torch.tensor(
             [[v] * self.num_classes for v in start.thresholds], dtype=torch.float64
         )
-        rewards, m = self._rewards(alpha), self.prior_samples
+        m = self.prior_samples if prior_samples is None else prior_samples
+        rewards = self._rewards(alpha)
         n = len(rewards)
         rows = torch.arange(n)
         for _ in range(self.passes):
@@ -252,11 +296,13 @@ class ClassAwareSearch:
                     continue
                 gain = rewards[:, t] - rewards[rows, exits]  # of stopping at t instead
                 candidates = self.shared.candidates[t]  # ascending, +inf last
-                stops = self.conf[reach, t].unsqueeze(1) >= candidates.unsqueeze(0)  # (n_t, M)
-                gains = torch.where(stops, gain[reach].unsqueeze(1), 0.0)
-                per_class = torch.zeros(self.num_classes, len(candidates), dtype=torch.float64)
-                per_class.index_add_(0, self.predicted[reach, t], gains)
-                pooled = gains.mean(0).expand_as(per_class)  # the prior: the stage's population
+                per_class, pooled = _gains_above(
+                    self.conf[reach, t],
+                    gain[reach],
+                    self.predicted[reach, t],
+                    candidates,
+                    self.num_classes,
+                )
                 objective = pooled if math.isinf(m) else per_class + m * pooled
                 best = objective.max(1, keepdim=True).values
                 # ties: the lowest threshold (fewest MACs), as the shared fit breaks them
@@ -358,3 +404,67 @@ class ClassAwareSearch:
         keys = score(acc, macs)
         top = max(range(len(rules)), key=lambda i: tuple(float(k[i]) for k in keys))
         return rules[top]
+
+
+def _gains_above(
+    conf: torch.Tensor,
+    gain: torch.Tensor,
+    predicted: torch.Tensor,
+    candidates: torch.Tensor,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class and candidate theta, the summed ``gain`` of samples with ``conf >= theta``.
+
+    Returns ``(per_class (C, M), pooled (C, M))``, pooled the mean over all samples (the
+    prior), from suffix sums over the samples sorted by confidence: O(n C + M C), not O(n M).
+    """
+    order = conf.argsort()
+    sorted_conf = conf[order]
+    per_sample = torch.zeros(len(conf) + 1, num_classes, dtype=torch.float64)
+    per_sample[torch.arange(len(conf)), predicted[order]] = gain[order]
+    suffix = per_sample.flip(0).cumsum(0).flip(0)  # row i: samples i.. of the sorted order
+    first = torch.searchsorted(sorted_conf, candidates, right=False)  # first conf >= theta
+    per_class = suffix[first].T.contiguous()
+    pooled = (per_class.sum(0) / len(conf)).expand_as(per_class)
+    return per_class, pooled
+
+
+def cross_validate_prior(search: ClassAwareSearch) -> dict[float, float]:
+    """Held-out reward of each m of ``search.prior_grid``, summed over its cost weights and folds.
+
+    The fitting outputs are split into ``search.folds`` random folds (fixed by ``CV_SEED``).
+    On each, every m is fitted on the other folds at up to ``CV_ALPHAS`` cost weights spread
+    evenly over ``search.alphas`` (the fits the targets choose from; both ends included),
+    starting from the shared rule fitted there, and scored by its reward
+    ``correct - alpha * MACs / largest MACs`` on the held-out fold.
+    """
+    n = len(search.labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(CV_SEED))
+    scores = dict.fromkeys(search.prior_grid, 0.0)
+    spread = torch.linspace(0, len(search.alphas) - 1, min(len(search.alphas), CV_ALPHAS))
+    alphas = [search.alphas[int(i)] for i in spread.round().unique()]
+    for k in range(search.folds):
+        held = order[k :: search.folds]
+        kept = torch.ones(n, dtype=torch.bool)
+        kept[held] = False
+        inner = ClassAwareSearch(
+            search.probs[kept],
+            search.labels[kept],
+            search.costs,
+            search.criterion,
+            search.temperature_scaling,
+            search.num_candidates,
+            prior_samples=0.0,
+            passes=search.passes,
+        )
+        correct = (search.probs[held].argmax(-1) == search.labels[held].unsqueeze(1)).double()
+        share = search.shared.cumulative / search.reference_macs
+        for alpha in alphas:
+            start = inner.shared.for_reward(alpha)
+            for m in search.prior_grid:
+                rule = inner._refit_classes(start, alpha, m)
+                stop = rule.stop_scores(search.probs[held]) >= 0
+                exits = first_stop(torch.cat([stop, torch.ones_like(stop[:, :1])], dim=1))
+                reward = correct.gather(1, exits[:, None]).squeeze(1) - alpha * share[exits]
+                scores[m] += float(reward.sum())
+    return {m: v / n for m, v in scores.items()}
