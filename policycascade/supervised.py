@@ -25,6 +25,7 @@ def cross_entropy_all_stages(
     logits: torch.Tensor,
     labels: torch.Tensor,
     trained_classes: Sequence[Collection[int] | None] | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over stages of each classifier's mean cross-entropy; ``logits`` is (batch, K, C).
 
@@ -33,9 +34,16 @@ def cross_entropy_all_stages(
     those classes: the others are masked out of that stage's loss, so it never
     learns to answer them (a stage with none in the batch adds 0). ``None``
     (for the list or a stage) trains on every sample.
+
+    ``sample_weights`` (batch, K), non-negative, weighs each sample's cross-entropy at
+    each stage: stage t's term is then ``sum_i w_it ce_it / sum_i w_it`` over the
+    samples its ``trained_classes`` keep (a stage whose kept weights sum to 0 adds 0).
+    ``None`` is the unweighted mean above, computed exactly as before.
     """
     k = logits.shape[1]
     flat = rearrange(logits, "b k c -> (b k) c")
+    if sample_weights is not None:
+        return _weighted_cross_entropy(flat, labels, k, trained_classes, sample_weights)
     if trained_classes is None or all(classes is None for classes in trained_classes):
         return F.cross_entropy(flat, labels.repeat_interleave(k)) * k
     if len(trained_classes) != k:
@@ -56,6 +64,64 @@ def cross_entropy_all_stages(
         dim=1,
     )  # (batch, stage)
     return ((per_sample * weights).sum(0) / weights.sum(0).clamp_min(1)).sum()
+
+
+def _class_mask(
+    labels: torch.Tensor, trained_classes: Sequence[Collection[int] | None] | None, k: int
+) -> torch.Tensor:
+    """(batch, K) 1 where stage t trains on the sample (its label among t's classes), else 0."""
+    if trained_classes is None:
+        return torch.ones(len(labels), k, device=labels.device)
+    if len(trained_classes) != k:
+        raise ValueError(
+            f"trained_classes needs {k} entries (one per stage), got {len(trained_classes)}"
+        )
+    return torch.stack(
+        [
+            torch.ones(len(labels), device=labels.device)
+            if classes is None
+            else torch.isin(labels, torch.tensor(sorted(classes), device=labels.device)).float()
+            for classes in trained_classes
+        ],
+        dim=1,
+    )
+
+
+def _weighted_cross_entropy(
+    flat: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    trained_classes: Sequence[Collection[int] | None] | None,
+    sample_weights: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`cross_entropy_all_stages` with per-sample, per-stage weights (batch, K)."""
+    if tuple(sample_weights.shape) != (len(labels), k):
+        raise ValueError(
+            f"sample_weights must have shape (batch, stages) = {(len(labels), k)}, "
+            f"got {tuple(sample_weights.shape)}"
+        )
+    per_sample = F.cross_entropy(flat, labels.repeat_interleave(k), reduction="none")
+    per_sample = rearrange(per_sample, "(b k) -> b k", k=k)
+    weights = sample_weights.to(per_sample) * _class_mask(labels, trained_classes, k).to(per_sample)
+    totals = weights.sum(0)
+    stage_losses = (per_sample * weights).sum(0) / torch.where(totals > 0, totals, 1.0)
+    return stage_losses.sum()
+
+
+def check_sample_weights(sample_weights: torch.Tensor, num_samples: int, k: int) -> torch.Tensor:
+    """``sample_weights`` as float32 if it is a finite, non-negative (num_samples, K) tensor."""
+    if not isinstance(sample_weights, torch.Tensor):
+        kind = type(sample_weights).__name__
+        raise TypeError(f"sample_weights must be a torch.Tensor, got {kind}")
+    if tuple(sample_weights.shape) != (num_samples, k):
+        raise ValueError(
+            f"sample_weights must have shape (train samples, stages) = {(num_samples, k)}, "
+            f"got {tuple(sample_weights.shape)}"
+        )
+    weights = sample_weights.detach().float()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("sample_weights must be finite and >= 0")
+    return weights
 
 
 def batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -212,6 +278,7 @@ class ClassifierFitting:
         seed: int = 0,
         *,
         options: TrainingOptions | None = None,
+        sample_weights: torch.Tensor | None = None,
     ):
         self.options = resolve_options(options, lr, batch_size, weight_decay)
         if self.options.augment and (train.x.ndim != 4 or not train.x.is_floating_point()):
@@ -229,6 +296,19 @@ class ClassifierFitting:
         self.schedule = self.options.build_schedule(self.optimizer)
         self.trained_classes = trained_classes_of(cascade)
         self.x, self.y = train.x.to(self.device), train.y.to(self.device)
+        self.sample_weights: torch.Tensor | None = None
+        self.set_sample_weights(sample_weights)
+
+    def set_sample_weights(self, sample_weights: torch.Tensor | None) -> None:
+        """Weigh each training sample's loss per stage from the next epoch on (None: unweighted).
+
+        ``sample_weights`` is (train samples, K), finite and >= 0; see
+        :func:`cross_entropy_all_stages`.
+        """
+        if sample_weights is not None:
+            k = self.cascade.num_stages
+            sample_weights = check_sample_weights(sample_weights, len(self.y), k).to(self.device)
+        self.sample_weights = sample_weights
 
     def run_epoch(self) -> None:
         """One shuffled pass over the training split, the cascade in training mode."""
@@ -241,7 +321,8 @@ class ClassifierFitting:
                 x = augment_batch(x, self.augment_generator)
             with self.options.autocast(self.device):
                 logits = self.cascade(x).float()
-            cross_entropy_all_stages(logits, self.y[idx], self.trained_classes).backward()
+            weights = None if self.sample_weights is None else self.sample_weights[idx]
+            cross_entropy_all_stages(logits, self.y[idx], self.trained_classes, weights).backward()
             self.optimizer.step()
         self.schedule.step()  # milestones count epochs, as in REINFORCE's pre-training
 
@@ -279,16 +360,28 @@ def fit_classifiers(
     on_epoch: Callable[[int], None] | None = None,
     *,
     options: TrainingOptions | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> Cascade:
     """Train every stage on cross-entropy with ``options``, honouring specialists' classes.
 
     ``lr``, ``batch_size`` and ``weight_decay`` are the older way to set three of the
     options (see :class:`ClassifierFitting`). ``on_epoch(epoch)`` is called after each
-    epoch (epochs count from 1). Returns the cascade in eval mode.
+    epoch (epochs count from 1). ``sample_weights`` (train samples, K) weighs each
+    sample's loss at each stage (:func:`cross_entropy_all_stages`); None trains unweighted.
+    Returns the cascade in eval mode.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    fitting = ClassifierFitting(cascade, train, lr, batch_size, weight_decay, seed, options=options)
+    fitting = ClassifierFitting(
+        cascade,
+        train,
+        lr,
+        batch_size,
+        weight_decay,
+        seed,
+        options=options,
+        sample_weights=sample_weights,
+    )
     for epoch in range(1, epochs + 1):
         fitting.run_epoch()
         if on_epoch is not None:
