@@ -143,6 +143,9 @@ def early_exit_predict(
     ``rule.policy_macs()``. Runs in eval mode under ``torch.inference_mode()``; training
     flags are restored.
     """
+    from policycascade.agents.rules import skips_to_last
+    from policycascade.evaluation import exit_costs
+
     x = as_samples(x, cascade)
     if costs is None:
         costs = cascade.costs(rule.policy_macs())
@@ -159,6 +162,8 @@ def early_exit_predict(
             for root in roots:
                 root.eval()
         with torch.inference_mode():
+            if skips_to_last(rule):  # the certified fallback: only the last classifier runs
+                return _last_stage_only(cascade, x.to(device), exit_costs(rule, costs)[-1])
             return _run_stages(
                 list(cascade.classifiers),
                 lambda t, history: rule.stop_scores(history)[:, t] >= 0,
@@ -169,6 +174,17 @@ def early_exit_predict(
     finally:
         for m in was_training:
             m.training = True
+
+
+def _last_stage_only(cascade: Cascade, x: torch.Tensor, cost: int | float) -> EarlyExitResult:
+    """Every sample answered by the last classifier alone, at ``cost`` each."""
+    n, last = len(x), cascade.num_stages - 1
+    predictions = cascade.classifiers[last](x).argmax(-1)
+    exit_stage = torch.full((n,), last, dtype=torch.int64, device=x.device)
+    dtype = torch.int64 if float(cost).is_integer() else torch.float64
+    return EarlyExitResult(
+        predictions, exit_stage, torch.full((n,), cost, dtype=dtype, device=x.device)
+    )
 
 
 class _StageDecision(nn.Module):

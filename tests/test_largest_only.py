@@ -151,3 +151,25 @@ def test_saved_served_and_watched(tmp_path):
     watch = DriftWatch.from_calibration(data["calibration"], exit_costs_of(rule, out.costs))
     assert watch.calibration()["mean_cost"] == 100
     assert watch.update(np.full(500, 2)) == []
+
+
+def test_early_exit_predict_runs_only_the_last_classifier_for_the_fallback():
+    """Live inference agrees with evaluate_rule: one classifier runs, at its own MACs."""
+    from policycascade.inference import early_exit_predict
+    from policycascade.models import build_cascade
+
+    torch.manual_seed(0)
+    cascade = build_cascade("digits", (1, 8, 8), 10).eval()
+    x = torch.randn(7, 1, 8, 8)
+    rule = LargestOnlyRule(cascade.num_stages)
+    costs = cascade.costs(rule.policy_macs())  # counting MACs runs the classifiers once
+    calls = []
+    for t, clf in enumerate(cascade.classifiers):
+        clf.register_forward_hook(lambda m, i, o, t=t: calls.append(t))
+    result = early_exit_predict(cascade, rule, x, costs)
+    assert calls == [cascade.num_stages - 1]
+    assert result.exit_stage.tolist() == [cascade.num_stages - 1] * 7
+    assert result.macs.tolist() == [costs.alone_macs[-1]] * 7
+    with torch.no_grad():
+        expected = cascade.classifiers[-1](x).argmax(-1)
+    assert torch.equal(result.predictions, expected)
