@@ -17,6 +17,7 @@ use to check that every estimator here is unbiased.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,22 @@ def sample_exits(
 
 
 def _sample_exits(stop: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return _sample_decisions(stop, generator)[0]
+
+
+def _sample_decisions(
+    stop: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled stop decisions from stop probabilities (batch, K - 1).
+
+    Returns the exit stage (batch,) and two 0/1 masks (batch, K - 1): the stages whose
+    decision was to go on, and the stages reached (those, and the one it stopped at;
+    the last stage always stops). Each stop is ``uniform < pi_t``, one draw per decision.
+    """
     uniform = torch.rand(stop.shape, generator=generator, device=stop.device)
-    stops = uniform < stop
-    stops = torch.cat([stops, torch.ones_like(stops[:, :1])], dim=1)
-    return stops.to(torch.uint8).argmax(dim=1)
+    continued = (~(uniform < stop)).cumprod(1)  # int64: 1 until the first stop
+    reached = F.pad(continued, (1, -1), value=1)  # stage t is reached if all before went on
+    return continued.sum(1), continued, reached
 
 
 def sample_categorical(
@@ -104,6 +117,21 @@ def _decision_score_sq_norm(
     return score.square().sum(1)
 
 
+def _decision_terms(
+    stop_logits: torch.Tensor, stop: torch.Tensor, continued: torch.Tensor, reached: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decisions' log-probability (differentiable) and its score d/d(stop logits).
+
+    From the masks of :func:`_sample_decisions`; the same values as :func:`_decision_log_prob` and
+    :func:`_decision_score_sq_norm`'s score, with one log-sigmoid of the signed logits
+    (+s where it stopped, -s where it went on) instead of two.
+    """
+    stopped = reached - continued
+    signed = stop_logits * (stopped - continued)  # unreached stages: 0, masked out below
+    log_prob = (F.logsigmoid(signed) * reached).sum(1)
+    return log_prob, stopped - stop * reached
+
+
 def expected_loss_per_stage(
     log_probs: torch.Tensor, labels: torch.Tensor, loss: str, sample_prediction: bool
 ) -> torch.Tensor:
@@ -141,6 +169,15 @@ def expected_return(
         alpha, cumulative_costs.to(stage_loss.dtype).unsqueeze(0), stage_loss
     )
     return (exit_p * stage_return).sum(1)
+
+
+class _Episode(NamedTuple):
+    """One sampled episode per row of a batch (rollout-major when there are several)."""
+
+    exit_stage: torch.Tensor  # (M * B,)
+    log_prob: torch.Tensor  # (M * B,) log P(decisions [and sampled label]), differentiable
+    score_sq: torch.Tensor  # (M * B,) squared norm of its score at the output logits
+    returns: torch.Tensor  # (M * B,)
 
 
 @dataclass
@@ -212,70 +249,105 @@ class ReinforceAgent(nn.Module):
         labels: torch.Tensor,
         cumulative_costs: torch.Tensor,
         generator: torch.Generator | None = None,
+        normalised: bool = False,
     ) -> ReinforceStep:
-        """The REINFORCE surrogate loss on a batch of classifier logits (batch, K, C)."""
+        """The REINFORCE surrogate loss on a batch of classifier logits (batch, K, C).
+
+        ``normalised``: ``logits`` are log-probabilities already (the log-softmax a caller
+        shares with its cross-entropy loss), taken as they are instead of normalised again.
+        """
         m = self.rollouts
-        log_probs = logits.log_softmax(-1)
-        probs = log_probs.exp()
+        log_probs = logits if normalised else logits.log_softmax(-1)
         if not self.train_classifiers:
-            log_probs, probs = log_probs.detach(), probs.detach()
+            log_probs = log_probs.detach()
         # Policy reads the softmax; in joint training its gradient reaches the classifiers too.
+        probs = log_probs.exp()
         stop_logits = self.policy(probs)
-        log_probs_m, labels_m = log_probs, labels
+        probs = probs.detach()
+        log_probs_m, probs_m, labels_m = log_probs, probs, labels
         if m > 1:  # rollout-major copies, (m b); one rollout needs no copy
             stop_logits = repeat(stop_logits, "b k -> (m b) k", m=m)
             log_probs_m = repeat(log_probs, "b k c -> (m b) k c", m=m)
+            probs_m = repeat(probs, "b k c -> (m b) k c", m=m)
             labels_m = repeat(labels, "b -> (m b)", m=m)
-        stop = torch.sigmoid(stop_logits.detach())
-        exit_stage = _sample_exits(stop, generator)
-        continued, stopped = _decision_masks(exit_stage, stop_logits.shape[1])
-        exit_index = exit_stage.view(-1, 1, 1).expand(-1, 1, log_probs_m.shape[2])
-        exit_log_probs = log_probs_m.gather(1, exit_index).squeeze(1)  # (M*B, C)
-        log_prob = _decision_log_prob(stop_logits, continued, stopped)
-        score_sq = _decision_score_sq_norm(stop, continued, stopped)
-        if self.sample_prediction:
-            exit_probs = exit_log_probs.detach().exp()
-            predictions = sample_categorical(exit_probs, generator)
-            chosen_index = predictions.unsqueeze(1)
-            log_prob = log_prob + exit_log_probs.gather(1, chosen_index).squeeze(1)
-            chosen = exit_probs.gather(1, chosen_index).squeeze(1)
-            score_sq = score_sq + 1.0 - 2.0 * chosen + exit_probs.square().sum(1)
-            loss = prediction_loss(exit_probs, predictions, labels_m, self.loss_name)
-        else:
-            predictions = exit_log_probs.argmax(-1)
-            loss = prediction_loss(exit_log_probs.exp(), predictions, labels_m, self.loss_name)
-        returns = episode_return(self.alpha, cumulative_costs[exit_stage], loss)  # (M*B,)
-        returns_mb = returns.view(m, -1)
-        baseline, baseline_loss = self.baseline(returns_mb, score_sq.view(m, -1), probs[:, 0])
-        advantages = (returns_mb.detach() - baseline).reshape(-1)
+        episode = self._episode(
+            stop_logits, log_probs_m, probs_m, labels_m, cumulative_costs, generator
+        )
+        returns = episode.returns.view(m, -1)
+        baseline, baseline_loss = self.baseline(returns, episode.score_sq.view(m, -1), probs[:, 0])
+        advantages = (returns.detach() - baseline).reshape(-1)
         if self.policy_gradient == "exact":
-            # Enumerate the K exits instead of sampling one: the gradient of the exact
-            # expected return, which every baseline only approximates (variance 0 in the
-            # stop decisions; the sampled episode above is kept for the logs).
-            full_stop = torch.cat(
-                [torch.sigmoid(stop_logits), torch.ones_like(stop_logits[:, :1])], 1
-            )
-            surrogate = -expected_return(
-                log_probs_m,
-                full_stop,
-                labels_m,
-                cumulative_costs,
-                self.alpha,
-                self.loss_name,
-                self.sample_prediction,
-            ).mean()
+            surrogate = self._exact_surrogate(stop_logits, log_probs_m, labels_m, cumulative_costs)
         else:
             # Score-function term, plus the pathwise term when the return is differentiable.
-            surrogate = -(advantages.to(log_prob.dtype) * log_prob + returns).mean()
-        probs = probs.detach()
+            log_prob = episode.log_prob
+            surrogate = -(advantages.to(log_prob.dtype) * log_prob + episode.returns).mean()
         return ReinforceStep(
             loss=surrogate,
             baseline_loss=baseline_loss,
-            returns=returns_mb.detach(),
+            returns=returns.detach(),
             advantages=advantages.view(m, -1),
-            exit_stage=exit_stage,
-            probs=repeat(probs, "b k c -> (m b) k c", m=m) if m > 1 else probs,
+            exit_stage=episode.exit_stage,
+            probs=probs_m,
         )
+
+    def _episode(
+        self,
+        stop_logits: torch.Tensor,
+        log_probs: torch.Tensor,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        cumulative_costs: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> _Episode:
+        """One sampled episode per row: the exit (and label) drawn, its return and log-probability.
+
+        ``probs`` is ``log_probs.exp()`` without gradient. With a sampled prediction the
+        label's log-probability joins the decisions' in the score function (Guan et al.);
+        the squared score norms are what the baseline weighs.
+        """
+        stop = torch.sigmoid(stop_logits.detach())
+        exit_stage, continued, reached = _sample_decisions(stop, generator)
+        log_prob, score = _decision_terms(stop_logits, stop, continued, reached)
+        score_sq = score.square().sum(1)
+        rows = torch.arange(len(exit_stage), device=exit_stage.device)
+        if self.sample_prediction:
+            exit_probs = probs[rows, exit_stage]  # (M*B, C)
+            predictions = sample_categorical(exit_probs, generator)
+            log_prob = log_prob + log_probs[rows, exit_stage, predictions]
+            chosen = exit_probs[rows, predictions]
+            score_sq = score_sq + 1.0 - 2.0 * chosen + exit_probs.square().sum(1)
+            loss = prediction_loss(exit_probs, predictions, labels, self.loss_name)
+        else:
+            exit_log_probs = log_probs[rows, exit_stage]  # (M*B, C)
+            predictions = exit_log_probs.argmax(-1)
+            loss = prediction_loss(exit_log_probs.exp(), predictions, labels, self.loss_name)
+        returns = episode_return(self.alpha, cumulative_costs[exit_stage], loss)  # (M*B,)
+        return _Episode(exit_stage, log_prob, score_sq, returns)
+
+    def _exact_surrogate(
+        self,
+        stop_logits: torch.Tensor,
+        log_probs: torch.Tensor,
+        labels: torch.Tensor,
+        cumulative_costs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Minus the exact expected return, enumerated over the K exits instead of sampled.
+
+        Its gradient is the one every baseline only approximates (variance 0 in the stop
+        decisions); the sampled episode is still drawn, for the logs.
+        """
+        stop = torch.sigmoid(stop_logits)
+        full_stop = torch.cat([stop, torch.ones_like(stop[:, :1])], 1)
+        return -expected_return(
+            log_probs,
+            full_stop,
+            labels,
+            cumulative_costs,
+            self.alpha,
+            self.loss_name,
+            self.sample_prediction,
+        ).mean()
 
     @torch.no_grad()
     def stop_probs(self, probs: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from policycascade.agents.algorithm import Algorithm
@@ -91,6 +92,8 @@ class ReinforceTraining(Algorithm):
         )
         self.agent_step = maybe_compile(self.agent, compile_, "the REINFORCE agent", device=device)
         self._cumulative_costs: tuple[Any, torch.Tensor] | None = None  # (costs, tensor)
+        self._trained_classes = trained_classes_of(self.cascade)
+        self._joined: JoinedOptimizer | None = None  # both optimisers, stepped as one
         self.classifier_optimizer = self.classifier_schedule = None
         self.policy_optimizer = self.policy_schedule = None
         if train:
@@ -248,13 +251,13 @@ class ReinforceTraining(Algorithm):
         Returns the policy's step and the classifiers' cross-entropy (0 when frozen).
         """
         h, r = self.harness, self.settings
-        x, y = h.split_on_device("train")
-        px, py = h.split_on_device(r.policy_split)
         held_out, joint = r.policy_split != "train", not r.freeze_classifiers
-        loss = supervised = torch.zeros((), device=h.device)
+        loss = supervised = None
         if joint:
+            x, y = h.split_on_device("train")
             supervised, step, loss = self._classifier_loss(x[idx], y[idx], held_out, step_index)
         if held_out or not joint:
+            px, py = h.split_on_device(r.policy_split)
             policy_logits = (
                 frozen_logits[policy_idx]
                 if frozen_logits is not None
@@ -263,32 +266,59 @@ class ReinforceTraining(Algorithm):
             step = self.agent_step(
                 policy_logits, py[policy_idx], self.cumulative_costs, h.sample_generator
             )
-            policy_loss = step.loss + step.baseline_loss
+            policy_loss = with_baseline_loss(step.loss, step)
             h.check_finite(policy_loss, "REINFORCE loss", step_index, policy_logits)
-            loss = loss + policy_loss
-        optimizers = [self.policy_optimizer] + ([self.classifier_optimizer] if joint else [])
-        h.optimise(loss, optimizers, step_index, average=[self.agent])
+            loss = policy_loss if loss is None else loss + policy_loss
+        h.optimise(loss, self._step_optimizers(joint), step_index, average=[self.agent])
+        if supervised is None:
+            supervised = torch.zeros((), device=h.device)
         return step, supervised
+
+    def _step_optimizers(self, joint: bool) -> list[torch.optim.Optimizer]:
+        """What a joint step steps: the policy's optimiser, with the classifiers' one when joint.
+
+        Both as one optimiser (one call, one ``zero_grad``) where they are of one kind.
+        """
+        if not joint:
+            return [self.policy_optimizer]
+        parts = [self.classifier_optimizer, self.policy_optimizer]
+        if self._joined is None or not self._joined.joins(parts):
+            self._joined = JoinedOptimizer.of(parts)
+        return parts if self._joined is None else [self._joined.optimizer]
 
     def _classifier_loss(
         self, images: torch.Tensor, labels: torch.Tensor, held_out: bool, step_index: int
     ) -> tuple[torch.Tensor, ReinforceStep, torch.Tensor]:
         """The classifiers' joint loss on a training batch: cross-entropy plus the REINFORCE term.
 
-        With a held-out policy split the stopping modules take no gradient from it.
+        One log-softmax serves both. With a held-out policy split the stopping modules take
+        no gradient from it.
         """
         h = self.harness
         self.cascade.train()
         logits = h.classify(self.train_cascade, h.inputs(images, True))
-        supervised = cross_entropy_all_stages(logits, labels, trained_classes_of(self.cascade))
+        log_probs = logits.log_softmax(-1)
+        supervised = self._cross_entropy(logits, log_probs, labels)
         frozen = without_parameter_gradients(self.agent) if held_out else contextlib.nullcontext()
         with frozen:
-            step = self.agent_step(logits, labels, self.cumulative_costs, h.sample_generator)
-        loss = self.settings.supervised_weight * supervised + step.loss
+            step = self.agent_step(
+                log_probs, labels, self.cumulative_costs, h.sample_generator, normalised=True
+            )
+        weight = self.settings.supervised_weight
+        loss = (supervised if weight == 1.0 else weight * supervised) + step.loss
         if not held_out:
-            loss = loss + step.baseline_loss
+            loss = with_baseline_loss(loss, step)
         h.check_finite(loss, "joint training loss", step_index, logits)
         return supervised, step, loss
+
+    def _cross_entropy(
+        self, logits: torch.Tensor, log_probs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`cross_entropy_all_stages` of ``logits``, from their log-softmax ``log_probs``."""
+        if any(classes is not None for classes in self._trained_classes):  # specialists
+            return cross_entropy_all_stages(logits, labels, self._trained_classes)
+        k = log_probs.shape[1]
+        return F.nll_loss(log_probs.flatten(0, 1), labels.repeat_interleave(k)) * k  # (b k) rows
 
     def saved_parts(self) -> dict[str, Any]:
         """The weights, optimisers and schedules a checkpoint holds (None: not training)."""
@@ -313,5 +343,67 @@ STEP_SCALARS = (  # what step_scalars returns, in order
 
 def step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> torch.Tensor:
     """The logged scalars of one joint step (named by :data:`STEP_SCALARS`), float64, (5,)."""
-    values = (step.returns.mean(), step.loss, step.baseline_loss, supervised, step.advantages.std())
-    return torch.stack([value.detach().double() for value in values])
+    with torch.no_grad():
+        values = (step.returns.mean(), step.loss, step.baseline_loss, supervised)
+        return torch.stack([*values, step.advantages.std()]).double()
+
+
+def with_baseline_loss(loss: torch.Tensor, step: ReinforceStep) -> torch.Tensor:
+    """``loss`` plus the baseline's fitting loss, where it has one (a constant 0 adds nothing)."""
+    return loss + step.baseline_loss if step.baseline_loss.requires_grad else loss
+
+
+class JoinedOptimizer:
+    """Several optimisers of one kind stepped as one: one ``step`` and ``zero_grad`` call.
+
+    The joined optimiser holds their very param-group dicts and reads and writes their
+    per-parameter state, so each keeps its own lr schedule, ``state_dict`` and checkpoint
+    layout, and an update is the one its own optimiser would make (each group is updated
+    on its own, fused where it was). Loading a state into one of them replaces its groups:
+    :meth:`joins` then says no, and the caller joins them anew.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parts: list[torch.optim.Optimizer]):
+        self.optimizer, self._groups = optimizer, _groups_of(parts)
+
+    @classmethod
+    def of(cls, parts: list[torch.optim.Optimizer]) -> JoinedOptimizer | None:
+        """``parts`` joined, or None where they are of different kinds (Adam and SGD)."""
+        kind = type(parts[0])
+        if any(type(part) is not kind for part in parts):
+            return None
+        groups = _groups_of(parts)
+        joined = kind([{"params": group["params"]} for group in groups], **parts[0].defaults)
+        joined.param_groups = groups
+        joined.state = _OwnersState(parts)
+        joined.defaults = {**joined.defaults, "fused": all(p.defaults.get("fused") for p in parts)}
+        for part in parts:  # their schedules see them stepped (torch warns otherwise)
+            part._opt_called = True
+        return cls(joined, parts)
+
+    def joins(self, parts: list[torch.optim.Optimizer]) -> bool:
+        """Whether this still steps exactly the param groups of ``parts``."""
+        groups = _groups_of(parts)
+        return len(groups) == len(self._groups) and all(
+            a is b for a, b in zip(groups, self._groups, strict=True)
+        )
+
+
+def _groups_of(optimizers: list[torch.optim.Optimizer]) -> list[dict[str, Any]]:
+    return [group for optimizer in optimizers for group in optimizer.param_groups]
+
+
+class _OwnersState(dict):
+    """Per-parameter optimiser state, the very dicts of the optimisers that own the parameters.
+
+    Each is looked up in its owner on first use (which creates it there, as the owner's own
+    step would) and read from here after that.
+    """
+
+    def __init__(self, owners: list[torch.optim.Optimizer]):
+        super().__init__()
+        self._state_of = {p: o.state for o in owners for g in o.param_groups for p in g["params"]}
+
+    def __missing__(self, param: torch.Tensor) -> dict[str, Any]:
+        state = self[param] = self._state_of[param][param]
+        return state
