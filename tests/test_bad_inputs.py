@@ -494,9 +494,9 @@ API_CASES = [
         id="config-from-dict-base",
     ),
     pytest.param(
-        lambda: config_from_dict({"optimizer": "sgd"}),
+        lambda: config_from_dict({"compile": "on"}),
         ValueError,
-        ["optimizer='sgd'", "'continuation'"],
+        ["compile='on'", "'continuation'"],
         id="config-from-dict-unread",
     ),
     pytest.param(
