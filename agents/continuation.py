@@ -180,12 +180,18 @@ class ContinuationValueRule(nn.Module):
     def policy_macs(self) -> list[int]:
         """MACs of each stage's model, counted by torch's FLOP counter; features count 0.
 
-        The features are closed-form statistics of softmaxes, as a threshold's are.
+        The features are closed-form statistics of softmaxes, as a threshold's are. Counted
+        once per rule (the architecture is fixed): evaluations ask for it every time.
         """
-        return [
-            count_macs(model, torch.zeros(1, model.mean.numel(), device=model.mean.device))
-            for model in self.stage_models
-        ] + [0]
+        shapes = tuple(tuple(p.shape) for p in self.parameters())
+        cached = self.__dict__.get("_policy_macs")
+        if cached is None or cached[0] != shapes:
+            macs = [
+                count_macs(model, torch.zeros(1, model.mean.numel(), device=model.mean.device))
+                for model in self.stage_models
+            ] + [0]
+            self.__dict__["_policy_macs"] = cached = (shapes, macs)
+        return list(cached[1])
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready."""

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 from policycascade.cascade import Cascade
 from policycascade.costs import eval_mode
@@ -52,6 +51,8 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
             f"folds={folds} needs at least {folds} samples of every class; the rarest present "
             f"class has {smallest}: use fewer folds"
         )
+    from sklearn.model_selection import StratifiedKFold  # slow import: only when folding
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [
         torch.from_numpy(np.sort(held)).to(torch.int64)

@@ -201,13 +201,20 @@ def _choose_threads(runs: list[str]) -> None:
     Fitting rules on cached outputs is small work; only a reference trained for a large
     cascade gains from more threads. The choice is silent: stderr is kept for errors.
     """
-    from policycascade.runtime import configure_threads
+    from policycascade.run_store import has_stored_outputs, read_outputs
+    from policycascade.runtime import configure_threads, resolve_device
     from policycascade.train import thread_choice
 
-    config = None
+    config, stored = None, None
     for path in expand_run_dirs(runs)[:1]:
         config = read_config(path)
-    if config is None or config.env:  # outputs only, or frozen classifiers: no training
+        if has_stored_outputs(Path(path)):  # the stored costs say how large the classifiers are
+            stored = max(read_outputs(Path(path))["test"].costs.classifier_macs)
+    if config is not None and not config.env and stored is not None:  # no cascade is built
+        work = f"a reference for classifiers of up to {stored} MACs"
+        device = resolve_device(config.device)
+        configure_threads(config.threads or None, stored * config.batch_size, device, work, None)
+    elif config is None or config.env:  # outputs only, or frozen classifiers: no training
         configure_threads(None, 0, "cpu", "rule fits on cached outputs", log=None)
     else:
         thread_choice(config, log=None)
