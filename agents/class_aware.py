@@ -156,6 +156,45 @@ class ClassAwareThresholdRule:
         return dataclasses.replace(self, offsets=[float(d) for d in offsets])
 
 
+def _check_search_args(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    costs: StageCosts,
+    prior_samples: float | str,
+    prior_grid: tuple[float, ...],
+    folds: int,
+    alphas: tuple[float, ...],
+    passes: int,
+) -> None:
+    """Raise ValueError, naming the argument, where :class:`ClassAwareSearch` cannot take it."""
+    if not (isinstance(probs, torch.Tensor) and probs.dim() == 3 and probs.shape[1] >= 2):
+        raise ValueError(
+            f"probs must be a (sample, K >= 2, class) tensor, got {getattr(probs, 'shape', probs)}"
+        )
+    if not (isinstance(labels, torch.Tensor) and labels.shape == probs.shape[:1]):
+        raise ValueError(
+            f"labels must be a ({probs.shape[0]},) tensor, got {getattr(labels, 'shape', labels)}"
+        )
+    if costs.num_stages != probs.shape[1]:
+        raise ValueError(f"costs has {costs.num_stages} stages but probs has {probs.shape[1]}")
+    if prior_samples != "cv" and not (
+        isinstance(prior_samples, int | float)
+        and not isinstance(prior_samples, bool)
+        and prior_samples >= 0
+    ):
+        raise ValueError(f"prior_samples must be 'cv' or a number >= 0, got {prior_samples!r}")
+    if not prior_grid or any(
+        isinstance(m, bool) or not isinstance(m, int | float) or not m >= 0 for m in prior_grid
+    ):
+        raise ValueError(f"prior_grid must be numbers >= 0, got {prior_grid!r}")
+    if isinstance(folds, bool) or not (isinstance(folds, int) and folds >= 2):
+        raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
+    if not alphas or any(not (math.isfinite(a) and a >= 0) for a in alphas):
+        raise ValueError(f"alphas must be finite values >= 0, got {alphas!r}")
+    if not (isinstance(passes, int) and passes >= 1):
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+
+
 class ClassAwareSearch:
     """Fits class-aware thresholds on validation outputs, one entry per target.
 
@@ -182,34 +221,7 @@ class ClassAwareSearch:
         prior_grid: tuple[float, ...] = PRIOR_GRID,
         folds: int = CV_FOLDS,
     ):
-        if not (isinstance(probs, torch.Tensor) and probs.dim() == 3 and probs.shape[1] >= 2):
-            raise ValueError(
-                f"probs must be a (sample, K >= 2, class) tensor, got "
-                f"{getattr(probs, 'shape', probs)}"
-            )
-        if not (isinstance(labels, torch.Tensor) and labels.shape == probs.shape[:1]):
-            raise ValueError(
-                f"labels must be a ({probs.shape[0]},) tensor, got "
-                f"{getattr(labels, 'shape', labels)}"
-            )
-        if costs.num_stages != probs.shape[1]:
-            raise ValueError(f"costs has {costs.num_stages} stages but probs has {probs.shape[1]}")
-        if prior_samples != "cv" and not (
-            isinstance(prior_samples, int | float)
-            and not isinstance(prior_samples, bool)
-            and prior_samples >= 0
-        ):
-            raise ValueError(f"prior_samples must be 'cv' or a number >= 0, got {prior_samples!r}")
-        if not prior_grid or any(
-            isinstance(m, bool) or not isinstance(m, int | float) or not m >= 0 for m in prior_grid
-        ):
-            raise ValueError(f"prior_grid must be numbers >= 0, got {prior_grid!r}")
-        if isinstance(folds, bool) or not (isinstance(folds, int) and folds >= 2):
-            raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
-        if not alphas or any(not (math.isfinite(a) and a >= 0) for a in alphas):
-            raise ValueError(f"alphas must be finite values >= 0, got {alphas!r}")
-        if not (isinstance(passes, int) and passes >= 1):
-            raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+        _check_search_args(probs, labels, costs, prior_samples, prior_grid, folds, alphas, passes)
         self.shared = ThresholdSearch(
             probs, labels, costs, criterion, temperature_scaling, num_candidates
         )

@@ -25,14 +25,30 @@ from policycascade.agents.reinforce import (
     expected_return,
     policy_gradient_variance,
 )
+from policycascade.agents.reinforce_optim import (
+    JoinedOptimizer,
+    build_optimizers,
+    scale_lr,
+    step_optimizers,
+)
 from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.compiled import maybe_compile
-from policycascade.optimizers import build_optimizer
 from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
 if TYPE_CHECKING:
     from policycascade.harness import RunHarness
+
+__all__ = [
+    "STEP_SCALARS",
+    "JoinedOptimizer",
+    "ReinforceTraining",
+    "build_agent",
+    "epoch_batches",
+    "step_scalars",
+    "with_baseline_loss",
+    "without_parameter_gradients",
+]
 
 
 @contextlib.contextmanager
@@ -61,6 +77,23 @@ def epoch_batches(
     return list(zip(train_batches, policy_batches, strict=False))
 
 
+def build_agent(harness: RunHarness, num_stages: int) -> ReinforceAgent:
+    """The REINFORCE agent the run's settings describe, on the run's device."""
+    r = harness.config.reinforce
+    return ReinforceAgent(
+        num_stages,
+        harness.data.num_classes,
+        harness.alpha,
+        loss=r.loss,
+        baseline=r.baseline,
+        rollouts=r.rollouts,
+        policy_hidden=r.policy_hidden,
+        train_classifiers=not r.freeze_classifiers,
+        policy_gradient=r.policy_gradient,
+        policy_inputs=r.policy_inputs,
+    ).to(harness.device)
+
+
 class ReinforceTraining(Algorithm):
     """Pre-training epochs, then REINFORCE epochs; ends with the learned stopping policy."""
 
@@ -70,20 +103,9 @@ class ReinforceTraining(Algorithm):
         super().__init__(harness, train)
         if harness.alpha is None:
             raise ValueError("REINFORCE needs an alpha")
-        self.settings = r = harness.config.reinforce
+        self.settings = harness.config.reinforce
         self.cascade = harness.build_cascade()
-        self.agent = ReinforceAgent(
-            self.cascade.num_stages,
-            harness.data.num_classes,
-            harness.alpha,
-            loss=r.loss,
-            baseline=r.baseline,
-            rollouts=r.rollouts,
-            policy_hidden=r.policy_hidden,
-            train_classifiers=not r.freeze_classifiers,
-            policy_gradient=r.policy_gradient,
-            policy_inputs=r.policy_inputs,
-        ).to(harness.device)
+        self.agent = build_agent(harness, self.cascade.num_stages)
         # Training forwards go through DDP when several processes train together, and through
         # torch.compile where configured (eager on failure, with a one-line notice).
         compile_, device = harness.config.compile, harness.device
@@ -97,19 +119,12 @@ class ReinforceTraining(Algorithm):
         self.classifier_optimizer = self.classifier_schedule = None
         self.policy_optimizer = self.policy_schedule = None
         if train:
-            c = harness.config
-            self.classifier_optimizer = build_optimizer(
-                c.optimizer, self.cascade.parameters(), c.lr, c.weight_decay
-            )
-            self.classifier_schedule = torch.optim.lr_scheduler.MultiStepLR(
-                self.classifier_optimizer, milestones=c.lr_milestones, gamma=c.lr_gamma
-            )
-            self.policy_optimizer = build_optimizer(
-                r.policy_optimizer, self.agent.parameters(), r.policy_lr
-            )
-            self.policy_schedule = torch.optim.lr_scheduler.StepLR(
-                self.policy_optimizer, step_size=r.policy_lr_decay_every, gamma=r.policy_lr_decay
-            )
+            (
+                self.classifier_optimizer,
+                self.classifier_schedule,
+                self.policy_optimizer,
+                self.policy_schedule,
+            ) = build_optimizers(harness, self.cascade, self.agent)
 
     @property
     def label(self) -> str:
@@ -183,10 +198,7 @@ class ReinforceTraining(Algorithm):
 
     def _set_joint_lr(self) -> None:
         """Scale the classifiers' lr (and the schedule's base) once, when joint training starts."""
-        scale = self.settings.joint_lr_scale
-        for group in self.classifier_optimizer.param_groups:
-            group["lr"] *= scale
-        self.classifier_schedule.base_lrs = [lr * scale for lr in self.classifier_schedule.base_lrs]
+        scale_lr(self.classifier_optimizer, self.classifier_schedule, self.settings.joint_lr_scale)
 
     def _pretrain_epoch(self) -> dict[str, float]:
         h = self.harness
@@ -282,9 +294,8 @@ class ReinforceTraining(Algorithm):
         if not joint:
             return [self.policy_optimizer]
         parts = [self.classifier_optimizer, self.policy_optimizer]
-        if self._joined is None or not self._joined.joins(parts):
-            self._joined = JoinedOptimizer.of(parts)
-        return parts if self._joined is None else [self._joined.optimizer]
+        self._joined, stepped = step_optimizers(self._joined, parts)
+        return stepped
 
     def _classifier_loss(
         self, images: torch.Tensor, labels: torch.Tensor, held_out: bool, step_index: int
@@ -351,59 +362,3 @@ def step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> torch.Tensor:
 def with_baseline_loss(loss: torch.Tensor, step: ReinforceStep) -> torch.Tensor:
     """``loss`` plus the baseline's fitting loss, where it has one (a constant 0 adds nothing)."""
     return loss + step.baseline_loss if step.baseline_loss.requires_grad else loss
-
-
-class JoinedOptimizer:
-    """Several optimisers of one kind stepped as one: one ``step`` and ``zero_grad`` call.
-
-    The joined optimiser holds their very param-group dicts and reads and writes their
-    per-parameter state, so each keeps its own lr schedule, ``state_dict`` and checkpoint
-    layout, and an update is the one its own optimiser would make (each group is updated
-    on its own, fused where it was). Loading a state into one of them replaces its groups:
-    :meth:`joins` then says no, and the caller joins them anew.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, parts: list[torch.optim.Optimizer]):
-        self.optimizer, self._groups = optimizer, _groups_of(parts)
-
-    @classmethod
-    def of(cls, parts: list[torch.optim.Optimizer]) -> JoinedOptimizer | None:
-        """``parts`` joined, or None where they are of different kinds (Adam and SGD)."""
-        kind = type(parts[0])
-        if any(type(part) is not kind for part in parts):
-            return None
-        groups = _groups_of(parts)
-        joined = kind([{"params": group["params"]} for group in groups], **parts[0].defaults)
-        joined.param_groups = groups
-        joined.state = _OwnersState(parts)
-        joined.defaults = {**joined.defaults, "fused": all(p.defaults.get("fused") for p in parts)}
-        for part in parts:  # their schedules see them stepped (torch warns otherwise)
-            part._opt_called = True
-        return cls(joined, parts)
-
-    def joins(self, parts: list[torch.optim.Optimizer]) -> bool:
-        """Whether this still steps exactly the param groups of ``parts``."""
-        groups = _groups_of(parts)
-        return len(groups) == len(self._groups) and all(
-            a is b for a, b in zip(groups, self._groups, strict=True)
-        )
-
-
-def _groups_of(optimizers: list[torch.optim.Optimizer]) -> list[dict[str, Any]]:
-    return [group for optimizer in optimizers for group in optimizer.param_groups]
-
-
-class _OwnersState(dict):
-    """Per-parameter optimiser state, the very dicts of the optimisers that own the parameters.
-
-    Each is looked up in its owner on first use (which creates it there, as the owner's own
-    step would) and read from here after that.
-    """
-
-    def __init__(self, owners: list[torch.optim.Optimizer]):
-        super().__init__()
-        self._state_of = {p: o.state for o in owners for g in o.param_groups for p in g["params"]}
-
-    def __missing__(self, param: torch.Tensor) -> dict[str, Any]:
-        state = self[param] = self._state_of[param][param]
-        return state

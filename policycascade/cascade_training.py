@@ -198,6 +198,29 @@ class CascadeTrained:
     best_epoch: list[int] = field(default_factory=list)  # per stage (0: as trained alone)
 
 
+def _set_round_weights(
+    config: CascadeTraining,
+    cascade: Cascade,
+    train: Split,
+    val: Split,
+    fitting: ClassifierFitting,
+) -> tuple[CascadeOutputs, torch.Tensor | None]:
+    """Weigh ``fitting``'s samples for a round; return validation's outputs and weights."""
+    val_outputs = split_outputs(cascade, val)
+    rule = None
+    if config.weighting == "exit":
+        search = ThresholdSearch(
+            val_outputs.probs, val_outputs.labels, val_outputs.costs, "max-softmax"
+        )
+        rule = search.for_accuracy_drop(config.accuracy_drop)
+    train_outputs = split_outputs(cascade, train)
+    fitting.set_sample_weights(
+        stage_weights(config, train_outputs.probs, train_outputs.labels, rule)
+    )
+    val_weights = stage_weights(config, val_outputs.probs, val_outputs.labels, rule)
+    return val_outputs, val_weights
+
+
 def train_for_cascade(
     cascade: Cascade,
     train: Split,
@@ -235,18 +258,7 @@ def train_for_cascade(
     fitting = ClassifierFitting(cascade, train, seed=seed + CASCADE_STREAM, options=options)
     epoch = 0
     for round_index, round_epochs in enumerate(config.round_epochs(), start=1):
-        val_outputs = split_outputs(cascade, val)
-        rule = None
-        if config.weighting == "exit":
-            search = ThresholdSearch(
-                val_outputs.probs, val_outputs.labels, val_outputs.costs, "max-softmax"
-            )
-            rule = search.for_accuracy_drop(config.accuracy_drop)
-        train_outputs = split_outputs(cascade, train)
-        fitting.set_sample_weights(
-            stage_weights(config, train_outputs.probs, train_outputs.labels, rule)
-        )
-        val_weights = stage_weights(config, val_outputs.probs, val_outputs.labels, rule)
+        val_outputs, val_weights = _set_round_weights(config, cascade, train, val, fitting)
         best = weighted_stage_accuracy(val_outputs, val_weights, classes)
         best_state = [copy.deepcopy(clf.state_dict()) for clf in cascade.classifiers]
         result.history.append({"epoch": epoch, "round": round_index, "val_score": list(best)})

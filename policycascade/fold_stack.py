@@ -133,6 +133,53 @@ def groupable(cascade: Cascade) -> bool:
     return True
 
 
+def _grouped_conv(
+    layer: nn.Conv2d, h: torch.Tensor, params: dict[str, torch.Tensor], name: str, n: int
+) -> torch.Tensor:
+    """``layer`` of ``n`` copies on their channels side by side: one conv, n times the groups."""
+    weight, bias = params[name + "weight"], params.get(name + "bias")
+    return F.conv2d(
+        h,
+        weight.flatten(0, 1),
+        None if bias is None else bias.flatten(),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        layer.groups * n,
+    )
+
+
+def _grouped_batch_norm(
+    layer: nn.BatchNorm2d,
+    h: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    name: str,
+    training: bool,
+) -> torch.Tensor:
+    """``layer`` of every copy as one batch norm over their channels; updates ``buffers``."""
+    h = F.batch_norm(
+        h,
+        buffers[name + "running_mean"].view(-1),
+        buffers[name + "running_var"].view(-1),
+        params[name + "weight"].flatten(),
+        params[name + "bias"].flatten(),
+        training,
+        layer.momentum,
+        layer.eps,
+    )
+    if training:
+        buffers[name + "num_batches_tracked"].add_(1)
+    return h
+
+
+def _grouped_linear(h: torch.Tensor, params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A Linear layer of every copy on its own (copy, batch, features) rows: a batched matmul."""
+    bias = params.get(name + "bias")
+    weight = params[name + "weight"].transpose(1, 2)
+    return torch.bmm(h, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, weight)
+
+
 def grouped_logits(
     base: Cascade,
     params: dict[str, torch.Tensor],
@@ -160,29 +207,9 @@ def grouped_logits(
                 h = h.transpose(0, 1).flatten(1, 2)
                 channels_side_by_side = True
             if isinstance(layer, nn.Conv2d):
-                weight, bias = params[name + "weight"], params.get(name + "bias")
-                h = F.conv2d(
-                    h,
-                    weight.flatten(0, 1),
-                    None if bias is None else bias.flatten(),
-                    layer.stride,
-                    layer.padding,
-                    layer.dilation,
-                    layer.groups * n,
-                )
+                h = _grouped_conv(layer, h, params, name, n)
             elif isinstance(layer, nn.BatchNorm2d):
-                h = F.batch_norm(
-                    h,
-                    buffers[name + "running_mean"].view(-1),
-                    buffers[name + "running_var"].view(-1),
-                    params[name + "weight"].flatten(),
-                    params[name + "bias"].flatten(),
-                    training,
-                    layer.momentum,
-                    layer.eps,
-                )
-                if training:
-                    buffers[name + "num_batches_tracked"].add_(1)
+                h = _grouped_batch_norm(layer, h, params, buffers, name, training)
             elif isinstance(layer, nn.Flatten):
                 h = (
                     h.flatten(1).unflatten(1, (n, -1)).transpose(0, 1)
@@ -193,19 +220,52 @@ def grouped_logits(
             elif isinstance(layer, nn.Linear):
                 if channels_side_by_side:
                     raise ValueError(f"classifier {t} has a Linear layer on images: add a Flatten")
-                bias = params.get(name + "bias")
-                weight = params[name + "weight"].transpose(1, 2)
-                h = (
-                    torch.bmm(h, weight)
-                    if bias is None
-                    else torch.baddbmm(bias.unsqueeze(1), h, weight)
-                )
+                h = _grouped_linear(h, params, name)
             elif channels_side_by_side:
                 h = layer(h)
             else:
                 h = layer(h.flatten(0, 1)).unflatten(0, (n, b))
         outputs.append(h)  # (copy, batch, C)
     return torch.stack(outputs, dim=2)
+
+
+def _check_stacked_inputs(
+    cascades: Sequence[Cascade],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    train_indices: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    mode: str,
+) -> None:
+    """Raise ValueError, naming the argument, where :class:`StackedFitting` cannot take these."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if not cascades:
+        raise ValueError("cascades must hold at least one cascade, got none")
+    if not len(cascades) == len(train_indices) == len(seeds):
+        raise ValueError(
+            f"cascades, train_indices and seeds must be as long as each other, got "
+            f"{len(cascades)}, {len(train_indices)} and {len(seeds)}"
+        )
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    for c, idx in enumerate(train_indices):
+        if len(idx) == 0:
+            raise ValueError(f"train_indices[{c}] is empty: every copy needs samples")
+
+
+def _flat_with_views(
+    params: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One (copy, weight) tensor of the stacked ``params``, and each parameter as a view of it."""
+    flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
+    views: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, p in params.items():
+        size = p[0].numel()
+        views[name] = flat[:, offset : offset + size].view(p.shape)
+        offset += size
+    return flat, views
 
 
 class StackedFitting:
@@ -233,20 +293,7 @@ class StackedFitting:
         self.options = resolve_options(options, lr, batch_size, weight_decay)
         if (reason := options_blocker(self.options)) is not None:
             raise ValueError(f"options cannot be stacked: {reason}; train the copies in the loop")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-        if not cascades:
-            raise ValueError("cascades must hold at least one cascade, got none")
-        if not len(cascades) == len(train_indices) == len(seeds):
-            raise ValueError(
-                f"cascades, train_indices and seeds must be as long as each other, got "
-                f"{len(cascades)}, {len(train_indices)} and {len(seeds)}"
-            )
-        if len(x) != len(y):
-            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
-        for c, idx in enumerate(train_indices):
-            if len(idx) == 0:
-                raise ValueError(f"train_indices[{c}] is empty: every copy needs samples")
+        _check_stacked_inputs(cascades, x, y, train_indices, seeds, mode)
         self.cascades = list(cascades)
         self.batch_size = self.options.batch_size
         self.epochs_done = 0  # the lr schedule's epoch count
@@ -264,13 +311,7 @@ class StackedFitting:
         params, self.buffers = stack_module_state(self.cascades)
         # The copies' weights live as views of one (copy, weight) tensor: Adam is a few
         # elementwise ops on it per step, whatever the number of parameter tensors.
-        self.flat = torch.cat([p.detach().flatten(1) for p in params.values()], dim=1)
-        self.params: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name, p in params.items():
-            size = p[0].numel()
-            self.params[name] = self.flat[:, offset : offset + size].view(p.shape)
-            offset += size
+        self.flat, self.params = _flat_with_views(params)
         self.exp_avg = torch.zeros_like(self.flat)
         self.exp_avg_sq = torch.zeros_like(self.flat)
         self.steps = torch.zeros(len(cascades), 1, dtype=torch.float64, device=self.device)
