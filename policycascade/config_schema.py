@@ -167,6 +167,12 @@ class ContinuationConfig:
     )
     hidden: int = _opt(0, "hidden units of each stage's value model (0: logistic regression)")
     weight_decay: float = _opt(1e-5, "L2 weight of each stage's value model")
+    train_classifiers: bool = _opt(
+        False,
+        "with --env: train copies of the registered classifiers on its 'fit' split (the "
+        "shared training options, cross-fitted like a data set's) instead of keeping them "
+        "frozen; the registered modules are never changed",
+    )
 
     def validate(self) -> None:
         """Check the learner's values; raise :class:`ConfigError` naming the first bad field."""
@@ -301,7 +307,7 @@ class TrainConfig:
             what = f"pretrain_epochs + epochs = {total}"
         elif self.agent == "ltc":
             total, what = self.ltc.epochs, f"ltc.epochs = {self.ltc.epochs} per model"
-        elif not self.env:  # each classifier training run (and each fold's) counts afresh
+        elif not self.env or self.continuation.train_classifiers:  # each training run afresh
             total = self.continuation.classifier_epochs
             what = f"continuation.classifier_epochs = {total}"
         else:

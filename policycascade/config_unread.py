@@ -15,12 +15,10 @@ def option_value(config: TrainConfig, key: str) -> Any:
 
 
 EMBEDDED_DATASETS = ("digits", "synthetic", "specialist", "digits-noisy", "synthetic-noisy")
-ENV_UNREAD = (
-    "dataset",
-    "data_dir",
-    "download",
+ENV_DATA_UNREAD = ("dataset", "data_dir", "download", "cascade")
+# what trains classifiers: unread for a registered cascade unless its copies are trained
+ENV_TRAINING = (
     "augment",
-    "cascade",
     "batch_size",
     "optimizer",
     "lr",
@@ -31,6 +29,7 @@ ENV_UNREAD = (
     "continuation.classifier_epochs",
     "continuation.folds",
 )
+ENV_UNREAD = ENV_DATA_UNREAD + ENV_TRAINING  # with frozen registered classifiers
 REINFORCE_POLICY_TRAINING = (
     "baseline",
     "policy_split",
@@ -59,13 +58,23 @@ def unread_options(config: TrainConfig) -> dict[str, str]:
             unread.setdefault(key, reason)
 
     if config.env:
-        add(
-            ENV_UNREAD,
-            f"env {config.env!r} brings trained classifiers and their splits, so agent "
-            "'continuation' trains no classifier and reads no data set",
-        )
+        add(ENV_DATA_UNREAD, f"env {config.env!r} brings its classifiers and splits")
+        if not config.continuation.train_classifiers:
+            add(
+                ENV_TRAINING,
+                f"env {config.env!r} brings trained classifiers and their splits, so agent "
+                "'continuation' trains no classifier and reads no data set (set "
+                "continuation.train_classifiers to train copies of them)",
+            )
+        elif not config.lr_milestones:
+            add(("lr_gamma",), "lr_gamma multiplies the lr at lr_milestones, and there are none")
         add(("compile",), "torch.compile is used by agent 'reinforce' only")
         return unread
+    add(
+        ("continuation.train_classifiers",),
+        "train_classifiers is for a registered cascade (--env): a data set's classifiers "
+        "are always trained",
+    )
     if config.dataset in EMBEDDED_DATASETS:
         add(
             ("data_dir", "download"),

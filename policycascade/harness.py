@@ -22,6 +22,7 @@ from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.thresholds import best_reward_rule
 from policycascade.cascade import Cascade, CascadeOutputs
 from policycascade.cascade_registry import (
+    RegisteredCascade,
     check_reported_split,
     registered_cascade,
     registered_split_sources,
@@ -96,7 +97,8 @@ class RunHarness(HarnessInputs, FiniteChecks, Checkpointing):
             self.registered = registered_cascade(config.env) if config.env else None
             # harness split -> registered split it reads (None: not a registered cascade)
             self.split_sources: dict[str, str] | None = None
-            if self.registered is not None:  # a user's frozen classifiers and splits
+            if self.registered is not None:  # a user's classifiers (frozen or copied) and splits
+                check_trainable(config, self.registered)
                 if train:
                     check_reported_split(self.registered)
                 data = registered_splits(self.registered)
@@ -121,7 +123,7 @@ class RunHarness(HarnessInputs, FiniteChecks, Checkpointing):
     @property
     def pretrained(self) -> bool:
         """Whether the classifiers come trained (a registered cascade) and stay frozen."""
-        return self.registered is not None
+        return self.registered is not None and not self.config.continuation.train_classifiers
 
     def build_cascade(self) -> Cascade:
         """The configured cascade family on the device (channels-last if configured).
@@ -131,7 +133,10 @@ class RunHarness(HarnessInputs, FiniteChecks, Checkpointing):
         reaches the modules the user registered.
         """
         if self.registered is not None:
-            return frozen_copy(self.registered.cascade, self.device)
+            copied = frozen_copy(self.registered.cascade, self.device)
+            if self.pretrained:
+                return copied
+            return copied.train().requires_grad_(True)  # a copy to train; theirs stays as is
         cascade = build_cascade(
             self.config.cascade, self.data.input_shape, self.data.num_classes
         ).to(self.device)
@@ -259,6 +264,17 @@ class RunHarness(HarnessInputs, FiniteChecks, Checkpointing):
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return self.final_metrics()
+
+
+def check_trainable(config: TrainConfig, registered: RegisteredCascade) -> None:
+    """Training copies of registered classifiers needs a 'fit' split to train them on."""
+    if config.continuation.train_classifiers and "fit" not in registered.split_names:
+        raise ValueError(
+            f"continuation.train_classifiers trains copies of {config.env!r}'s classifiers on "
+            f"its 'fit' split, and it registered none (registered: "
+            f"{list(registered.split_names)}): register splits={{'fit': ..., 'val': ..., "
+            "'test': ...}"
+        )
 
 
 def frozen_copy(cascade: Cascade, device: torch.device) -> Cascade:

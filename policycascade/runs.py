@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from policycascade.agents.rules import StoppingRule
 from policycascade.cascade import Cascade, CascadeOutputs
+from policycascade.cascade_registry import registered_cascade
 from policycascade.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -35,7 +36,7 @@ from policycascade.config import ConfigError, TrainConfig, config_from_dict
 from policycascade.data import DataSplits
 from policycascade.distributed import init_from_environment
 from policycascade.fsutil import claim_new_dir
-from policycascade.harness import CHECKPOINT_FORMAT, RunHarness
+from policycascade.harness import CHECKPOINT_FORMAT, RunHarness, check_trainable
 from policycascade.jsonio import write_json
 from policycascade.run_store import (
     RunSummary,
@@ -452,7 +453,10 @@ def train_policy(
     ``env`` is an id from ``register_cascade`` (or ``"module:id"``, which imports the module
     that registers it). The classifiers stay as they are; the rule is fitted on the ``fit``
     split (else ``val``) by the continuation-value learner (``continuation`` overrides its
-    options, e.g. ``feature_set="class"``). The run directory under ``logdir`` holds the same
+    options, e.g. ``feature_set="class"``). ``train_classifiers=True`` first trains copies of
+    the registered modules (untrained or pretrained) on the ``fit`` split, each kept from its
+    best validation epoch and cross-fitted like a data set's; the registered modules are
+    never changed. The run directory under ``logdir`` holds the same
     files as any run: checkpoint, config.yaml, metrics.json and TensorBoard events.
     """
     values = {
@@ -463,6 +467,7 @@ def train_policy(
         "continuation": {"alpha": [alpha], **continuation},
     }
     (config,) = per_run_configs(config_from_dict(values))
+    check_trainable(config, registered_cascade(config.env))  # before any folder is made
     with preserved_global_state():  # the caller's random states and torch flags stay theirs
         run_dir = claim_run_dir(Path(logdir), run_name(config))
         train_run(config, run_dir, show_progress=show_progress)

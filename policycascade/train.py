@@ -223,7 +223,7 @@ def preflight(config: TrainConfig) -> None:
     """
     resolve_device(config.device)
     if config.env:
-        check_env(config.env)
+        check_env(config.env, config)
         return
     from policycascade.data.vision import VISION_DATASETS, dataset_files
 
@@ -231,15 +231,18 @@ def preflight(config: TrainConfig) -> None:
         dataset_files(config.dataset, config.data_dir, config.download)
 
 
-def check_env(env: str) -> None:
-    """Import ``module:`` of an env id (working directory on the path) and find the id."""
+def check_env(env: str, config: TrainConfig | None = None) -> None:
+    """Import ``module:`` of an env id (cwd on the path), find it, check ``config`` can use it."""
     from policycascade.cascade_registry import registered_cascade
+    from policycascade.harness import check_trainable
 
     if ":" in env:
         module = env.split(":", 1)[0]
         import_user_module(module, f"env {env!r}")
     try:
-        registered_cascade(env)
+        registered = registered_cascade(env)
+        if config is not None:
+            check_trainable(config, registered)
     except ValueError as error:
         raise ConfigError(f"env {env!r}: {user_message(error)}") from None
 
