@@ -1,8 +1,12 @@
 """Tiny hand-built cascades whose rewards and gradients can be worked out by hand."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
+from policycascade.agents.rules import exit_stages, rule_predictions
 from policycascade.cascade import CascadeOutputs
 from policycascade.costs import StageCosts
 
@@ -35,3 +39,34 @@ def random_outputs(n: int, k: int, c: int, seed: int = 0, macs=None) -> CascadeO
     labels = torch.randint(c, (n,), generator=g)
     macs = macs or [10 * 3**t for t in range(k)]
     return CascadeOutputs(probs, labels, StageCosts(macs, [2] * k))
+
+
+def torch_decisions(rule, outputs: CascadeOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """A rule's exit stages and answers on cached outputs, by the torch path (for serving)."""
+    exit_stage = exit_stages(rule, outputs.probs)
+    answer = rule_predictions(rule, outputs.probs, exit_stage)
+    if answer is None:
+        answer = outputs.probs[torch.arange(outputs.num_samples), exit_stage].argmax(-1)
+    return exit_stage.numpy(), answer.numpy()
+
+
+def digits_harness(tmp_path, samples: int = 128, **reinforce):
+    """A digits run on ``samples`` random samples, joint REINFORCE on the training stream."""
+    from policycascade.config import TrainConfig
+    from policycascade.data import DataSplits, Split
+    from policycascade.harness import RunHarness
+
+    defaults = TrainConfig()
+    config = dataclasses.replace(
+        defaults,
+        agent="reinforce",
+        cascade="digits",
+        device="cpu",
+        batch_size=32,
+        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train", **reinforce),
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 1, 8, 8, generator=g)
+    split = Split(x, torch.randint(10, (samples,), generator=g))
+    data = DataSplits("random", split, split, split, 10)
+    return RunHarness(config, tmp_path, 1e-3, show_progress=False, data=data)

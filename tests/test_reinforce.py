@@ -1,11 +1,9 @@
 """The REINFORCE estimator against the exact gradient, enumerated over the K exit points."""
 
-import dataclasses
-
 import pytest
 import torch
 
-from conftest import hand_outputs
+from conftest import digits_harness, hand_outputs
 from policycascade.agents import ReinforceAgent, exit_probabilities, expected_return
 from policycascade.agents.reinforce import decision_log_prob, sample_categorical, sample_exits
 from policycascade.harness import NonFiniteError
@@ -213,27 +211,6 @@ def test_sample_categorical_draws_what_multinomial_draws():
     ours = sample_categorical(probs, torch.Generator().manual_seed(5))
     torch_own = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(5)).squeeze(1)
     assert torch.equal(ours, torch_own)
-
-
-def digits_harness(tmp_path, **reinforce):
-    """A digits run on 128 random samples, joint REINFORCE on the training stream."""
-    from policycascade.config import TrainConfig
-    from policycascade.data import DataSplits, Split
-    from policycascade.harness import RunHarness
-
-    defaults = TrainConfig()
-    config = dataclasses.replace(
-        defaults,
-        agent="reinforce",
-        cascade="digits",
-        device="cpu",
-        batch_size=32,
-        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train", **reinforce),
-    )
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randn(128, 1, 8, 8, generator=g), torch.randint(10, (128,), generator=g))
-    data = DataSplits("random", split, split, split, 10)
-    return RunHarness(config, tmp_path, 1e-3, show_progress=False, data=data)
 
 
 @pytest.mark.parametrize("deferred", [False, True])

@@ -6,7 +6,6 @@ cross-entropy and the agent each normalising the logits). The joined optimiser m
 step each parameter exactly as its own optimiser would and keep their checkpoints.
 """
 
-import dataclasses
 import io
 import warnings
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import repeat
 
+from conftest import digits_harness
 from policycascade.agents import ReinforceAgent, expected_return
 from policycascade.agents.reinforce import sample_categorical
 from policycascade.agents.reinforce_training import JoinedOptimizer
@@ -144,27 +144,6 @@ def test_forward_matches_the_formulation_it_replaced(options, normalised):
             torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
-def digits_harness(tmp_path, **reinforce):
-    """A digits run on 64 random samples, joint REINFORCE on the training stream."""
-    from policycascade.config import TrainConfig
-    from policycascade.data import DataSplits, Split
-    from policycascade.harness import RunHarness
-
-    defaults = TrainConfig()
-    config = dataclasses.replace(
-        defaults,
-        agent="reinforce",
-        cascade="digits",
-        device="cpu",
-        batch_size=32,
-        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train", **reinforce),
-    )
-    g = torch.Generator().manual_seed(0)
-    split = Split(torch.randn(64, 1, 8, 8, generator=g), torch.randint(10, (64,), generator=g))
-    data = DataSplits("random", split, split, split, 10)
-    return RunHarness(config, tmp_path, 1e-3, show_progress=False, data=data)
-
-
 def reference_joint_loss(algorithm, images, labels):
     """The joint loss before the shared log-softmax: cross-entropy and agent each normalise."""
     h = algorithm.harness
@@ -182,7 +161,7 @@ def _gradients(algorithm):
 
 
 def test_joint_loss_and_gradients_match_the_formulation_it_replaced(tmp_path):
-    harness = digits_harness(tmp_path)
+    harness = digits_harness(tmp_path, 64)
     algorithm = harness.algorithm
     x, y = harness.split_on_device("train")
     idx = torch.arange(32)
@@ -203,7 +182,7 @@ def test_joint_loss_and_gradients_match_the_formulation_it_replaced(tmp_path):
 
 
 def test_cross_entropy_from_the_shared_log_softmax_is_cross_entropy_all_stages(tmp_path):
-    algorithm = digits_harness(tmp_path).algorithm
+    algorithm = digits_harness(tmp_path, 64).algorithm
     logits = torch.randn(7, 4, 10) * 4
     labels = torch.randint(10, (7,))
     log_probs = logits.log_softmax(-1)
@@ -269,7 +248,7 @@ def test_joined_optimizer_is_rebuilt_after_a_checkpoint_is_loaded_into_its_parts
 
 
 def test_a_checkpoint_resumes_the_joint_steps_exactly_and_schedules_do_not_warn(tmp_path):
-    first = digits_harness(tmp_path / "a")
+    first = digits_harness(tmp_path / "a", 64)
     idx = torch.arange(32)
     for step in range(2):
         first.algorithm.joint_step(idx, idx, step)
@@ -279,7 +258,7 @@ def test_a_checkpoint_resumes_the_joint_steps_exactly_and_schedules_do_not_warn(
     state = torch.load(saved, weights_only=False)
     # the layout checkpoints had before: one state per optimiser and per schedule
     assert {"classifier_optimizer", "policy_optimizer"} <= state["state"].keys()
-    second = digits_harness(tmp_path / "b")
+    second = digits_harness(tmp_path / "b", 64)
     second.load(state)
     for harness in (first, second):
         with warnings.catch_warnings():
@@ -292,7 +271,7 @@ def test_a_checkpoint_resumes_the_joint_steps_exactly_and_schedules_do_not_warn(
 
 
 def test_policy_and_classifier_optimizers_of_different_kinds_step_one_after_the_other(tmp_path):
-    harness = digits_harness(tmp_path, policy_optimizer="sgd")
+    harness = digits_harness(tmp_path, 64, policy_optimizer="sgd")
     algorithm = harness.algorithm
     policy = [p.detach().clone() for p in algorithm.agent.parameters()]
     algorithm.joint_step(torch.arange(32), torch.arange(32), 0)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torch_decisions
 from policycascade.agents.class_aware import ClassAwareSearch, ClassAwareThresholdRule
 from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
-from policycascade.agents.rules import exit_stages, rule_predictions
+from policycascade.agents.rules import exit_stages
 from policycascade.agents.thresholds import ShiftedRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.fitting import fit_rule
@@ -40,14 +41,6 @@ def cascade(n: int, seed: int) -> CascadeOutputs:
     return outputs_from_arrays(
         labels, logits=logits, stage_costs=[1.0, 4.0, 20.0], stage_names=list(NAMES)
     )
-
-
-def torch_decisions(rule, outputs: CascadeOutputs) -> tuple[np.ndarray, np.ndarray]:
-    exit_stage = exit_stages(rule, outputs.probs)
-    answer = rule_predictions(rule, outputs.probs, exit_stage)
-    if answer is None:
-        answer = outputs.probs[torch.arange(outputs.num_samples), exit_stage].argmax(-1)
-    return exit_stage.numpy(), answer.numpy()
 
 
 def continuation(val: CascadeOutputs, feature_set: str, answer: str, hidden: int):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from policycascade.agents.rules import exit_stages, rule_predictions
+from conftest import torch_decisions
+from policycascade.agents.rules import exit_stages
 from policycascade.agents.thresholds import (
     ScoreSearch,
     ShiftedRule,
@@ -34,14 +35,6 @@ def three_stage_cascade(n: int, seed: int, names=("tiny", "mid", "big")) -> Casc
     return outputs_from_arrays(
         labels, logits=logits, stage_costs=[1.0, 4.0, 20.0], stage_names=list(names)
     )
-
-
-def torch_decisions(rule, outputs: CascadeOutputs) -> tuple[np.ndarray, np.ndarray]:
-    exit_stage = exit_stages(rule, outputs.probs)
-    answer = rule_predictions(rule, outputs.probs, exit_stage)
-    if answer is None:
-        answer = outputs.probs[torch.arange(outputs.num_samples), exit_stage].argmax(-1)
-    return exit_stage.numpy(), answer.numpy()
 
 
 def serving_metrics(exit_stage: np.ndarray, answer: np.ndarray, outputs: CascadeOutputs) -> dict:
