@@ -380,6 +380,12 @@ def _stage_names(names: Sequence[str] | None, k: int) -> list[str]:
     return names
 
 
+def stored_stage_costs(path: str | Path) -> list[float]:
+    """The per-stage costs of a ``.npz`` outputs file, read without its probabilities."""
+    with np.load(Path(path), allow_pickle=False) as data:  # members load only when asked for
+        return data["stage_costs"].tolist()
+
+
 def _read_npz(path: Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -201,7 +201,8 @@ def _choose_threads(runs: list[str]) -> None:
     Fitting rules on cached outputs is small work; only a reference trained for a large
     cascade gains from more threads. The choice is silent: stderr is kept for errors.
     """
-    from policycascade.run_store import has_stored_outputs, read_outputs
+    from policycascade.outputs_io import stored_stage_costs
+    from policycascade.run_store import OUTPUTS_NAME, has_stored_outputs
     from policycascade.runtime import configure_threads, resolve_device
     from policycascade.train import thread_choice
 
@@ -209,7 +210,7 @@ def _choose_threads(runs: list[str]) -> None:
     for path in expand_run_dirs(runs)[:1]:
         config = read_config(path)
         if has_stored_outputs(Path(path)):  # the stored costs say how large the classifiers are
-            stored = max(read_outputs(Path(path))["test"].costs.classifier_macs)
+            stored = max(stored_stage_costs(Path(path) / OUTPUTS_NAME))
     if config is not None and not config.env and stored is not None:  # no cascade is built
         work = f"a reference for classifiers of up to {stored} MACs"
         device = resolve_device(config.device)
