@@ -19,6 +19,7 @@ and copy them into the other alphas' runs (:mod:`policycascade.shared_units`).
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,7 @@ from policycascade.agents.algorithm import Algorithm
 from policycascade.agents.continuation import ContinuationValueRule, fit_continuation_rule
 from policycascade.crossfit import ReferenceTraining, fold_seed, stratified_folds
 from policycascade.data import Split
+from policycascade.fold_processes import UnitPool, choose_processes
 from policycascade.seeding import seed_torch
 from policycascade.supervised import TrainingOptions
 
@@ -59,6 +61,8 @@ class ContinuationTraining(Algorithm):
         self.unit_in_progress: dict[str, Any] | None = None
         # The units this run shares with the other alphas of its process (None: trains alone)
         self._shared: shared_units.SharedUnits | None = None
+        # Helper processes training later fold units now (None: this process alone)
+        self._helpers: UnitPool | None = None
 
     @property
     def num_epochs(self) -> int:
@@ -111,7 +115,9 @@ class ContinuationTraining(Algorithm):
         """Whether a checkpoint stopped part-way through classifier unit ``unit``."""
         return self.unit_in_progress is not None and self.unit_in_progress["unit"] == unit
 
-    def _train(self, cascade: nn.Module, train: Split, seed: int, unit: int) -> None:
+    def _train(
+        self, cascade: nn.Module, train: Split, seed: int, unit: int, checkpoint: bool = True
+    ) -> None:
         """Reference training of ``cascade``, checkpointed after every classifier epoch."""
         training = ReferenceTraining(
             cascade,
@@ -121,14 +127,15 @@ class ContinuationTraining(Algorithm):
             seed=seed,
             options=TrainingOptions.from_config(self.harness.config),
         )
-        if self._resuming(unit):
+        if checkpoint and self._resuming(unit):
             training.load_state_dict(self.unit_in_progress["training"])
         while not training.done:
             training.step()
-            if not training.done:
+            if checkpoint and not training.done:
                 self.unit_in_progress = {"unit": unit, "training": training.state_dict()}
                 self.harness.save_within_epoch()
-        self.unit_in_progress = None
+        if checkpoint:
+            self.unit_in_progress = None
         training.finish()
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -142,14 +149,50 @@ class ContinuationTraining(Algorithm):
         record = None if self._shared is None else self._shared.unit(epoch)
         if record is not None:  # trained by another alpha's run: take its end state
             return self._take_unit(epoch, record)
-        if epoch == 0:
-            self._train(self.cascade, self._split("train"), h.config.seed, unit=0)
-            metrics = {"train/classifiers_trained": 1.0}
-        else:
-            metrics = self._cross_fit(epoch - 1)
+        try:
+            self._start_helpers(epoch)
+            if epoch == 0:
+                self._train(self.cascade, self._split("train"), h.config.seed, unit=0)
+                metrics = {"train/classifiers_trained": 1.0}
+            else:
+                metrics = self._cross_fit(epoch - 1)
+        except BaseException:
+            self.close_helpers()
+            raise
+        if epoch == s.folds:
+            self.close_helpers()
         if self._shared is not None:
             self._shared.record(epoch, self._unit_state(epoch), metrics, shared_units.rng_states(h))
         return metrics
+
+    # -- folds trained in helper processes -----------------------------------------------------
+
+    def _start_helpers(self, epoch: int) -> None:
+        """Fork helpers for the fold units after ``epoch`` when idle cores are there to use."""
+        h, s = self.harness, self.settings
+        if self._helpers is not None or s.folds < 1:
+            return
+        later = list(range(max(epoch, 0) + 1, s.folds + 1))  # fold units after this one
+        processes, reason = choose_processes(
+            h.config.processes, len(later) + 1, h.device, h.dist.enabled
+        )
+        if processes < 2 or not later:
+            return
+        self._helpers = UnitPool(later, self._fold_in_helper, processes - 1)
+        self._close_helpers_later = weakref.finalize(self, self._helpers.close)
+        if h.dist.is_main and h.show_progress:
+            print(f"cross-fitting: {processes} processes ({reason})", flush=True)
+
+    def close_helpers(self) -> None:
+        """Stop the fold helpers (a unit they had not delivered is trained by the run)."""
+        if self._helpers is not None:
+            self._helpers.close()
+            self._helpers = None
+
+    def _fold_in_helper(self, unit: int) -> dict[str, Any]:
+        """In a helper process: fold unit ``unit``'s held-out softmaxes and end generator."""
+        _, probs = self._fold_outputs(unit - 1, checkpoint=False)
+        return {"probs": probs.numpy(), "torch_rng": torch.get_rng_state().numpy()}
 
     # -- units shared across alphas ------------------------------------------------------------
 
@@ -184,7 +227,30 @@ class ContinuationTraining(Algorithm):
         return record.metrics
 
     def _cross_fit(self, fold: int) -> dict[str, float]:
-        """Train a copy of the cascade on the other folds and score the held-out one."""
+        """Fold ``fold``'s unit: its held-out outputs, from a helper or trained here."""
+        done = None if self._helpers is None else self._helpers.take(fold + 1)
+        if done is None:
+            held_out, probs = self._fold_outputs(fold)
+        else:  # as if trained here: the outputs and torch's generator where it would end
+            held_out, probs = self._held_out(fold), torch.from_numpy(done["probs"])
+            torch.set_rng_state(torch.from_numpy(done["torch_rng"]))
+        y = self.harness.split_on_device("train")[1].cpu()
+        if self.held_out_probs is None:
+            k, c = self.cascade.num_stages, self.harness.data.num_classes
+            self.held_out_probs = torch.full((len(y), k, c), float("nan"))
+        self.held_out_probs[held_out] = probs
+        correct = (probs.argmax(-1) == y[held_out].unsqueeze(1)).double().mean(0)
+        return {f"crossfit/fold_accuracy/stage{t}": float(a) for t, a in enumerate(correct)}
+
+    def _held_out(self, fold: int) -> torch.Tensor:
+        """Training-split indices of fold ``fold`` (stratified, from the run's seed)."""
+        _, y = self.harness.split_on_device("train")
+        return stratified_folds(y.cpu(), self.settings.folds, self.harness.config.seed)[fold]
+
+    def _fold_outputs(
+        self, fold: int, checkpoint: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train a copy of the cascade on the other folds; (held-out indices, their softmaxes)."""
         h, s = self.harness, self.settings
         _, y = h.split_on_device("train")
         folds = stratified_folds(y.cpu(), s.folds, h.config.seed)
@@ -194,17 +260,12 @@ class ContinuationTraining(Algorithm):
             cascade = h.build_cascade()
         cascade.load_state_dict(self._initial_state)
         seed = fold_seed(h.config.seed, fold, s.folds)
-        if not self._resuming(fold + 1):  # resumed: the checkpoint restored the generators
+        if not (checkpoint and self._resuming(fold + 1)):  # resumed: generators restored
             seed_torch(seed)
-        self._train(cascade, self._split("train", rest), seed, unit=fold + 1)
+        self._train(cascade, self._split("train", rest), seed, fold + 1, checkpoint)
         x, _ = h.split_on_device("train")
         probs = h.eval_logits(cascade, x[held_out.to(h.device)]).softmax(-1).cpu()
-        if self.held_out_probs is None:
-            k, c = self.cascade.num_stages, h.data.num_classes
-            self.held_out_probs = torch.full((len(y), k, c), float("nan"))
-        self.held_out_probs[held_out] = probs
-        correct = (probs.argmax(-1) == y.cpu()[held_out].unsqueeze(1)).double().mean(0)
-        return {f"crossfit/fold_accuracy/stage{t}": float(a) for t, a in enumerate(correct)}
+        return held_out, probs
 
     def _fit_rule(self) -> dict[str, float]:
         """Fit the rule on the cross-fitted training outputs (or on validation with 0 folds)."""

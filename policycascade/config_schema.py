@@ -252,6 +252,12 @@ class TrainConfig:
         "digits, the free cores for large models or CUDA); OMP_NUM_THREADS or an earlier "
         "torch.set_num_threads call is kept unless this is set",
     )
+    processes: int = _opt(
+        0,
+        "processes that train the continuation learner's cross-fitting folds at once (the "
+        "run's own included; results do not depend on it); 0: chosen from the work (the free "
+        "CPU cores for a one-thread CPU run, else 1); 1: the run's process alone",
+    )
     reinforce: ReinforceConfig = field(default_factory=ReinforceConfig)
     ltc: LtcConfig = field(default_factory=LtcConfig)
     continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
@@ -280,7 +286,7 @@ class TrainConfig:
             raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         check_positive(self, ("lr", "lr_gamma"))
         check_non_negative(self, ("weight_decay",))
-        check_at_least(self, ("threads",), 0)
+        check_at_least(self, ("threads", "processes"), 0)
         if any(m < 1 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be epochs >= 1, got {self.lr_milestones}")
         if len(set(self.lr_milestones)) != len(self.lr_milestones):

@@ -13,6 +13,15 @@ from policycascade.costs import StageCosts
 torch.set_num_threads(1)  # tiny models: one thread is faster, and far steadier on a shared machine
 
 
+@pytest.fixture(autouse=True)
+def _one_process_unless_asked(monkeypatch):
+    """Runs train folds in this process unless a test asks for --processes: a forked helper's
+    work is invisible to monkeypatched counters, and the choice would follow the load."""
+    import policycascade.fold_processes as fold_processes
+
+    monkeypatch.setattr(fold_processes, "free_cores", lambda: (1, None))
+
+
 def hand_outputs() -> CascadeOutputs:
     """K=3 stages, C=3 classes, classifier MACs 10/30/100 (costs 0.1, 0.3, 1.0), no policy cost.
 

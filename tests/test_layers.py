@@ -75,6 +75,7 @@ LAYER_OF = {
     "policycascade.seeding": "training",
     "policycascade.crossfit": "training",
     "policycascade.fold_stack": "training",
+    "policycascade.fold_processes": "training",
     "policycascade.cascade_training": "training",
     "policycascade.runtime": "training",
     "policycascade.distributed": "training",

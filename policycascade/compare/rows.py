@@ -92,6 +92,7 @@ EXECUTION_OPTIONS = (
     "download",
     "device",
     "threads",
+    "processes",
     "compile",
     "deterministic",
     "channels_last",
