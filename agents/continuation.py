@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from policycascade.agents.stop_features import FEATURE_SETS, running_ensemble, stop_features
-from policycascade.costs import count_macs
 from policycascade.evaluation import first_stop
 from policycascade.rewards import check_alpha
 
@@ -68,6 +67,12 @@ class _StageModel(nn.Module):
         width = hidden or num_features
         self.body = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU()) if hidden else None
         self.head = nn.Linear(width, OUTCOMES + num_exits)
+
+    def macs(self) -> int:
+        """Multiply-accumulates per sample: one per weight of each linear layer."""
+        return sum(
+            m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear)
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (N, 4 + m): the joint outcome's, then the exit stage's."""
@@ -178,20 +183,13 @@ class ContinuationValueRule(nn.Module):
         return answers.gather(1, exit_stage.to(answers.device).view(-1, 1)).squeeze(1)
 
     def policy_macs(self) -> list[int]:
-        """MACs of each stage's model, counted by torch's FLOP counter; features count 0.
+        """MACs of each stage's model (its linear layers); the features count 0.
 
         The features are closed-form statistics of softmaxes, as a threshold's are. Counted
-        once per rule (the architecture is fixed): evaluations ask for it every time.
+        from the layer shapes, which is what torch's FLOP counter finds on these models
+        (tests/test_continuation.py) without importing torch's compiler to do it.
         """
-        shapes = tuple(tuple(p.shape) for p in self.parameters())
-        cached = self.__dict__.get("_policy_macs")
-        if cached is None or cached[0] != shapes:
-            macs = [
-                count_macs(model, torch.zeros(1, model.mean.numel(), device=model.mean.device))
-                for model in self.stage_models
-            ] + [0]
-            self.__dict__["_policy_macs"] = cached = (shapes, macs)
-        return list(cached[1])
+        return [model.macs() for model in self.stage_models] + [0]
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready."""

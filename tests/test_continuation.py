@@ -14,6 +14,7 @@ from policycascade.agents.stop_features import (
     ensemble_probs,
     stop_features,
 )
+from policycascade.costs import count_macs
 
 CUMULATIVE_COSTS = torch.tensor([0.1, 0.4, 1.4])  # classifier costs 0.1, 0.3, 1.0
 
@@ -148,6 +149,9 @@ def test_policy_macs_count_each_stage_model_and_zero_at_the_last_stage():
     assert rule.policy_macs() == [4 * (4 + 2), 4 * (4 + 1), 0]  # 4 features -> outcome + exits
     mlp = ContinuationValueRule(3, 4, CUMULATIVE_COSTS, 0.1, "confidence", hidden=8)
     assert mlp.policy_macs() == [4 * 8 + 8 * 6, 4 * 8 + 8 * 5, 0]
+    for r in (rule, mlp):  # what torch's FLOP counter finds on the stage models
+        counted = [count_macs(m, torch.zeros(1, m.mean.numel())) for m in r.stage_models]
+        assert r.policy_macs() == [*counted, 0]
 
 
 @pytest.mark.parametrize(
