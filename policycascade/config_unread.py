@@ -66,6 +66,7 @@ def unread_options(config: TrainConfig) -> dict[str, str]:
                 "'continuation' trains no classifier and reads no data set (set "
                 "continuation.train_classifiers to train copies of them)",
             )
+            add(("processes",), f"env {config.env!r} brings trained classifiers: no folds to train")
         elif not config.lr_milestones:
             add(("lr_gamma",), "lr_gamma multiplies the lr at lr_milestones, and there are none")
         add(("compile",), "torch.compile is used by agent 'reinforce' only")
@@ -82,6 +83,10 @@ def unread_options(config: TrainConfig) -> dict[str, str]:
         )
     if config.agent != "reinforce":
         add(("compile",), f"torch.compile is used by agent 'reinforce' only, not {config.agent!r}")
+    if config.agent != "continuation":
+        add(("processes",), f"processes trains continuation folds; agent {config.agent!r} has none")
+    elif config.continuation.folds == 0:
+        add(("processes",), "processes trains cross-fitting folds, and continuation.folds is 0")
     if not config.lr_milestones:
         add(("lr_gamma",), "lr_gamma multiplies the lr at lr_milestones, and there are none")
     if config.agent == "ltc" and config.ltc.form == "multi-exit":

@@ -176,3 +176,10 @@ def test_a_run_stopped_while_helpers_train_resumes_to_the_same_checkpoint(
     resumed["config"].pop("logdir")
     assert resumed["config"].pop("processes") == 3
     assert _same(alone, resumed) == []
+
+
+def test_processes_is_refused_where_no_fold_is_trained():
+    for values in ({"agent": "reinforce"}, {"continuation": {"folds": 0}}):
+        with pytest.raises(ConfigError, match="processes"):
+            config_from_dict({**values, "processes": 2})
+    assert main(["--agent", "ltc", "--processes", "2", "--dry-run"]) == 2
