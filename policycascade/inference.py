@@ -163,7 +163,9 @@ def early_exit_predict(
                 root.eval()
         with torch.inference_mode():
             if skips_to_last(rule):  # the certified fallback: only the last classifier runs
-                return _last_stage_only(cascade, x.to(device), exit_costs(rule, costs)[-1])
+                cost = exit_costs(rule, costs)[-1]
+                last = cascade.classifiers[-1]
+                return _last_stage_only(last, cascade.num_stages, x.to(device), cost)
             return _run_stages(
                 list(cascade.classifiers),
                 lambda t, history: rule.stop_scores(history)[:, t] >= 0,
@@ -176,10 +178,15 @@ def early_exit_predict(
             m.training = True
 
 
-def _last_stage_only(cascade: Cascade, x: torch.Tensor, cost: int | float) -> EarlyExitResult:
-    """Every sample answered by the last classifier alone, at ``cost`` each."""
-    n, last = len(x), cascade.num_stages - 1
-    predictions = cascade.classifiers[last](x).argmax(-1)
+def _last_stage_only(
+    classifier: Callable[[torch.Tensor], torch.Tensor],
+    num_stages: int,
+    x: torch.Tensor,
+    cost: int | float,
+) -> EarlyExitResult:
+    """Every sample answered by the last ``classifier`` alone, at ``cost`` each."""
+    n, last = len(x), num_stages - 1
+    predictions = classifier(x).argmax(-1)
     exit_stage = torch.full((n,), last, dtype=torch.int64, device=x.device)
     dtype = torch.int64 if float(cost).is_integer() else torch.float64
     return EarlyExitResult(
@@ -224,11 +231,15 @@ def export_bundle(
 
     - ``classifiers``: K serialised ``torch.export`` programs, (batch, *input_shape)
       -> (batch, C) logits, exported on CPU in eval mode with a dynamic batch size;
-    - ``stop_decisions``: K - 1 programs, the visited stages' softmaxes (batch, t + 1, C)
+    - ``stop_decisions``: K - 1 programs (none for the fallback below), the visited stages'
+      softmaxes (batch, t + 1, C)
       -> stop (batch,) bool, traced from ``rule.stop_scores`` (a learned policy's weights,
       or a threshold rule's values, end up inside the program); the last stage always
       stops. A rule's own answers (an ensemble) are not exported: the bundle answers
       with the exit classifier's arg-max;
+    - ``last_stage_only`` (and its ``last_stage_only_cost``): the rule is the certified
+      fallback (:class:`~policycascade.agents.rules.LargestOnlyRule`), so the loaded
+      bundle runs the last classifier alone;
     - ``stage_names``, ``input_shape``, ``num_classes``, the cost table (``costs``), the
       rule's class name, ``torch_version`` and the caller's ``meta`` (JSON-ready values).
 
@@ -239,6 +250,9 @@ def export_bundle(
         json.dumps(meta)
     except TypeError as error:
         raise ValueError(f"meta must hold JSON-ready values only: {error}") from error
+    from policycascade.agents.rules import skips_to_last
+    from policycascade.evaluation import exit_costs
+
     costs = cascade.costs(rule.policy_macs())
     example = _example_batch(cascade)
     classifiers, decisions = [], []
@@ -249,7 +263,8 @@ def export_bundle(
     with torch.no_grad():
         for name, clf in zip(cpu_cascade.names, cpu_cascade.classifiers, strict=True):
             classifiers.append(_export_program(clf, example, f"classifier {name!r}"))
-        for t in range(cascade.num_stages - 1):
+        # the fallback decides nothing: its loaded bundle runs the last classifier alone
+        for t in range(0 if skips_to_last(rule) else cascade.num_stages - 1):
             example_history = torch.randn(
                 2, t + 1, cascade.num_classes, generator=torch.Generator().manual_seed(t)
             ).softmax(-1)
@@ -266,10 +281,19 @@ def export_bundle(
         "num_classes": cascade.num_classes,
         "costs": costs.as_dict(),
         "rule": type(rule).__name__,
+        # the certified fallback: the last classifier alone, at its own cost
+        "last_stage_only": bool(skips_to_last(rule)),
+        "last_stage_only_cost": _plain_number(exit_costs(rule, costs)[-1]),
         "torch_version": str(torch.__version__),
         "meta": meta,
     }
     save_atomic(bundle, path)
+
+
+def _plain_number(value: Any) -> int | float:
+    """A cost as a plain int (integral) or float, for a ``weights_only`` bundle."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
 
 
 def _example_batch(cascade: Cascade) -> torch.Tensor:
@@ -303,6 +327,8 @@ class BundlePredictor:
         self.num_classes: int = bundle["num_classes"]
         self.costs: dict[str, list] = bundle["costs"]
         self.rule_name: str = bundle["rule"]
+        self.last_stage_only = bool(bundle.get("last_stage_only", False))  # older: never
+        self.last_stage_only_cost = bundle.get("last_stage_only_cost")
         self.meta: dict[str, Any] = bundle["meta"]
 
     @property
@@ -323,6 +349,9 @@ class BundlePredictor:
         if x.is_floating_point() and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
             x = x.to(dtype)  # the dtype the programs were exported with
         with torch.inference_mode():
+            if self.last_stage_only:
+                cost = self.last_stage_only_cost
+                return _last_stage_only(self.classifiers[-1], self.num_stages, x.cpu(), cost)
             return _run_stages(
                 self.classifiers, self.stop_at_stage, self.costs["cumulative_macs"], x.cpu()
             )

@@ -173,3 +173,26 @@ def test_early_exit_predict_runs_only_the_last_classifier_for_the_fallback():
     with torch.no_grad():
         expected = cascade.classifiers[-1](x).argmax(-1)
     assert torch.equal(result.predictions, expected)
+
+
+def test_an_exported_fallback_runs_only_the_last_classifier_when_loaded(tmp_path):
+    """export_bundle keeps the fallback's promise: the loaded bundle runs one program."""
+    from policycascade.inference import early_exit_predict, export_bundle, load_bundle
+    from policycascade.models import build_cascade
+
+    torch.manual_seed(0)
+    cascade = build_cascade("digits", (1, 8, 8), 10).eval()
+    rule = LargestOnlyRule(cascade.num_stages)
+    export_bundle(tmp_path / "fallback.pt", cascade, rule)
+    bundle = load_bundle(tmp_path / "fallback.pt")
+    assert bundle.last_stage_only
+    calls = []
+    for t, program in enumerate(list(bundle.classifiers)):
+        bundle.classifiers[t] = lambda x, t=t, program=program: calls.append(t) or program(x)
+    x = torch.randn(5, 1, 8, 8)
+    result = bundle.predict(x)
+    assert calls == [cascade.num_stages - 1]
+    live = early_exit_predict(cascade, rule, x)
+    assert torch.equal(result.predictions, live.predictions)
+    assert result.exit_stage.tolist() == [cascade.num_stages - 1] * 5
+    assert result.macs.tolist() == live.macs.tolist() == [cascade.costs().alone_macs[-1]] * 5
