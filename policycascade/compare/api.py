@@ -20,6 +20,7 @@ from policycascade.compare.policies import CompareOptions, compare_outputs
 from policycascade.compare.rows import Aggregate, Row, aggregate, write_csv
 from policycascade.compare.runs import RunIdentities, compare_run, expand_run_dirs
 from policycascade.compare.savings import RunSavings, run_savings
+from policycascade.fold_processes import UnitPool, choose_processes
 from policycascade.jsonio import write_json
 
 
@@ -70,6 +71,17 @@ class Comparison:
         return [*tables, *pictures, tensorboard]
 
 
+def _run_pool(runs: int, one_run, processes: int) -> UnitPool | None:
+    """Helpers that compare the last runs while this process compares the first ones."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # no fork once CUDA may be used
+    count, _ = choose_processes(processes, runs, device)
+    if count < 2:
+        return None
+    return UnitPool(list(range(runs)), one_run, count - 1)
+
+
 def compare_runs(
     runs: Sequence[str | Path] = (),
     outputs: Sequence[str | Path] = (),
@@ -80,6 +92,7 @@ def compare_runs(
     subsets: bool = False,
     shift: Sequence[tuple[str, int]] = (),
     show_progress: bool = False,
+    processes: int = 0,
 ) -> Comparison:
     """Compare every policy on trained run directories and on cached-outputs files.
 
@@ -87,6 +100,8 @@ def compare_runs(
     test split. ``reference`` adds classifiers of the run's family trained independently
     (cached under ``reference_cache``); ``subsets`` the best sub-cascade; ``shift`` pairs
     ``(kind, severity)`` of corrupted test inputs (these three need the run's data).
+    ``processes`` compares that many runs at once in forked processes (0: the free CPU
+    cores; 1: this process alone); the result does not depend on it.
     """
     options = (options or CompareOptions()).validate()
     if isinstance(runs, (str, Path)) or isinstance(outputs, (str, Path)):
@@ -102,19 +117,34 @@ def compare_runs(
     seen = RunIdentities()
     cache = None if reference_cache is None else Path(reference_cache)
     bar = tqdm(run_dirs, desc="runs", leave=False, disable=None if show_progress else True)
-    for run_dir in bar:
-        try:
-            from policycascade.runs import load_run
 
-            run = load_run(run_dir)
-            rows += compare_run(run, options, cache, reference=reference)  # unfinished: refused
-            seen.add(run)
-            if subsets:
-                extras["subsets"].append(subset_report(run, options.sweep_points))
-            extras["shift"] += [shift_reports(run, kind, level) for kind, level in shift]
-        except USER_ERRORS as error:
-            message = user_message(error)
-            if str(run_dir) not in message:
-                message = f"run {run_dir}: {message}"
-            raise ValueError(message) from None
+    def one_run(index: int) -> tuple[list[Row], tuple[str, str, int], dict[str, list]]:
+        from policycascade.runs import load_run
+
+        run = load_run(run_dirs[index])
+        found = compare_run(run, options, cache, reference=reference)  # unfinished: refused
+        more = {
+            "subsets": [subset_report(run, options.sweep_points)] if subsets else [],
+            "shift": [shift_reports(run, kind, level) for kind, level in shift],
+        }
+        return found, RunIdentities.identity(run), more
+
+    pool = _run_pool(len(run_dirs), one_run, processes)
+    try:
+        for index, run_dir in enumerate(bar):
+            try:
+                done = None if pool is None else pool.take(index)
+                found, identity, more = one_run(index) if done is None else done
+                rows += found
+                seen.add_identity(*identity)
+                for key, values in more.items():
+                    extras[key] += values
+            except USER_ERRORS as error:
+                message = user_message(error)
+                if str(run_dir) not in message:
+                    message = f"run {run_dir}: {message}"
+                raise ValueError(message) from None
+    finally:
+        if pool is not None:
+            pool.close()
     return Comparison(rows, aggregate(rows), run_savings(rows), extras)

@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         "same epoch budget and per-classifier early stopping, with every rule fitted on it "
         "(cached under OUT/reference/)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="runs compared at once in forked processes, this one included (default 0: the "
+        "free CPU cores; 1: one process); the comparison is the same for every N",
+    )
     return parser
 
 
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = _options(args)
         shifts = [parse_shift(text) for text in args.shift]
+        if args.processes < 0:
+            raise ValueError(f"--processes must be an integer >= 0, got {args.processes}")
         if not args.runs and not args.outputs:
             raise ValueError("give at least one RUN_DIR or --outputs FILE")
         out = _output_dir(args.out, args.overwrite)
@@ -240,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             subsets=args.subsets,
             shift=shifts,
             show_progress=True,
+            processes=args.processes,
         )
         written = comparison.write(out, overwrite=args.overwrite)
     except USER_ERRORS as error:

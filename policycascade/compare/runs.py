@@ -43,18 +43,24 @@ class RunIdentities:
     def __init__(self) -> None:
         self._seen: dict[str, Path] = {}
 
+    @staticmethod
+    def identity(run: LoadedRun) -> tuple[str, str, int]:
+        """(what makes two runs the same run, its directory, its seed): plain values."""
+        key = repr((config_key(run.config), run.config.seed, run.alpha))
+        return key, str(run.run_dir), run.config.seed
+
     def add(self, run: LoadedRun) -> None:
         """Record ``run``; raise a ValueError naming both runs if its twin was seen."""
-        values = run.config.to_dict()
-        values.pop("logdir", None)
-        values.pop("device", None)
-        key = repr(sorted(values.items()))
+        self.add_identity(*self.identity(run))
+
+    def add_identity(self, key: str, run_dir: str, seed: int) -> None:
+        """Record a run by its :meth:`identity`; raise a ValueError if its twin was seen."""
         if key in self._seen:
             raise ValueError(
-                f"runs {str(self._seen[key])!r} and {str(run.run_dir)!r} have the same "
-                f"configuration and seed {run.config.seed}: compare runs of distinct seeds"
+                f"runs {str(self._seen[key])!r} and {run_dir!r} have the same "
+                f"configuration and seed {seed}: compare runs of distinct seeds"
             )
-        self._seen[key] = run.run_dir
+        self._seen[key] = Path(run_dir)
 
 
 def run_meta(run: LoadedRun) -> dict:
