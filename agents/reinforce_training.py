@@ -31,6 +31,7 @@ from policycascade.agents.reinforce_optim import (
     scale_lr,
     step_optimizers,
 )
+from policycascade.agents.reinforce_warm_start import warm_start_policy
 from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.compiled import maybe_compile
@@ -192,9 +193,50 @@ class ReinforceTraining(Algorithm):
         if epoch == pretrain:
             self._set_joint_lr()
         metrics = self._pretrain_epoch() if epoch < pretrain else self._reinforce_epoch()
+        if epoch == pretrain - 1 and self.settings.warm_start != "none":
+            metrics.update(self._warm_start())
         metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
         self.classifier_schedule.step()
         return metrics
+
+    def _warm_start(self) -> dict[str, float]:
+        """Imitate a rule fitted on the pre-trained classifiers' policy-split outputs.
+
+        At the end of the last pre-training epoch, so the checkpoint written after it holds
+        the imitated stopping modules (a resumed run continues from them). Draws nothing from
+        the global random state: the joint phase sees the same random numbers as without it.
+        """
+        h, r = self.harness, self.settings
+        with torch.no_grad():
+            outputs = h.outputs(r.policy_split)
+        generator = torch.Generator().manual_seed(h.config.seed)
+        return warm_start_policy(
+            self.agent.policy,
+            outputs,
+            h.alpha,
+            r.warm_start,
+            r.warm_start_epochs,
+            h.config.batch_size,
+            generator,
+            seed=h.config.seed,
+        )
+
+    def final_extras(self) -> dict[str, Any]:
+        """With a warm start: what its rule and the imitation reached (from the run's history)."""
+        if self.settings.warm_start == "none":
+            return {}
+        logged = next((m for m in self.harness.history if "warm_start/agreement" in m), {})
+        prefix = "warm_start/"
+        values = {k.removeprefix(prefix): v for k, v in logged.items() if k.startswith(prefix)}
+        # the imitated policy's own validation result, evaluated after that epoch
+        values.update(
+            {
+                f"val_{k}": logged[f"val/{k}"]
+                for k in ("accuracy", "macs_share")
+                if f"val/{k}" in logged
+            }
+        )
+        return {"warm_start": {"kind": self.settings.warm_start, **values}}
 
     def _set_joint_lr(self) -> None:
         """Scale the classifiers' lr (and the schedule's base) once, when joint training starts."""

@@ -30,6 +30,7 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 
 AGENTS = ("reinforce", "ltc", "continuation")
+WARM_STARTS = ("none", "rule", "thresholds")  # agents.reinforce_warm_start, without torch
 
 
 @dataclass
@@ -95,6 +96,19 @@ class ReinforceConfig:
     ensemble: bool = _opt(
         False, "at test time mix the visited classifiers, weighted by their stop probabilities"
     )
+    warm_start: str = _opt(
+        "none",
+        "after pre-training, fit a stopping rule on the classifiers' policy-split outputs at the "
+        "run's alpha and train the stopping modules to imitate its decisions before REINFORCE: "
+        "'rule' (continuation-value rule on confidence features), 'thresholds' (best-reward "
+        "confidence thresholds) or 'none'",
+        WARM_STARTS,
+    )
+    warm_start_epochs: int = _opt(
+        200,
+        "passes over the policy-split outputs that the stopping modules imitate the warm-start "
+        "rule for (binary cross-entropy; the classifiers are not trained in them)",
+    )
 
     def validate(self) -> None:
         """Check the REINFORCE values; raise :class:`ConfigError` naming the first bad field."""
@@ -109,6 +123,18 @@ class ReinforceConfig:
         if self.baseline == "leave-one-out" and self.rollouts < 2:
             raise ConfigError(
                 f"baseline 'leave-one-out' needs rollouts >= 2, got rollouts={self.rollouts}"
+            )
+        check_at_least(self, ("warm_start_epochs",), 1)
+        if self.warm_start != "none" and self.pretrain_epochs == 0:
+            raise ConfigError(
+                f"warm_start {self.warm_start!r} fits its rule on pre-trained classifiers: it "
+                "needs pretrain_epochs >= 1, got 0"
+            )
+        default_epochs = ReinforceConfig.warm_start_epochs
+        if self.warm_start == "none" and self.warm_start_epochs != default_epochs:
+            raise ConfigError(
+                f"warm_start_epochs={self.warm_start_epochs} would be ignored: warm_start is "
+                "'none' (set warm_start to 'rule' or 'thresholds')"
             )
 
 
