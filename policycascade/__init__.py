@@ -28,6 +28,7 @@ _PUBLIC = {
     "load_rule": "policycascade.rule_io",
     "certified_fit": "policycascade.certify",
     "DriftWatch": "policycascade.watch",
+    "RuleWatch": "policycascade.watch_combined",
     # cascades of torch modules: register, train, load, compare, predict
     "Cascade": "policycascade.cascade",
     "StageCosts": "policycascade.costs",

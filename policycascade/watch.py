@@ -28,12 +28,17 @@ Windowed bets stay near 0 on a clean stream, so the wealth does not sink while
 nothing moves, and they follow a shift that starts late within about a window.
 Bets read only earlier samples and sums run in stream order, so a batched update gives
 exactly the alarms of one sample at a time. NumPy only.
+
+:class:`ScoreWatch` (below) tests a per-sample score instead, the rule's first-stage stop
+score by default, with a conformal test martingale; :class:`policycascade.watch_combined.
+RuleWatch` runs both at half the level each.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -535,14 +540,19 @@ class ScoreAlarm:
     direction: str  # "up": recent scores rank high among all scores so far; "down": low
     recent_rank: float  # mean conformal p-value of the last RECENT samples (0.5 expected)
     samples_seen: int
+    name: str = "score"  # what the score is, for ``what``
 
     @property
     def what(self) -> str:
-        """One line: which way the scores moved, after how many samples."""
+        """One line: which score moved which way, after how many samples."""
         return (
-            f"score distribution moved {self.direction}: recent samples rank "
+            f"{self.name} moved {self.direction}: recent samples rank "
             f"{self.recent_rank:.3f} on average (0.5 expected), after {self.samples_seen} samples"
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the one-line description."""
+        return {**asdict(self), "what": self.what}
 
 
 class ScoreWatch:
@@ -557,30 +567,49 @@ class ScoreWatch:
     ``w`` p-values, mixed half and half with the uniform density: one martingale per window of
     ``SCORE_WINDOWS``, averaged; by Ville's inequality the average ever reaches
     ``1 / alpha_false_alarm`` with at most that probability. The score: any label-free
-    number per sample, e.g. the rule's stop score at the first stage (every sample runs
-    it), which sees an input shift before the exit shares move much.
+    number per sample (+-inf allowed, NaN not), e.g. the rule's stop score at the first
+    stage (every sample runs it), which sees an input shift before the exit shares move.
+    The tie-breaking draws come from ``seed``'s generator, which :meth:`reset` does not
+    rewind: a restarted watch breaks ties with fresh draws.
     """
 
-    def __init__(self, calibration_scores: Any, alpha_false_alarm: float = 0.01, seed: int = 0):
+    def __init__(
+        self,
+        calibration_scores: Any,
+        alpha_false_alarm: float = 0.01,
+        seed: int | None = 0,
+        name: str = "score",
+    ):
         scores = np.asarray(calibration_scores, dtype=np.float64).ravel()
-        if len(scores) < 1 or not np.all(np.isfinite(scores)):
-            raise ValueError(f"calibration_scores must be >= 1 finite numbers, got {len(scores)}")
+        if len(scores) < 1 or np.any(np.isnan(scores)):
+            raise ValueError(
+                f"calibration_scores must be >= 1 numbers without NaN, got {len(scores)} "
+                f"({int(np.isnan(scores).sum())} NaN)"
+            )
         if not (isinstance(alpha_false_alarm, (int, float)) and 0 < alpha_false_alarm < 1):
             raise ValueError(f"alpha_false_alarm must be in (0, 1), got {alpha_false_alarm!r}")
         self.calibration_scores = np.sort(scores)
-        self.alpha_false_alarm, self.seed = float(alpha_false_alarm), seed
+        self.alpha_false_alarm, self.seed, self.name = float(alpha_false_alarm), seed, name
+        self._rng = np.random.default_rng(seed)
         self.reset()
 
     @classmethod
-    def from_outputs(cls, rule, calibration, alpha_false_alarm: float = 0.01) -> ScoreWatch:
+    def from_outputs(
+        cls, rule, calibration, alpha_false_alarm: float = 0.01, seed: int | None = 0
+    ) -> ScoreWatch:
         """The watch of ``rule``'s first-stage stop score, calibrated on cached outputs."""
-        return cls(first_stage_scores(rule, calibration.probs), alpha_false_alarm)
+        scores = first_stage_scores(rule, calibration.probs)
+        return cls(scores, alpha_false_alarm, seed, FIRST_STAGE_SCORE)
+
+    @property
+    def num_calibration(self) -> int:
+        """Calibration scores the stream is ranked against (with the stream so far)."""
+        return len(self.calibration_scores)
 
     def reset(self) -> None:
         """Forget the stream: the reference is the calibration scores again."""
         self._reference = self.calibration_scores.tolist()  # sorted
-        self._rng = np.random.default_rng(self.seed)
-        self._bins: list[int] = []
+        self._bins: deque[int] = deque(maxlen=max(SCORE_WINDOWS) + 1)  # recent p-value bins
         self._counts = [[0] * SCORE_BINS for _ in SCORE_WINDOWS]  # recent p-values per bin
         self._log_wealth = [0.0] * len(SCORE_WINDOWS)
         self.p_values: list[float] = []
@@ -591,11 +620,16 @@ class ScoreWatch:
         """Stream samples seen since the last reset."""
         return len(self.p_values)
 
+    @property
+    def alarms(self) -> list[ScoreAlarm]:
+        """The alarm as a list (empty or one), like :attr:`DriftWatch.alarms`."""
+        return [] if self.alarm is None else [self.alarm]
+
     def update(self, scores: Any) -> ScoreAlarm | None:
         """Feed the next samples' scores, in order; returns the alarm if one was raised now."""
         values = np.asarray(scores, dtype=np.float64).ravel()
-        if not np.all(np.isfinite(values)):
-            raise ValueError("scores must be finite numbers")
+        if np.any(np.isnan(values)):
+            raise ValueError(f"scores must be numbers, got {int(np.isnan(values).sum())} NaN")
         before = self.alarm
         uniforms = self._rng.uniform(size=len(values)).tolist()
         for z, u in zip(values.tolist(), uniforms, strict=True):
@@ -607,7 +641,7 @@ class ScoreWatch:
         bisect.insort(self._reference, z)
         low, high = bisect.bisect_left(self._reference, z), bisect.bisect_right(self._reference, z)
         n = len(self._reference)
-        p = (n - high + u * (high - low)) / n
+        p = (n - high + u * (high - low)) / n  # share above, plus a random share of the ties
         b = min(int(p * SCORE_BINS), SCORE_BINS - 1)
         self.p_values.append(p)
         self._bins.append(b)
@@ -622,7 +656,7 @@ class ScoreWatch:
         if self.alarm is None and self.log10_evidence() >= math.log10(1 / self.alpha_false_alarm):
             recent = sum(self.p_values[-RECENT:]) / min(len(self.p_values), RECENT)
             direction = "up" if recent < 0.5 else "down"
-            self.alarm = ScoreAlarm(direction, recent, self.samples_seen)
+            self.alarm = ScoreAlarm(direction, recent, self.samples_seen, self.name)
 
     def log10_evidence(self) -> float:
         """log10 of the averaged martingale's wealth (alarm at log10(1 / alpha))."""
@@ -630,7 +664,32 @@ class ScoreWatch:
         mean = sum(math.exp(v - peak) for v in self._log_wealth) / len(self._log_wealth)
         return (peak + math.log(mean)) / math.log(10)
 
+    def statistics(self) -> dict[str, float]:
+        """Tag-like keys for logging: ``score/log10_evidence``, its threshold, the recent rank."""
+        recent = self.p_values[-RECENT:]
+        return {
+            "score/log10_evidence": self.log10_evidence(),
+            "score/log10_threshold": math.log10(1 / self.alpha_false_alarm),
+            "score/recent_rank": sum(recent) / len(recent) if recent else 0.5,
+        }
+
+
+FIRST_STAGE_SCORE = "first-stage stop score"
+
 
 def first_stage_scores(rule, probs) -> np.ndarray:
-    """The rule's stop score at the first stage of each sample, (N,) float64 (label-free)."""
+    """The rule's stop score at the first stage of each sample, (N,) float64 (label-free).
+
+    ``rule``: a torch rule (``stop_scores`` on a tensor) with ``probs`` a tensor (an array
+    is converted), or a numpy :class:`policycascade.serving.ServingRule` with ``probs``
+    an array (a tensor is converted). Only the first stage's softmaxes are read.
+    """
+    if hasattr(rule, "check_outputs"):  # a ServingRule: numpy in, numpy out
+        if hasattr(probs, "detach"):
+            probs = probs.detach().cpu().numpy()
+        return np.asarray(rule.stop_scores(np.asarray(probs)[:, :1]), dtype=np.float64)[:, 0]
+    if not hasattr(probs, "detach"):
+        import torch
+
+        probs = torch.as_tensor(np.asarray(probs))
     return rule.stop_scores(probs[:, :1]).double().cpu().numpy()[:, 0]

@@ -1,11 +1,13 @@
-"""``policycascade watch``: stream a rule's exits on cached outputs through a :class:`DriftWatch`.
+"""``policycascade watch``: stream a rule's exits and stop scores through a :class:`RuleWatch`.
 
 ``policycascade watch OUTPUTS_FILE --rule RULE.json`` reads the outputs (any file
 :func:`policycascade.outputs_io.load_outputs` reads), applies the rule sample by sample
 in file order and reports the first sample at which each exit share or the mean cost
-left its calibration interval. ``python -m policycascade.watch_cli bench RUN_DIR ...``
-measures detection delays under corruptions and false alarms on clean data for trained
-runs (docs/watch.md).
+left its calibration interval (:class:`DriftWatch`), or at which the rule's first-stage
+stop score stopped following its calibration distribution (:class:`ScoreWatch`); by
+default both, at half the false-alarm level each. ``python -m policycascade.watch_cli
+bench RUN_DIR ...`` measures detection delays under corruptions and false alarms on
+clean data for trained runs, for each watch (docs/watch.md).
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ import numpy as np
 
 from policycascade.cli_support import OneLineParser, run_main
 from policycascade.fsutil import check_new_file
-from policycascade.watch import DriftWatch, exit_costs_of
+from policycascade.watch import DriftWatch, ScoreWatch, exit_costs_of, first_stage_scores
+from policycascade.watch_combined import (
+    MIN_SCORE_CALIBRATION,
+    WATCHES,
+    RuleWatch,
+    rule_exit_stages,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Options of ``policycascade watch``."""
     parser = OneLineParser(
         prog="policycascade watch",
-        description="Watch a stopping rule's exit shares and mean cost on a stream of cached "
-        "outputs; alarm (anytime-valid) when they leave their calibration values.",
+        description="Watch a stopping rule on a stream of cached outputs, without labels: its "
+        "exit shares and mean cost, and its first-stage stop score; alarm (anytime-valid) when "
+        "they leave their calibration values.",
     )
     parser.add_argument(
         "outputs", metavar="OUTPUTS_FILE", help="cached outputs (.npz/.csv/.parquet)"
@@ -46,7 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-split",
         default=None,
         metavar="SPLIT",
-        help="calibrate on this split of OUTPUTS_FILE instead of the rule file's calibration block",
+        help="calibrate on this split of OUTPUTS_FILE (exit shares and first-stage scores) "
+        "instead of the rule file's calibration block",
+    )
+    parser.add_argument(
+        "--watch",
+        default="both",
+        choices=WATCHES,
+        help="what to watch: 'exits' (exit shares and mean cost), 'score' (the rule's "
+        "first-stage stop score; needs --calibration-split unless the rule file's calibration "
+        "block holds first_stage_scores), "
+        "or 'both' (default: each at alpha/2, so any false alarm of either stays <= alpha; "
+        "exits alone at alpha when the score cannot be watched, and the output says why)",
     )
     parser.add_argument(
         "--alpha",
@@ -100,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from policycascade.agents.rules import exit_stages
     from policycascade.outputs_io import load_outputs
     from policycascade.rule_io import load_rule
 
@@ -117,7 +136,10 @@ def _watch(args: argparse.Namespace) -> int:
     rule = load_rule(args.rule, outputs=stream)
     if args.calibration_split is not None:
         calibration = parts[_pick_split(parts, args.calibration_split, "--calibration-split")]
-        watch = DriftWatch.from_outputs(rule, calibration, args.alpha)
+        try:
+            watch = RuleWatch.from_outputs(rule, calibration, args.alpha, args.watch)
+        except ValueError as err:  # name the option, not the argument
+            raise ValueError(str(err).replace("watch='score'", "--watch score")) from None
     else:
         block = json.loads(Path(args.rule).read_text()).get("calibration")
         if block is not None and not isinstance(block, dict):
@@ -134,14 +156,34 @@ def _watch(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"{args.rule!r} was calibrated in {unit} but the outputs cost {stream.costs.unit}"
             )
-        watch = DriftWatch.from_calibration(block, exit_costs_of(rule, stream.costs), args.alpha)
-    stages = exit_stages(rule, stream.probs).cpu().numpy()
+        costs = exit_costs_of(rule, stream.costs)
+        scores = block.get("first_stage_scores")  # where a rule file stores them (not yet)
+        if scores is not None and len(scores) != block.get("num_samples"):
+            raise ValueError(
+                f"{args.rule!r}: calibration.first_stage_scores must hold num_samples = "
+                f"{block.get('num_samples')} scores, got {len(scores)}"
+            )
+        if args.watch == "score" and scores is None:
+            raise ValueError(
+                "--watch score needs --calibration-split SPLIT: the rule file's calibration "
+                "block stores no first-stage scores"
+            )
+        watch = RuleWatch.from_calibration(rule, block, costs, args.alpha, args.watch, scores)
+        if watch.note:
+            watch.note += "; pass --calibration-split SPLIT to watch the score too"
+    stages = rule_exit_stages(rule, stream.probs) if watch.exits else None
+    scores = first_stage_scores(rule, stream.probs) if watch.scores else None
     if args.shuffle is not None:
-        stages = np.random.default_rng(args.shuffle).permutation(stages)
+        order = np.random.default_rng(args.shuffle).permutation(stream.num_samples)
+        stages = None if stages is None else stages[order]
+        scores = None if scores is None else scores[order]
     writer = _writer(args.tensorboard)
     try:
-        for start in range(0, len(stages), args.batch_size):
-            watch.update(stages[start : start + args.batch_size])
+        for start in range(0, stream.num_samples, args.batch_size):
+            part = slice(start, start + args.batch_size)
+            watch.update(
+                None if stages is None else stages[part], None if scores is None else scores[part]
+            )
             if writer is not None:
                 for tag, value in watch.statistics().items():
                     writer.add_scalar(f"watch/{tag}", value, watch.samples_seen)
@@ -150,7 +192,8 @@ def _watch(args: argparse.Namespace) -> int:
             writer.close()
     report = {
         "samples": watch.samples_seen,
-        "calibration": watch.calibration(),
+        "watch": watch.describe(),
+        "calibration": watch.exits.calibration() if watch.exits else None,
         "alarms": [a.as_dict() for a in watch.alarms],
         "statistics": watch.statistics(),
     }
@@ -178,13 +221,25 @@ def _writer(logdir: str | None):
     return SummaryWriter(logdir)
 
 
-def _summary(watch: DriftWatch) -> str:
-    expected = watch.calibration()
-    lines = [
-        f"calibration: {expected['num_samples']} samples, exit shares "
-        + ", ".join(f"{s:.3f}" for s in expected["exit_shares"])
-        + f", mean cost {expected['mean_cost']:.4g}; false-alarm bound {watch.alpha_false_alarm:g}"
-    ]
+def _summary(watch: RuleWatch) -> str:
+    lines = []
+    if watch.exits is not None:
+        expected = watch.exits.calibration()
+        lines.append(
+            f"calibration: {expected['num_samples']} samples, exit shares "
+            + ", ".join(f"{s:.3f}" for s in expected["exit_shares"])
+            + f", mean cost {expected['mean_cost']:.4g}; false-alarm bound "
+            f"{watch.alpha_false_alarm:g}"
+        )
+    levels = [f"exits at alpha {watch.exits.alpha_false_alarm:g}"] if watch.exits else []
+    if watch.scores is not None:
+        levels.append(
+            f"{watch.scores.name} at alpha {watch.scores.alpha_false_alarm:g} "
+            f"({watch.scores.num_calibration} calibration scores)"
+        )
+    lines.append("watching: " + " and ".join(levels))
+    if watch.note:
+        lines.append(f"note: {watch.note}")
     if not watch.alarms:
         lines.append(f"no drift detected in {watch.samples_seen} samples")
     lines += [f"ALARM: {alarm.what}" for alarm in watch.alarms]
@@ -194,45 +249,60 @@ def _summary(watch: DriftWatch) -> str:
 # --------------------------------------------------------------------------- measurements
 
 
+Samples = np.ndarray | tuple[np.ndarray, ...]  # what a watch's update takes, per sample
+
+
+def _take(samples: Samples, index: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The rows ``index`` of one array or of each of a tuple of arrays: update's arguments."""
+    return tuple(a[index] for a in samples) if isinstance(samples, tuple) else (samples[index],)
+
+
+def _size(samples: Samples) -> int:
+    return len(samples[0]) if isinstance(samples, tuple) else len(samples)
+
+
 def detection_delays(
-    watch: DriftWatch,
-    stages: np.ndarray,
+    watch,
+    samples: Samples,
     streams: int,
     max_samples: int,
     rng: np.random.Generator,
-    prefix: np.ndarray | None = None,
+    prefix: Samples | None = None,
     prefix_samples: int = 0,
 ) -> list[int | None]:
-    """Samples until the first alarm on streams drawn with replacement from ``stages``.
+    """Samples until the first alarm on streams drawn with replacement from ``samples``.
 
-    With ``prefix_samples``, each stream first draws that many samples from ``prefix``
-    (clean exits, say): the delay then counts from the change, and an alarm during
-    the prefix counts as a false one (delay None, as for a stream that never alarms
-    within ``max_samples``).
+    ``samples``: what ``watch.update`` takes per sample (exit stages for a DriftWatch,
+    scores for a ScoreWatch), or a tuple of such arrays (exit stages and scores for a
+    RuleWatch), drawn together. With ``prefix_samples``, each stream first draws that
+    many samples from ``prefix`` (clean ones, say): the delay then counts from the
+    change, and an alarm during the prefix counts as a false one (delay None, as for a
+    stream that never alarms within ``max_samples``).
     """
     delays: list[int | None] = []
     for _ in range(streams):
         watch.reset()
         if prefix_samples:
-            if watch.update(rng.choice(prefix, size=prefix_samples)):
+            index = rng.integers(0, _size(prefix), size=prefix_samples)
+            if watch.update(*_take(prefix, index)):
                 delays.append(None)
                 continue
         delay = None
         for _ in range(0, max_samples, 500):
-            if watch.update(rng.choice(stages, size=500)):
+            if watch.update(*_take(samples, rng.integers(0, _size(samples), size=500))):
                 delay = watch.alarm.samples_seen - prefix_samples
                 break
         delays.append(delay if delay is not None and delay <= max_samples else None)
     return delays
 
 
-def false_alarm_times(watch: DriftWatch, stages: np.ndarray) -> list[int]:
-    """Stream positions of the alarms on ``stages``, the watch restarted after each alarm."""
-    times, start = [], 0
-    while start < len(stages):
+def false_alarm_times(watch, samples: Samples) -> list[int]:
+    """Stream positions of the alarms on ``samples``, the watch restarted after each alarm."""
+    times, start, n = [], 0, _size(samples)
+    while start < n:
         watch.reset()
-        for chunk in range(start, len(stages), 4096):
-            if watch.update(stages[chunk : chunk + 4096]):
+        for chunk in range(start, n, 4096):
+            if watch.update(*_take(samples, np.arange(chunk, min(chunk + 4096, n)))):
                 start += watch.alarm.samples_seen  # restart after the alarm's sample
                 times.append(start)
                 break
@@ -241,37 +311,90 @@ def false_alarm_times(watch: DriftWatch, stages: np.ndarray) -> list[int]:
     return times
 
 
+def segment_alarms(watch, samples: Samples, segment: int) -> tuple[int, int]:
+    """(segments alarmed, segments): a fresh watch (reset) on each ``segment`` samples in turn.
+
+    Unlike :func:`false_alarm_times`, every segment starts from the calibration alone:
+    a score watch whose reference has absorbed a long clean stream sees little, so
+    restarting only after alarms would undercount its false alarms.
+    """
+    count = _size(samples) // segment
+    alarmed = 0
+    for i in range(count):
+        watch.reset()
+        alarmed += bool(watch.update(*_take(samples, np.arange(i * segment, (i + 1) * segment))))
+    return alarmed, count
+
+
 def null_false_alarms(
-    pool: np.ndarray,
+    pool: tuple[np.ndarray, np.ndarray],
     num_calibration: int,
     exit_costs,
     alpha: float,
     length: int,
     repeats: int,
     rng: np.random.Generator,
-) -> int:
-    """Streams with any alarm when a fresh calibration set and the stream share a distribution.
+    min_score_calibration: int = MIN_SCORE_CALIBRATION,
+) -> dict[str, Any]:
+    """Streams with any alarm, per watch, when calibration and stream share a distribution.
 
-    Both are drawn with replacement from ``pool`` (clean exits): the calibration's own
-    uncertainty is part of what is measured, unlike with one fixed calibration.
+    ``pool``: clean (exit stages, first-stage scores) of the same samples. Each repeat
+    draws a calibration set of ``num_calibration`` samples and a ``length``-sample stream
+    from it: without replacement (a random permutation) when the pool holds enough
+    samples, else with replacement (i.i.d. draws from the pool's empirical
+    distribution); both are exchangeable, so each watch's bound is exact here.
     """
-    k = len(exit_costs)
-    alarmed = 0
+    stages, scores = pool
+    replace = len(stages) < num_calibration + length
+    alarmed = dict.fromkeys(("exits", "score", "both"), 0)
     for _ in range(repeats):
-        counts = np.bincount(rng.choice(pool, size=num_calibration), minlength=k)
-        watch = DriftWatch(counts / num_calibration, exit_costs, num_calibration, alpha)
-        alarmed += bool(watch.update(rng.choice(pool, size=length)))
-    return alarmed
+        if replace:
+            index = rng.integers(0, len(stages), size=num_calibration + length)
+        else:
+            index = rng.permutation(len(stages))[: num_calibration + length]
+        cal, stream = index[:num_calibration], index[num_calibration:]
+        shares = np.bincount(stages[cal], minlength=len(exit_costs)) / num_calibration
+        block = {"num_samples": num_calibration, "exit_shares": shares.tolist()}
+        seed = int(rng.integers(2**32))
+        watches = {
+            "exits": DriftWatch.from_calibration(block, exit_costs, alpha),
+            "score": ScoreWatch(scores[cal], alpha, seed),
+            "both": RuleWatch.from_calibration(
+                None,
+                block,
+                exit_costs,
+                alpha,
+                "both",
+                scores[cal],
+                seed,
+                min_score_calibration=min_score_calibration,
+            ),
+        }
+        alarmed["exits"] += bool(watches["exits"].update(stages[stream]))
+        alarmed["score"] += watches["score"].update(scores[stream]) is not None
+        alarmed["both"] += bool(watches["both"].update(stages[stream], scores[stream]))
+    return {"repeats": repeats, "with_replacement": replace, **alarmed}
+
+
+def clopper_pearson(hits: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial confidence interval for hits / trials."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if hits == 0 else float(beta.ppf(tail, hits, trials - hits + 1))
+    high = 1.0 if hits == trials else float(beta.ppf(1 - tail, hits + 1, trials - hits))
+    return low, high
 
 
 def _bench_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="python -m policycascade.watch_cli bench",
         description="Detection delay under corruptions and false alarms on clean samples, for "
-        "each run's own rule calibrated on its validation split.",
+        "each run's own rule calibrated on its validation split: DriftWatch (exits), "
+        "ScoreWatch (first-stage stop score) and RuleWatch (both, at alpha/2 each).",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="trained run directories")
-    parser.add_argument("--alpha", type=float, default=0.01, help="false-alarm bound of the watch")
+    parser.add_argument("--alpha", type=float, default=0.01, help="false-alarm bound of each watch")
     parser.add_argument("--streams", type=int, default=20, help="random streams per corruption")
     parser.add_argument(
         "--max-samples", type=int, default=20000, help="a stream without alarm stops here"
@@ -294,11 +417,24 @@ def _bench_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--null-repeats",
         type=int,
-        default=200,
-        help="null simulations: calibration and stream both drawn from the clean exits",
+        default=2000,
+        help="null simulations: calibration and stream both drawn from one pool of clean samples",
     )
     parser.add_argument(
-        "--null-length", type=int, default=10000, help="stream samples per null simulation"
+        "--null-length", type=int, default=2000, help="stream samples per null simulation"
+    )
+    parser.add_argument(
+        "--min-score-calibration",
+        type=int,
+        default=MIN_SCORE_CALIBRATION,
+        help="fewest calibration scores for which the combined watch runs the score watch "
+        f"(default {MIN_SCORE_CALIBRATION}; 0: always)",
+    )
+    parser.add_argument(
+        "--segment",
+        type=int,
+        default=10000,
+        help="also count alarms with a fresh watch on each SEGMENT clean samples in turn",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the stream orders")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every number here")
@@ -309,10 +445,10 @@ def _bench_main(argv: list[str]) -> int:
     args = _bench_parser().parse_args(argv)
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
-    for name in ("streams", "max_samples", "clean_samples", "max_test", "null_length"):
+    for name in ("streams", "max_samples", "clean_samples", "max_test", "null_length", "segment"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("prefix", "null_repeats"):
+    for name in ("prefix", "null_repeats", "seed", "min_score_calibration"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.json:
@@ -324,147 +460,202 @@ def _bench_main(argv: list[str]) -> int:
     return 0
 
 
+BENCH_WATCHES = ("exits", "score", "both")  # DriftWatch, ScoreWatch, RuleWatch
+
+
 def _bench_run(run_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from policycascade import load_run
-    from policycascade.agents.rules import exit_stages
     from policycascade.shift import corrupt
 
     run = load_run(run_dir, device="cpu")
-    rule, h = run.rule, run.harness
-    watch = DriftWatch.from_outputs(rule, run.outputs("val"), args.alpha)
+    rule, h, val = run.rule, run.harness, run.outputs("val")
+    watches = {
+        "exits": DriftWatch.from_outputs(rule, val, args.alpha),
+        "score": ScoreWatch.from_outputs(rule, val, args.alpha),
+        "both": RuleWatch.from_outputs(
+            rule, val, args.alpha, min_score_calibration=args.min_score_calibration
+        ),
+    }
     rng = np.random.default_rng(args.seed)
     x, y = h.split_on_device("test")
     x, y = x[: args.max_test], y[: args.max_test]
     value_range = (0.0, 1.0) if x.dtype == torch.uint8 else (float(x.min()), float(x.max()))
     generator = torch.Generator().manual_seed(run.config.seed)
-    clean = exit_stages(rule, run.outputs("test").probs).cpu().numpy()
+    test = run.outputs("test")
+    clean = (rule_exit_stages(rule, test.probs), first_stage_scores(rule, test.probs))
 
-    def shifted_exits(kind: str, severity: int) -> np.ndarray:
+    def shifted(kind: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
         corrupted = corrupt(x, kind, severity, generator, value_range)
-        shifted = run.cascade.outputs(corrupted, y, h.costs, transform=h.inputs)
-        return exit_stages(rule, shifted.probs).cpu().numpy()
+        out = run.cascade.outputs(corrupted, y, h.costs, transform=h.inputs)
+        return rule_exit_stages(rule, out.probs), first_stage_scores(rule, out.probs)
 
-    rows = _shift_rows(shifted_exits, watch, clean, rng, args)
+    rows = _shift_rows(shifted, watches, clean, rng, args)
     fresh, source = _clean_stream(run, rule, args.clean_samples, rng, clean)
-    times = false_alarm_times(watch, fresh)
+    times = {name: false_alarm_times(w, _inputs(name, fresh)) for name, w in watches.items()}
+    segments = {
+        name: segment_alarms(w, _inputs(name, fresh), args.segment) for name, w in watches.items()
+    }
+    pool = tuple(
+        np.concatenate([a, b])
+        for a, b in zip(
+            (rule_exit_stages(rule, val.probs), first_stage_scores(rule, val.probs)),
+            fresh if source.startswith("fresh") else clean,
+            strict=True,
+        )
+    )
+    exits = watches["exits"]
     null = null_false_alarms(
-        fresh,
-        watch.num_calibration,
-        watch.exit_costs,
+        pool,
+        exits.num_calibration,
+        exits.exit_costs,
         args.alpha,
         args.null_length,
         args.null_repeats,
         rng,
+        args.min_score_calibration,
     )
     return {
         "run": Path(run_dir).name,
         "dataset": run.config.dataset,
         "alpha_rule": run.alpha,
-        "calibration": watch.calibration(),
+        "calibration": exits.calibration(),
+        "watches": watches["both"].describe(),
         "shift": rows,
         "clean_source": source,
-        "clean_samples": int(len(fresh)),
-        "false_alarms": len(times),
+        "clean_samples": int(len(fresh[0])),
+        "false_alarms": {name: len(t) for name, t in times.items()},
         "false_alarm_times": times,
-        "null_streams": args.null_repeats,
-        "null_streams_alarmed": null,
+        "segment": args.segment,
+        "segments_alarmed": {name: alarmed for name, (alarmed, _) in segments.items()},
+        "segments": segments["exits"][1],
+        "null": {**null, "pool": int(len(pool[0])), "length": args.null_length},
     }
 
 
+def _inputs(watch: str, samples: tuple[np.ndarray, np.ndarray]) -> Samples:
+    """What each bench watch's update takes: exit stages, scores, or both."""
+    return {"exits": samples[0], "score": samples[1], "both": samples}[watch]
+
+
 def _shift_rows(
-    shifted_exits: Callable[[str, int], np.ndarray],
-    watch: DriftWatch,
-    clean: np.ndarray,
+    shifted: Callable[[str, int], tuple[np.ndarray, np.ndarray]],
+    watches: dict[str, Any],
+    clean: tuple[np.ndarray, np.ndarray],
     rng: np.random.Generator,
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    """Per corruption and severity: cost ratio to clean, exit shares, detection delays.
+    """Per corruption and severity: cost ratio to clean, exit shares, each watch's delays.
 
-    ``shifted_exits(kind, severity)`` gives the exit stages of the corrupted samples;
-    each stream starts with ``--prefix`` of the ``clean`` exits.
+    ``shifted(kind, severity)`` gives the corrupted samples' exit stages and first-stage
+    scores; each stream starts with ``--prefix`` of the ``clean`` ones. The watches see
+    the same streams (one seed per row).
     """
     from policycascade.shift import CORRUPTIONS
 
-    costs = np.asarray(watch.exit_costs)
+    costs = np.asarray(watches["exits"].exit_costs)
     rows = []
     for kind in CORRUPTIONS:
         for severity in range(1, 6):
-            stages = shifted_exits(kind, severity)
-            delays = detection_delays(
-                watch, stages, args.streams, args.max_samples, rng, clean, args.prefix
-            )
-            found = [d for d in delays if d is not None]
-            rows.append(
-                {
-                    "kind": kind,
-                    "severity": severity,
-                    "cost_ratio": float(costs[stages].mean() / costs[clean].mean()),
-                    "exit_shares": (
-                        np.bincount(stages, minlength=len(costs)) / len(stages)
-                    ).tolist(),
+            samples = shifted(kind, severity)
+            stages, row_seed = samples[0], int(rng.integers(2**32))
+            row: dict[str, Any] = {
+                "kind": kind,
+                "severity": severity,
+                "cost_ratio": float(costs[stages].mean() / costs[clean[0]].mean()),
+                "exit_shares": (np.bincount(stages, minlength=len(costs)) / len(stages)).tolist(),
+            }
+            for name, watch in watches.items():
+                delays = detection_delays(
+                    watch,
+                    _inputs(name, samples),
+                    args.streams,
+                    args.max_samples,
+                    np.random.default_rng(row_seed),
+                    _inputs(name, clean),
+                    args.prefix,
+                )
+                found = [d for d in delays if d is not None]
+                row[name] = {
                     "detected": len(found) / len(delays),
                     "mean_delay": float(np.mean(found)) if found else None,
                     "delays": delays,
                 }
-            )
+            rows.append(row)
     return rows
 
 
-def _clean_stream(run, rule, size: int, rng: np.random.Generator, test_stages: np.ndarray):
-    """Clean exits: fresh synthetic samples through the cascade, else the test exits resampled."""
-    from policycascade.agents.rules import exit_stages
-
+def _clean_stream(run, rule, size: int, rng: np.random.Generator, test: tuple):
+    """Clean (exits, scores): fresh synthetic samples, else the test split's resampled."""
     if run.config.dataset != "synthetic":
-        return rng.choice(test_stages, size=size), "test split resampled"
+        index = rng.integers(0, len(test[0]), size=size)
+        return (test[0][index], test[1][index]), "test split resampled with replacement"
     from policycascade.data.synthetic import load_synthetic
 
-    h, parts, seed = run.harness, [], 10_000 + run.config.seed * 100
-    while sum(len(p) for p in parts) < size:
-        test = load_synthetic(seed=seed).test  # the same templates; samples never seen
-        out = run.cascade.outputs(test.x, test.y, h.costs, transform=h.inputs)
-        parts.append(exit_stages(rule, out.probs).cpu().numpy())
+    h, stages, scores, seed = run.harness, [], [], 10_000 + run.config.seed * 100
+    while sum(len(p) for p in stages) < size:
+        split = load_synthetic(seed=seed).test  # the same templates; samples never seen
+        out = run.cascade.outputs(split.x, split.y, h.costs, transform=h.inputs)
+        stages.append(rule_exit_stages(rule, out.probs))
+        scores.append(first_stage_scores(rule, out.probs))
         seed += 1
-    return np.concatenate(parts)[:size], "fresh synthetic samples"
+    fresh = (np.concatenate(stages)[:size], np.concatenate(scores)[:size])
+    return fresh, "fresh synthetic samples"
+
+
+def _delay_cell(runs: list[dict], i: int, watch: str) -> str:
+    """Mean delay (+- std over runs) of row ``i`` for ``watch``, with the share detected."""
+    delays = [r["shift"][i][watch]["mean_delay"] for r in runs]
+    done = [d for d in delays if d is not None]
+    detected = float(np.mean([r["shift"][i][watch]["detected"] for r in runs]))
+    if not done:
+        return "- (0%)"
+    cell = f"{np.mean(done):.0f}" + (f" ± {np.std(done):.0f}" if len(done) > 1 else "")
+    return cell + ("" if detected == 1 else f" ({detected:.0%})")
 
 
 def _bench_table(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Per dataset and rule alpha: mean delay (mean +- std over runs) per corruption."""
+    """Per dataset and rule alpha: each watch's mean delay (mean +- std over runs) per row."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["alpha_rule"]), []).append(r)
     lines = []
     for (dataset, alpha_rule), runs in groups.items():
-        lines.append(
-            f"{dataset} (rule alpha {alpha_rule}, {len(runs)} runs, watch alpha {args.alpha}, "
-            f"{args.streams} streams, prefix {args.prefix}): delay in samples, mean +- std "
-            "over runs; detected = share of streams alarmed within --max-samples"
-        )
-        lines.append("  kind      sev  cost x   delay           detected")
+        lines += [
+            f"{dataset} (rule alpha {alpha_rule}, {len(runs)} runs, alpha {args.alpha} per watch, "
+            f"{args.streams} streams, prefix {args.prefix}): delay in samples, mean ± std over "
+            "runs (share of streams alarmed within --max-samples when not all)",
+            "| corruption | cost x | exits (DriftWatch) | score (ScoreWatch) | both (RuleWatch) |",
+            "|---|---|---|---|---|",
+        ]
         for i, row in enumerate(runs[0]["shift"]):
-            delays = [r["shift"][i]["mean_delay"] for r in runs]
-            done = [d for d in delays if d is not None]
-            detected = np.mean([r["shift"][i]["detected"] for r in runs])
             ratio = np.mean([r["shift"][i]["cost_ratio"] for r in runs])
-            delay = f"{np.mean(done):8.1f} +- {np.std(done):6.1f}" if done else "       -        "
-            lines.append(
-                f"  {row['kind']:<9} {row['severity']}    {ratio:5.2f}  {delay}  {detected:6.0%}"
-            )
-        alarms = sum(r["false_alarms"] for r in runs)
+            cells = " | ".join(_delay_cell(runs, i, w) for w in BENCH_WATCHES)
+            lines.append(f"| {row['kind']} {row['severity']} | {ratio:.2f} | {cells} |")
         samples = sum(r["clean_samples"] for r in runs)
+        lines.append(f"  watches: {runs[0]['watches']['mode']}; {runs[0]['watches']['note']}")
+        for watch in BENCH_WATCHES:
+            alarms = [r["false_alarms"][watch] for r in runs]
+            seg = sum(r["segments_alarmed"][watch] for r in runs)
+            segs = sum(r["segments"] for r in runs)
+            null = sum(r["null"][watch] for r in runs)
+            repeats = sum(r["null"]["repeats"] for r in runs)
+            low, high = clopper_pearson(null, repeats) if repeats else (0.0, 1.0)
+            lines.append(
+                f"  {watch}: false alarms on clean samples ({runs[0]['clean_source']}): "
+                f"{sum(alarms)} in {samples} = {1e4 * sum(alarms) / samples:.3f} per 10,000 "
+                f"(per run: {', '.join(map(str, alarms))}); a fresh watch per "
+                f"{runs[0]['segment']} of them: {seg} of {segs} segments alarmed; "
+                f"null streams alarmed: {null} of "
+                f"{repeats} = {null / max(repeats, 1):.4f} [95% CI {low:.4f}, {high:.4f}]"
+            )
         lines.append(
-            f"  false alarms on clean samples ({runs[0]['clean_source']}): {alarms} in {samples} "
-            f"= {1e4 * alarms / samples:.3f} per 10,000 (per run: "
-            + ", ".join(str(r["false_alarms"]) for r in runs)
-            + ")"
-        )
-        streams = sum(r["null_streams"] for r in runs)
-        alarmed = sum(r["null_streams_alarmed"] for r in runs)
-        lines.append(
-            f"  null simulations (calibration of the val size and {args.null_length}-sample "
-            f"stream, both resampled from those clean exits): {alarmed} of {streams} streams "
-            "alarmed"
+            f"  null streams: calibration of the val size and a {args.null_length}-sample stream "
+            f"drawn from a pool of {runs[0]['null']['pool']} clean samples (val + the clean "
+            "stream's source), "
+            + ("with" if runs[0]["null"]["with_replacement"] else "without")
+            + " replacement"
         )
     return "\n".join(lines)
 

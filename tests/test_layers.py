@@ -53,6 +53,7 @@ LAYER_OF = {
     "policycascade.certify_paths": "core",
     "policycascade.certify_bounds": "core",
     "policycascade.watch": "core",
+    "policycascade.watch_combined": "core",
     "policycascade.shift": "core",
     "policycascade.subsets": "core",
     "policycascade.inference": "core",
