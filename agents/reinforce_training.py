@@ -35,6 +35,7 @@ from policycascade.agents.reinforce_warm_start import warm_start_policy
 from policycascade.agents.stopping_policy import LearnedRule
 from policycascade.cascade import CascadeOutputs
 from policycascade.compiled import maybe_compile
+from policycascade.distributed import broadcast_parameters
 from policycascade.supervised import cross_entropy_all_stages, trained_classes_of
 
 if TYPE_CHECKING:
@@ -192,8 +193,12 @@ class ReinforceTraining(Algorithm):
         pretrain = self.settings.pretrain_epochs
         if epoch == pretrain:
             self._set_joint_lr()
+        warm = self.settings.warm_start != "none"
+        # after the last pre-training epoch; without pre-training, before the first REINFORCE one
+        before = self._warm_start() if warm and pretrain == 0 and epoch == 0 else {}
         metrics = self._pretrain_epoch() if epoch < pretrain else self._reinforce_epoch()
-        if epoch == pretrain - 1 and self.settings.warm_start != "none":
+        metrics.update(before)
+        if warm and epoch == pretrain - 1:
             metrics.update(self._warm_start())
         metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
         self.classifier_schedule.step()
@@ -210,7 +215,7 @@ class ReinforceTraining(Algorithm):
         with torch.no_grad():
             outputs = h.outputs(r.policy_split)
         generator = torch.Generator().manual_seed(h.config.seed)
-        return warm_start_policy(
+        metrics = warm_start_policy(
             self.agent.policy,
             outputs,
             h.alpha,
@@ -220,6 +225,10 @@ class ReinforceTraining(Algorithm):
             generator,
             seed=h.config.seed,
         )
+        # ranks saw outputs of classifiers whose batch-norm statistics are synced only after
+        # the epoch: every rank continues from rank 0's imitated modules
+        broadcast_parameters(h.dist, self.agent.policy)
+        return metrics
 
     def final_extras(self) -> dict[str, Any]:
         """With a warm start: what its rule and the imitation reached (from the run's history)."""

@@ -62,7 +62,7 @@ class ReinforceConfig:
         1, "stopping rollouts sampled per training input (leave-one-out needs >= 2)"
     )
     policy_gradient: str = _opt(
-        "score-function",
+        "exact",
         "how the stop decisions learn: REINFORCE's sampled 'score-function' estimator, or "
         "'exact' (gradient of the expected return enumerated over the K exits, no sampling noise)",
         ("score-function", "exact"),
@@ -97,7 +97,7 @@ class ReinforceConfig:
         False, "at test time mix the visited classifiers, weighted by their stop probabilities"
     )
     warm_start: str = _opt(
-        "none",
+        "rule",
         "after pre-training, fit a stopping rule on the classifiers' policy-split outputs at the "
         "run's alpha and train the stopping modules to imitate its decisions before REINFORCE: "
         "'rule' (continuation-value rule on confidence features), 'thresholds' (best-reward "
@@ -125,11 +125,6 @@ class ReinforceConfig:
                 f"baseline 'leave-one-out' needs rollouts >= 2, got rollouts={self.rollouts}"
             )
         check_at_least(self, ("warm_start_epochs",), 1)
-        if self.warm_start != "none" and self.pretrain_epochs == 0:
-            raise ConfigError(
-                f"warm_start {self.warm_start!r} fits its rule on pre-trained classifiers: it "
-                "needs pretrain_epochs >= 1, got 0"
-            )
         default_epochs = ReinforceConfig.warm_start_epochs
         if self.warm_start == "none" and self.warm_start_epochs != default_epochs:
             raise ConfigError(

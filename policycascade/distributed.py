@@ -52,6 +52,14 @@ def broadcast_buffers(context: DistContext, module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def broadcast_parameters(context: DistContext, module: nn.Module) -> None:
+    """Copy rank 0's parameters to every rank (after a step that each rank took alone)."""
+    if context.enabled:
+        with torch.no_grad():
+            for parameter in module.parameters():
+                dist.broadcast(parameter.data, src=0)
+
+
 def init_from_environment() -> DistContext:
     """Join the process group ``torchrun`` describes (RANK/WORLD_SIZE); single process otherwise.
 

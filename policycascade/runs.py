@@ -166,10 +166,29 @@ def read_config(run_dir: str | Path) -> TrainConfig:
     return read_run(run_dir)[0]
 
 
+# Options whose default changed after runs were stored: a stored config that lacks one was
+# trained with the value it had then (REINFORCE's defaults changed on 2026-12-05).
+STORED_BEFORE = {
+    ("reinforce", "warm_start"): "none",
+    ("reinforce", "policy_gradient"): "score-function",
+}
+
+
+def stored_config(values: Any) -> TrainConfig:
+    """A stored run's config (checkpoint or config.yaml), read with the defaults it ran with."""
+    if isinstance(values, dict):
+        values = dict(values)
+        for (section, name), then in STORED_BEFORE.items():
+            part = values.get(section)
+            if isinstance(part, dict) and name not in part:
+                values[section] = {**part, name: then}
+    return config_from_dict(values)
+
+
 def _config_file(config_file: Path) -> TrainConfig:
     """The config in a ``config.yaml``, or a ConfigError naming the file."""
     try:
-        return config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")))
+        return stored_config(yaml.safe_load(config_file.read_text(encoding="utf-8")))
     except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{config_file} cannot be read as a config: {error}") from None
 
@@ -198,7 +217,7 @@ def read_run(
     if missing:
         raise CheckpointError(f"{where} lacks {missing}")
     try:
-        config = config_from_dict(checkpoint["config"])
+        config = stored_config(checkpoint["config"])
     except ConfigError as error:
         raise CheckpointError(f"{where} holds an invalid config: {error}") from None
     if checkpoint["algorithm"] != config.agent:

@@ -102,8 +102,10 @@ def test_the_fitted_rules_are_the_continuation_rule_and_the_best_thresholds():
     [
         ({"warm_start": "always"}, "warm_start must be one of .* got 'always'"),
         ({"warm_start": "rule", "warm_start_epochs": 0}, "warm_start_epochs must be >= 1, got 0"),
-        ({"warm_start": "rule", "pretrain_epochs": 0}, "needs pretrain_epochs >= 1, got 0"),
-        ({"warm_start_epochs": 50}, "warm_start_epochs=50 would be ignored: warm_start is 'none'"),
+        (
+            {"warm_start": "none", "warm_start_epochs": 50},
+            "warm_start_epochs=50 would be ignored: warm_start is 'none'",
+        ),
     ],
 )
 def test_config_errors_name_the_field_and_value(changes, message):
@@ -149,3 +151,18 @@ def test_warm_started_run_resumed_after_the_imitation_ends_as_an_uninterrupted_o
     resumed.load(load_checkpoint(tmp_path / "b"))
     assert resumed.epoch == WARM["pretrain_epochs"]
     assert json.dumps(resumed.run()) == json.dumps(a)  # bit for bit on the CPU
+
+
+def test_runs_stored_before_the_new_defaults_read_as_they_ran():
+    from policycascade.runs import stored_config
+
+    values = TrainConfig(agent="reinforce").to_dict()
+    assert (values["reinforce"]["warm_start"], values["reinforce"]["policy_gradient"]) == (
+        "rule",
+        "exact",
+    )  # today's defaults
+    for key in ("warm_start", "warm_start_epochs", "policy_gradient"):
+        del values["reinforce"][key]  # a run stored before these options or defaults
+    old = stored_config(values)
+    assert (old.reinforce.warm_start, old.reinforce.policy_gradient) == ("none", "score-function")
+    assert stored_config(TrainConfig(agent="reinforce").to_dict()) == TrainConfig(agent="reinforce")

@@ -39,7 +39,8 @@ def lengthen(run_dir, epochs: int) -> None:
 def test_short_training_raises_validation_reward(tmp_path, freeze):
     # Measured: the reward gains about 0.1 over its value at the policy's start within 6
     # REINFORCE epochs and stays there (joint and frozen alike).
-    config = tiny(pretrain_epochs=15, epochs=10, freeze_classifiers=freeze)
+    # (the stopping modules start untrained: no warm start)
+    config = tiny(pretrain_epochs=15, epochs=10, freeze_classifiers=freeze, warm_start="none")
     harness = RunHarness(config, tmp_path / "run", alpha=0.01, show_progress=False)
     harness.run()
     rewards = [h["val/expected_reward"] for h in harness.history]
