@@ -351,6 +351,7 @@ def training_steps(
     batch_size: int,
     device: torch.device,
     defer_checks: bool | None = None,
+    policy_gradient: str | None = None,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """The REINFORCE algorithm's own joint step and its own cross-entropy step, each on a batch.
 
@@ -361,16 +362,20 @@ def training_steps(
     training epoch does per step: its NaN checks deferred, its logged scalars summed on
     the device (the epoch reads both once; here each step's checks are read as it ends).
     ``defer_checks`` is passed to ``check_finite_deferred`` (default: deferred off the CPU).
-    Both steps carry the algorithm they drive as their ``algorithm`` attribute.
+    ``policy_gradient`` overrides the default estimator (``exact``; ``score-function``: the
+    paper's). Both steps carry the algorithm they drive as their ``algorithm`` attribute.
     """
     defaults = TrainConfig()
+    gradient = policy_gradient or defaults.reinforce.policy_gradient
     config = dataclasses.replace(
         defaults,
         agent="reinforce",
         cascade=cascade_name,
         device=str(device),
         batch_size=batch_size,
-        reinforce=dataclasses.replace(defaults.reinforce, policy_split="train"),
+        reinforce=dataclasses.replace(
+            defaults.reinforce, policy_split="train", policy_gradient=gradient
+        ),
     )
     n = max(4 * batch_size, 64)
     split = Split(torch.randn(n, *input_shape), torch.randint(NUM_CLASSES, (n,)))
@@ -406,10 +411,11 @@ def bench_training_step(
     batch_size: int,
     reps: int,
     device: torch.device = CPU,
+    policy_gradient: str | None = None,
 ) -> dict:
     """Median seconds of one joint REINFORCE step and one cross-entropy step, side by side."""
     reinforce_step, cross_entropy_step = training_steps(
-        cascade_name, input_shape, batch_size, device
+        cascade_name, input_shape, batch_size, device, policy_gradient=policy_gradient
     )
     reinforce_step(), cross_entropy_step()  # warm-up: optimiser state, kernels
     reinforce_s, cross_entropy_s = time_side_by_side(
@@ -657,6 +663,12 @@ def _run(plan: Plan, threads: int | None) -> dict[str, Any]:
             "training_step/digits",
             lambda: bench_training_step("digits", DIGITS_SHAPE, 64, plan.train_reps),
         ),
+        "digits-sf": section(  # the paper's score-function estimator (the default is exact)
+            "training_step/digits-sf",
+            lambda: bench_training_step(
+                "digits", DIGITS_SHAPE, 64, plan.train_reps, policy_gradient="score-function"
+            ),
+        ),
         "resnet": skipped
         if plan.resnet_train_batch is None
         else section(
@@ -755,7 +767,10 @@ def _format_early_exit(early_exit: dict[str, Any]) -> list[str]:
 
 def _format_training_steps(report: dict[str, Any]) -> list[str]:
     """Case (3), with the CUDA training step where there is one, as lines of text."""
-    lines = ["(3) one training step: joint REINFORCE (policy_split=train) vs cross-entropy only"]
+    lines = [
+        "(3) one training step: joint REINFORCE (policy_split=train; exact gradient, digits-sf: "
+        "score-function) vs cross-entropy only"
+    ]
     steps = dict(report["training_step"])
     if report["cuda"] is not None:
         steps["resnet-cuda"] = report["cuda"]
