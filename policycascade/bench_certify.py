@@ -5,8 +5,12 @@ For each run: pool its validation and test outputs, draw random calibration/test
 and level delta, record whether the certified rule's test drop exceeds epsilon, the same
 for the plain fit (the cheapest max-softmax thresholds within epsilon on the same
 calibration samples) and the MACs savings (1 - mean MACs / largest classifier's) of both.
+What it scores is what ``certified_fit`` returns on each calibration split: the cheapest
+certified path rule on the calibration samples, or the largest classifier alone
+(``LargestOnlyRule``, 100% of its MACs, the last stage's answers) where nothing beyond the
+safe end passes or where it is cheaper than every certified rule.
 
-    python -m policycascade.bench_certify RUN_DIR... --resplits 1000
+    python -m policycascade.bench_certify RUN_DIR... --resplits 1000 --paths both fixed
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.stats import beta as beta_dist
 
+from policycascade.cascade import CascadeOutputs
 from policycascade.certify import (
     Family,
     Target,
@@ -32,6 +38,7 @@ from policycascade.certify import (
     split_path,
 )
 from policycascade.certify_bounds import BOUNDS
+from policycascade.certify_paths import answers_with_last_classifier
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -40,6 +47,18 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     low = 0.0 if k == 0 else float(beta_dist.ppf(tail, k, n - k + 1))
     high = 1.0 if k == n else float(beta_dist.ppf(1 - tail, k + 1, n - k))
     return low, high
+
+
+LARGEST = -1  # a chosen "row" that is the largest classifier alone (LargestOnlyRule)
+
+
+class Scored(NamedTuple):
+    """What one certified choice did on the held-out samples of one resplit."""
+
+    violated: bool  # test drop > epsilon
+    savings: float  # 1 - mean MACs / largest classifier's MACs
+    certified: bool  # certified_fit's flag: a rule beyond the safe end passed
+    largest_only: bool  # the returned rule is the largest classifier alone
 
 
 def _drop_and_savings(family: Family, thresholds: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -65,57 +84,205 @@ def bench_run(
 
     run = load_run(run_dir)
     val, test = run.outputs("val"), run.outputs("test")
+    return bench_outputs(
+        val, test, Path(run_dir).name, resplits, epsilons, deltas, bounds, paths, family, seed
+    )
+
+
+def bench_outputs(
+    val: CascadeOutputs,
+    test: CascadeOutputs,
+    name: str,
+    resplits: int,
+    epsilons: Sequence[float],
+    deltas: Sequence[float],
+    bounds: Sequence[str],
+    paths: Sequence[str],
+    family: str = "max-softmax",
+    seed: int = 0,
+) -> list[dict]:
+    """:func:`bench_run` on outputs already loaded (``name`` labels the rows)."""
+    results: dict[tuple, list[Scored]] = {}
+    plain: dict[float, list[tuple[bool, float]]] = {e: [] for e in epsilons}
+    started = time.time()
+    outcomes = resplit_outcomes(val, test, resplits, epsilons, deltas, bounds, paths, family, seed)
+    for r, (_, fitted, chosen) in enumerate(outcomes):
+        if r and r % 100 == 0:
+            print(f"{name}: {r}/{resplits} resplits", file=sys.stderr, flush=True)
+        for eps, value in fitted.items():
+            plain[eps].append(value)
+        for key, value in chosen.items():
+            results.setdefault(key, []).append(value)
+    seconds = time.time() - started
+    summary = {"run": name, "calibration": val.num_samples, "test": test.num_samples}
+    return [
+        _summary_row(summary, eps, delta, path, bound, values, plain[eps], seconds)
+        for (eps, delta, path, bound), values in results.items()
+    ]
+
+
+def resplit_outcomes(
+    val: CascadeOutputs,
+    test: CascadeOutputs,
+    resplits: int,
+    epsilons: Sequence[float],
+    deltas: Sequence[float],
+    bounds: Sequence[str],
+    paths: Sequence[str],
+    family: str = "max-softmax",
+    seed: int = 0,
+) -> Iterator[tuple[torch.Tensor, dict, dict]]:
+    """Per resplit: (pooled order, plain fit's {eps: (violated, savings)}, {key: Scored}).
+
+    The first ``val.num_samples`` of the order calibrate; keys are (eps, delta, path, bound).
+
+    Each Scored is what ``certified_fit(calibration, Target.accuracy_drop(eps), delta,
+    family, bound, path, path_share, seed=r)`` returns for resplit r (path ``fixed``,
+    ``split:SHARE`` or ``both``, the default for max-softmax: fixed and split:0.5 at
+    delta / 2 each), scored on the held-out samples: the largest classifier alone where it
+    falls back or where it is cheaper than every certified path rule.
+    """
+    _check_paths(paths)
     probs = torch.cat([val.probs.cpu(), test.probs.cpu()])
     labels = torch.cat([val.labels.cpu(), test.labels.cpu()])
     pool = Family.of(family, probs, labels, val.costs)
+    largest = float(val.costs.alone_macs[-1])
+    safe_is_largest = answers_with_last_classifier(family)
     n_cal, n_all = val.num_samples, len(labels)
     gen = torch.Generator().manual_seed(seed)
-    # results[(eps, delta, path, bound)] -> lists of (violated, savings, certified)
-    results: dict[tuple, list[tuple[bool, float, bool]]] = {}
-    plain: dict[float, list[tuple[bool, float]]] = {e: [] for e in epsilons}
-    started = time.time()
     for r in range(resplits):
-        if r and r % 100 == 0:
-            print(f"{Path(run_dir).name}: {r}/{resplits} resplits", file=sys.stderr, flush=True)
         order = torch.randperm(n_all, generator=gen)
         cal, held = pool.subset(order[:n_cal]), pool.subset(order[n_cal:])
         search = cal.search()
         fits = torch.tensor([search.for_accuracy_drop(e).thresholds for e in epsilons])
-        for eps, drop, savings in zip(epsilons, *_drop_and_savings(held, fits), strict=True):
-            plain[eps].append((bool(drop > eps), float(savings)))
-        inner = torch.randperm(n_cal, generator=gen)
-        for name, (testing, build) in _path_variants(cal, paths, family, inner).items():
-            chosen = _chosen_rules(testing, build, epsilons, deltas, bounds)
-            for key, value in _held_out(held, build, chosen, epsilons).items():
-                results.setdefault((key[0], key[1], name, key[2]), []).append(value)
-    seconds = time.time() - started
-    summary = {"run": Path(run_dir).name, "calibration": n_cal, "test": n_all - n_cal}
-    return [
-        _summary_row(summary, eps, delta, name, bound, values, plain[eps], seconds)
-        for (eps, delta, name, bound), values in results.items()
-    ]
+        drops, savings = _drop_and_savings(held, fits)
+        fitted = {
+            e: (bool(d > e), float(s)) for e, d, s in zip(epsilons, drops, savings, strict=True)
+        }
+        inner = torch.randperm(n_cal, generator=torch.Generator().manual_seed(r))
+        ways = {w for p in paths for w in (("fixed", "split:0.5") if p == "both" else (p,))}
+        choose = _Chooser(cal, _path_variants(cal, ways, family, inner), largest, safe_is_largest)
+        choices = {
+            (eps, delta, path, bound): choose(eps, delta, path, bound)
+            for eps in epsilons
+            for delta in deltas
+            for path in paths
+            for bound in bounds
+        }
+        yield order, fitted, _score(held, choose, choices, largest)
+
+
+def _check_paths(paths: Sequence[str]) -> None:
+    for name in paths:
+        if name in ("fixed", "both"):
+            continue
+        kind, _, share = name.partition(":")
+        try:
+            ok = kind == "split" and 0 < float(share) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"paths must be 'fixed', 'both' or 'split:SHARE', got {name!r}")
+
+
+class _Chooser:
+    """certified_fit's choice on one resplit's calibration samples, as (way, path row).
+
+    Row LARGEST is the largest classifier alone; certification flags come along.
+    """
+
+    def __init__(self, cal: Family, variants: dict, largest: float, safe_is_largest: bool):
+        self.cal, self.variants = cal, variants
+        self.largest, self.safe_is_largest = largest, safe_is_largest
+        self.paths: dict[tuple[str, float], torch.Tensor] = {}
+        self.macs: dict[tuple[str, float], torch.Tensor] = {}
+
+    def path(self, way: str, eps: float) -> torch.Tensor:
+        """The path of ``way`` for this epsilon (cached)."""
+        if (way, eps) not in self.paths:
+            self.paths[way, eps] = self.variants[way][1](Target.accuracy_drop(eps))
+        return self.paths[way, eps]
+
+    def cal_macs(self, way: str, eps: float) -> torch.Tensor:
+        """Mean MACs of every path rule on all calibration samples (cached)."""
+        if (way, eps) not in self.macs:
+            exits = self.cal.exits(self.path(way, eps))
+            self.macs[way, eps] = self.cal.cumulative[exits].mean(1)
+        return self.macs[way, eps]
+
+    def one_path(self, way: str, eps: float, level: float, bound: str) -> tuple[int, bool]:
+        """(row, certified) of fixed-sequence testing at ``level`` along one path."""
+        target = Target.accuracy_drop(eps)
+        p = path_p_values(self.variants[way][0], self.path(way, eps), target, level, bound)
+        last = fixed_sequence(p, level)
+        certified = last >= 1
+        if not self.safe_is_largest:
+            return max(last, 0), certified
+        if not certified:
+            return LARGEST, False
+        macs = self.cal_macs(way, eps)
+        cheapest = int(torch.argmin(macs[1 : last + 1]))
+        if float(macs[1 + cheapest]) >= self.largest:
+            return LARGEST, True
+        return 1 + cheapest, True
+
+    def cost(self, way: str, eps: float, row: int) -> float:
+        """Mean MACs of a choice on the calibration samples."""
+        return self.largest if row == LARGEST else float(self.cal_macs(way, eps)[row])
+
+    def __call__(self, eps: float, delta: float, path: str, bound: str) -> tuple[str, int, bool]:
+        """(way, row, certified) that certified_fit returns for this path variant."""
+        if path != "both":
+            return (path, *self.one_path(path, eps, delta, bound))
+        fits = [(w, *self.one_path(w, eps, delta / 2, bound)) for w in ("fixed", "split:0.5")]
+        certified = [f for f in fits if f[2]]
+        if not certified:
+            return fits[0]
+        return min(certified, key=lambda f: self.cost(f[0], eps, f[1]))
+
+
+def _score(
+    held: Family, choose: _Chooser, choices: dict[tuple, tuple[str, int, bool]], largest: float
+) -> dict[tuple, Scored]:
+    """Each choice scored on the (large) held-out samples; each path row evaluated once."""
+    rows: dict[tuple[str, float], set[int]] = {}
+    for (eps, *_), (way, row, _) in choices.items():
+        if row != LARGEST:
+            rows.setdefault((way, eps), set()).add(row)
+    at: dict[tuple[str, float, int], tuple[float, float]] = {}
+    for (way, eps), wanted in rows.items():
+        index = sorted(wanted)
+        drop, savings = _drop_and_savings(held, choose.path(way, eps)[index])
+        for j, d, s in zip(index, drop, savings, strict=True):
+            at[way, eps, j] = (float(d), float(s))
+    alone = 1.0 - largest / held.reference_macs  # its answers are the last stage's: drop 0
+    scored = {}
+    for key, (way, row, certified) in choices.items():
+        drop, savings = (0.0, alone) if row == LARGEST else at[way, key[0], row]
+        scored[key] = Scored(drop > key[0], savings, certified, row == LARGEST)
+    return scored
 
 
 PathBuilder = Callable[[Target], torch.Tensor]  # a target -> its path of threshold rows
 
 
 def _path_variants(
-    cal: Family, paths: Sequence[str], family: str, inner: torch.Tensor
+    cal: Family, ways: Iterable[str], family: str, inner: torch.Tensor
 ) -> dict[str, tuple[Family, PathBuilder]]:
-    """Each path variant: (its testing samples, its path thresholds per target).
+    """Each path variant: (its testing samples in test order, its path per target).
 
-    ``fixed``: the data-free path, tested on every calibration sample; ``split:SHARE``:
-    the path fitted on the first SHARE of ``inner`` (a permutation of the calibration
-    samples), tested on the rest.
+    As in certified_fit with ``inner`` its permutation of the calibration samples:
+    ``fixed`` is the data-free path, tested on every calibration sample (in ``inner``
+    order); ``split:SHARE`` is fitted on the first SHARE of ``inner`` and tested on the rest.
     """
     k = cal.num_stages
     variants: dict[str, tuple[Family, PathBuilder]] = {}
-    for name in paths:
+    for name in ways:
         if name == "fixed":
-            variants[name] = (cal, lambda t: fixed_path(family, k, t))
+            variants[name] = (cal.subset(inner), lambda t: fixed_path(family, k, t))
         else:
             share = float(name.split(":")[1])
-            n_path = round(share * len(inner))
+            n_path = min(max(1, round(share * len(inner))), len(inner) - 1)
             fit_on = cal.subset(inner[:n_path]).search()
             cache: dict[tuple, torch.Tensor] = {}
 
@@ -129,62 +296,21 @@ def _path_variants(
     return variants
 
 
-def _chosen_rules(
-    testing: Family,
-    build: PathBuilder,
-    epsilons: Sequence[float],
-    deltas: Sequence[float],
-    bounds: Sequence[str],
-) -> dict[tuple[float, float, str], int]:
-    """(eps, delta, bound) -> the index the fixed-sequence test chooses on that epsilon's path."""
-    chosen = {}
-    for eps in epsilons:
-        target = Target.accuracy_drop(eps)
-        path = build(target)
-        for delta in deltas:
-            for bound in bounds:
-                p = path_p_values(testing, path, target, delta, bound)
-                chosen[eps, delta, bound] = max(fixed_sequence(p, delta), 0)
-    return chosen
-
-
-def _held_out(
-    held: Family,
-    build: PathBuilder,
-    chosen: dict[tuple[float, float, str], int],
-    epsilons: Sequence[float],
-) -> dict[tuple[float, float, str], tuple[bool, float, bool]]:
-    """(eps, delta, bound) -> (violated, savings, certified) of the chosen rule on ``held``.
-
-    Only the chosen rules are evaluated on the (large) held-out samples.
-    """
-    outcome = {}
-    for eps in epsilons:
-        path = build(Target.accuracy_drop(eps))
-        rows = sorted({j for (e, _, _), j in chosen.items() if e == eps})
-        drop, savings = _drop_and_savings(held, path[rows])
-        at = dict(zip(rows, zip(drop, savings, strict=True), strict=True))
-        for (e, delta, bound), j in chosen.items():
-            if e == eps:
-                outcome[eps, delta, bound] = (bool(at[j][0] > eps), float(at[j][1]), j > 0)
-    return outcome
-
-
 def _summary_row(
     summary: dict,
     eps: float,
     delta: float,
     name: str,
     bound: str,
-    values: list[tuple[bool, float, bool]],
+    values: list[Scored],
     plain: list[tuple[bool, float]],
     seconds: float,
 ) -> dict:
     """One (epsilon, delta, path, bound) over all resplits, next to the plain fit's numbers."""
-    violated = sum(v[0] for v in values)
+    violated = sum(v.violated for v in values)
     low, high = clopper_pearson(violated, len(values))
     plain_savings = float(np.mean([s for _, s in plain]))
-    savings = float(np.mean([v[1] for v in values]))
+    savings = float(np.mean([v.savings for v in values]))
     return {
         **summary,
         "epsilon": eps,
@@ -195,7 +321,8 @@ def _summary_row(
         "violation_rate": violated / len(values),
         "violation_ci95": [low, high],
         "plain_violation_rate": float(np.mean([v for v, _ in plain])),
-        "certified_rate": float(np.mean([v[2] for v in values])),
+        "certified_rate": float(np.mean([v.certified for v in values])),
+        "largest_only_rate": float(np.mean([v.largest_only for v in values])),
         "savings": savings,
         "plain_savings": plain_savings,
         "savings_kept": savings / plain_savings if plain_savings > 0 else float("nan"),
@@ -207,7 +334,7 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table of the rows."""
     head = (
         "| run | n_cal | eps | delta | path | bound | violations [95% CI] | plain violations "
-        "| certified | savings | plain savings | kept |\n|" + "---|" * 12
+        "| certified | largest alone | savings | plain savings | kept |\n|" + "---|" * 13
     )
     lines = [head]
     for r in rows:
@@ -216,7 +343,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['run'].split('__')[0]} | {r['calibration']} | {r['epsilon']:g} | "
             f"{r['delta']:g} | {r['path']} | {r['bound']} | {r['violation_rate']:.3f} "
             f"[{low:.3f}, {high:.3f}] | {r['plain_violation_rate']:.3f} | "
-            f"{r['certified_rate']:.2f} | {r['savings']:.3f} | {r['plain_savings']:.3f} | "
+            f"{r['certified_rate']:.2f} | {r['largest_only_rate']:.2f} | "
+            f"{r['savings']:.3f} | {r['plain_savings']:.3f} | "
             f"{100 * r['savings_kept']:.0f}% |"
         )
     return "\n".join(lines)
@@ -234,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--paths",
         nargs="+",
         default=["split:0.5"],
-        help="path variants: 'split:SHARE' (fitted on SHARE of calibration) or 'fixed'",
+        help="path variants: 'split:SHARE' (fitted on SHARE of calibration), 'fixed', or "
+        "'both' (certified_fit's default for max-softmax: fixed and split:0.5 at delta/2 each)",
     )
     parser.add_argument("--family", default="max-softmax")
     parser.add_argument("--seed", type=int, default=0)
@@ -242,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.resplits < 1:
         parser.error(f"--resplits must be >= 1, got {args.resplits}")
+    try:
+        _check_paths(args.paths)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     for run_dir in args.runs:
         rows += bench_run(
