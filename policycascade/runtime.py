@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,12 +71,33 @@ def available_cores() -> int:
 
 
 def free_cores() -> tuple[int, float | None]:
-    """(cores not busy with other work, 1-minute load average): at least 1."""
+    """(cores not busy with other work, 1-minute load average): at least 1.
+
+    Busy cores are the other tasks runnable right now (Linux: ``/proc/loadavg``, the least
+    of a few looks, so that a short-lived process does not count), else the 1-minute load
+    average, which also remembers work that has just ended.
+    """
     cores = available_cores()
-    if not hasattr(os, "getloadavg"):
-        return cores, None
-    load = os.getloadavg()[0]
-    return max(1, min(cores, cores - int(load + 0.5))), load
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    others = _other_runnable_tasks()
+    if others is None:
+        if load is None:
+            return cores, None
+        others = int(load + 0.5)
+    return max(1, min(cores, cores - others)), load
+
+
+def _other_runnable_tasks(looks: int = 5, pause_s: float = 0.02) -> int | None:
+    """Runnable tasks other than this one now (the least of ``looks``), None off Linux."""
+    counts = []
+    try:
+        for _ in range(looks):
+            with open("/proc/loadavg", encoding="ascii") as handle:
+                counts.append(int(handle.read().split()[3].split("/")[0]))
+            time.sleep(pause_s)
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, min(counts) - 1)  # this process is running while it reads the file
 
 
 def _physical_cores() -> int | None:

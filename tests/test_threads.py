@@ -10,6 +10,7 @@ import policycascade.bench as bench
 import policycascade.runtime as runtime
 from policycascade.config import TrainConfig
 from policycascade.runtime import SMALL_WORK_MACS, choose_threads, configure_threads
+from policycascade.runtime import _other_runnable_tasks as _real_other_runnable_tasks
 from policycascade.train import thread_choice
 
 
@@ -23,6 +24,7 @@ def restore_threads(monkeypatch):
     monkeypatch.setattr(runtime, "available_cores", lambda: 8)
     monkeypatch.setattr(runtime, "_physical_cores", lambda: 8)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runtime, "_other_runnable_tasks", lambda: None)  # the load average
     torch.set_num_threads(8)  # what torch picks on an 8-core machine
     yield
     torch.set_num_threads(previous)
@@ -35,6 +37,19 @@ def test_large_work_gets_the_free_cores(monkeypatch, load, free):
     assert choice.threads == free
     assert f"load average {load:.1f}" in choice.reason
     assert choose_threads(None, 10, "cuda").threads == free  # CUDA: the free cores too
+
+
+def test_runnable_tasks_now_win_over_the_load_average(monkeypatch):
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (6.0, 6.0, 6.0))  # work that ended
+    monkeypatch.setattr(runtime, "_other_runnable_tasks", lambda: 3)
+    assert runtime.free_cores() == (5, 6.0)
+    monkeypatch.setattr(runtime, "_other_runnable_tasks", lambda: 20)
+    assert runtime.free_cores() == (1, 6.0)
+
+
+def test_other_runnable_tasks_reads_linux_or_says_none():
+    others = _real_other_runnable_tasks(looks=2, pause_s=0.0)
+    assert others is None or (isinstance(others, int) and others >= 0)
 
 
 def test_small_work_gets_one_thread_and_says_why():
