@@ -17,10 +17,12 @@ helpers' unfinished work, never a saved unit.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch
 from policycascade.runtime import free_cores
 
 FREE, BY_RUN, BY_HELPER = 0, 1, 2  # who claimed a unit
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def choose_processes(
@@ -136,6 +139,9 @@ class UnitPool:
     def _helper(self, send, train_unit: Callable[[int], Any], parent: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run saves and stops; it ends us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent()
+        if os.getppid() != parent:  # the run died before that took effect
+            os._exit(0)
         torch.set_num_threads(1)
         for pipe in self._pipes:  # the run's ends of earlier helpers' pipes
             pipe.close()
@@ -150,3 +156,19 @@ class UnitPool:
                 break
             send.send((unit, result))
         send.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this helper when the run dies, even by SIGKILL.
+
+    An orphaned helper would otherwise train on and hold the run's stdout and stderr open
+    (a caller waiting for them would wait for it). Elsewhere the helper stops at its next
+    unit once the run is gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass

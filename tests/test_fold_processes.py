@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -183,3 +186,35 @@ def test_processes_is_refused_where_no_fold_is_trained():
         with pytest.raises(ConfigError, match="processes"):
             config_from_dict({**values, "processes": 2})
     assert main(["--agent", "ltc", "--processes", "2", "--dry-run"]) == 2
+
+
+HELPER_ORPHAN = """
+import os, signal, sys, time
+from policycascade.fold_processes import UnitPool
+
+def slow(unit):
+    time.sleep(60)
+
+pool = UnitPool([1, 2], slow, helpers=1)
+print(pool._processes[0].pid, flush=True)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+def test_a_helper_dies_with_a_killed_run_and_releases_its_output():
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", HELPER_ORPHAN], capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == -signal.SIGKILL
+    assert time.monotonic() - start < 30  # nobody held the pipes for the helper's 60 s
+    helper = int(done.stdout.split()[0])
+    time.sleep(0.2)
+    try:  # gone, or dead and waiting to be reaped by whoever adopted it
+        with open(f"/proc/{helper}/status", encoding="ascii") as handle:
+            state = next(line for line in handle if line.startswith("State:"))
+        assert "Z" in state.split()[1], state
+    except FileNotFoundError:
+        pass
