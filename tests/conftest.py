@@ -13,13 +13,16 @@ from policycascade.costs import StageCosts
 torch.set_num_threads(1)  # tiny models: one thread is faster, and far steadier on a shared machine
 
 
-@pytest.fixture(autouse=True)
-def _one_process_unless_asked(monkeypatch):
-    """Runs train folds in this process unless a test asks for --processes: a forked helper's
-    work is invisible to monkeypatched counters, and the choice would follow the load."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_process_unless_asked():
+    """Runs train folds (and compare runs) in this process unless a test asks for --processes:
+    a forked helper's work is invisible to monkeypatched counters, and the choice would
+    follow the machine's load. Session-wide, so module-scoped fixtures see it too."""
     import policycascade.fold_processes as fold_processes
 
-    monkeypatch.setattr(fold_processes, "free_cores", lambda: (1, None))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fold_processes, "free_cores", lambda: (1, None))
+        yield
 
 
 def hand_outputs() -> CascadeOutputs:

@@ -51,9 +51,7 @@ def _run(logdir, processes: int) -> dict:
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory) -> dict:
     """The checkpoint of the run trained in one process."""
-    with pytest.MonkeyPatch.context() as patch:  # (the autouse fixture is function-scoped)
-        patch.setattr(fold_processes, "free_cores", lambda: (1, None))
-        return _run(tmp_path_factory.mktemp("one"), 1)
+    return _run(tmp_path_factory.mktemp("one"), 1)
 
 
 def test_helper_processes_give_the_one_process_checkpoint_bit_for_bit(alone, tmp_path, monkeypatch):
