@@ -41,18 +41,20 @@ def choose_processes(
 
     ``requested`` > 0 wins (capped at the units); 0 chooses: one process on CUDA, under
     torch.distributed, with more than one intra-op thread (the threads use the cores) or
-    where ``fork`` is missing, else the free CPU cores.
+    off Linux, else the free CPU cores.
     """
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
         raise ValueError(f"processes must be an integer >= 0, got {requested!r}")
     if units < 2:
         return 1, "fewer than 2 independent units"
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1, "no fork on this platform"
     if requested:
         return min(requested, units), "asked for with --processes (processes: in a config)"
     if torch.device(device).type != "cpu" or distributed:
         return 1, "not a single-process CPU run"
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return 1, "no fork on this platform"
+    if not sys.platform.startswith("linux"):
+        return 1, "forked helpers are chosen on Linux only (macOS frameworks are not fork-safe)"
     if torch.get_num_threads() > 1:
         return 1, f"torch runs {torch.get_num_threads()} intra-op threads"
     cores, load = free_cores()

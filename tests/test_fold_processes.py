@@ -135,6 +135,9 @@ def test_choice_of_processes(monkeypatch):
     assert choose_processes(8, 3, "cpu")[0] == 3
     assert choose_processes(0, 1, "cpu")[0] == 1
     assert choose_processes(0, 6, "cpu", distributed=True)[0] == 1
+    monkeypatch.setattr(fold_processes.sys, "platform", "darwin")
+    assert choose_processes(0, 6, "cpu")[0] == 1 and choose_processes(2, 6, "cpu")[0] == 2
+    monkeypatch.setattr(fold_processes.sys, "platform", "linux")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     number, reason = choose_processes(0, 6, "cpu")
     assert number == 1 and "2 intra-op threads" in reason
