@@ -13,6 +13,14 @@ from policycascade.costs import StageCosts
 torch.set_num_threads(1)  # tiny models: one thread is faster, and far steadier on a shared machine
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test (a bench, a run's
+    thread choice) left behind."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_process_unless_asked():
     """Runs train folds (and compare runs) in this process unless a test asks for --processes:

@@ -11,15 +11,6 @@ from policycascade.costs import StageCosts
 from policycascade.evaluation import evaluate_rule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _population(n: int, seed: int, macs: list[int]) -> CascadeOutputs:
     """3 stages, 2 classes; each stage is right with probability equal to its confidence."""
     g = torch.Generator().manual_seed(seed)

@@ -24,16 +24,6 @@ from policycascade.models import build_cascade
 from policycascade.seeding import seeded
 from policycascade.supervised import ClassifierFitting, cross_entropy_all_stages, fit_classifiers
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread than on the suite's two (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TRAINED = [None, frozenset(range(8)), None]  # the specialist cascade's trained classes
 
 

@@ -22,15 +22,6 @@ from policycascade.costs import StageCosts
 from policycascade.evaluation import evaluate_rule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny tensor ops: a second intra-op thread only spins (conftest asks for 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _thresholds(rule) -> list[float]:
     """A max-softmax rule's thresholds; the largest classifier alone answers as +inf ones."""
     if isinstance(rule, LargestOnlyRule):

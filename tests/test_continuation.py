@@ -19,16 +19,6 @@ from policycascade.costs import count_macs
 CUMULATIVE_COSTS = torch.tensor([0.1, 0.4, 1.4])  # classifier costs 0.1, 0.3, 1.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The per-stage models are tiny: a second thread only adds synchronisation, which on a
-    # shared machine costs more than the arithmetic (measured: 10-100x slower fits).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def difficulty_cascade(n: int, seed: int, num_classes: int = 4):
     """K=3 cascade where every stage's correctness is a step function of its max-softmax.
 

@@ -29,15 +29,6 @@ SHAPE = (1, 8, 8)
 ATOL, ATOL_BATCH_NORM = 1e-6, 5e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny classifiers: a second thread only spins (conftest asks for two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 10

@@ -20,15 +20,6 @@ from policycascade.serving import ServingRule, load_serving_rule
 from policycascade.watch import DriftWatch, exit_costs_of
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only spins (conftest asks for 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_hand_cascade_costs_exactly_the_last_classifier_and_answers_with_it():
     out = hand_outputs()  # MACs 10 / 30 / 100; sample 0's last stage is wrong, sample 1's right
     alone = evaluate_rule(LargestOnlyRule(3), out)

@@ -23,15 +23,6 @@ IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet32")
 N_TRAIN, N_TEST = 20, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Reading files needs no parallel maths; leave the cores to other tests.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
     """IDX: magic (0, 0, 0x08 = unsigned byte, ndim), big-endian int32 sizes, then the bytes."""
     magic = 0x0800 + array.ndim  # 2051 for images, 2049 for labels

@@ -23,8 +23,6 @@ from policycascade.harness import RunHarness
 from policycascade.optimizers import build_optimizer
 from policycascade.supervised import batches
 
-torch.set_num_threads(1)
-
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
     """Logits whose softmax is exactly ``probs`` (log p, up to rounding)."""

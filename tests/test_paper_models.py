@@ -18,14 +18,6 @@ IMAGENET_SAMPLE = torch.zeros(1, 3, 224, 224)
 CIFAR_SAMPLE = torch.zeros(1, 3, 32, 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def imagenet_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)

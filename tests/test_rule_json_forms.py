@@ -21,15 +21,6 @@ from policycascade.watch_cli import main as watch_main
 NAMES = ("tiny", "mid", "big")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread only spins (conftest asks for 2)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cascade(n: int, seed: int) -> CascadeOutputs:
     """Random 3-stage, 4-class outputs; later stages are right more often, stage 1 is
     confidently wrong on class 3 (where a per-class threshold helps)."""
