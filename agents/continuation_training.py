@@ -179,7 +179,7 @@ class ContinuationTraining(Algorithm):
         if processes < 2 or not later:
             return
         self._helpers = UnitPool(later, self._fold_in_helper, processes - 1)
-        self._close_helpers_later = weakref.finalize(self, self._helpers.close)
+        weakref.finalize(self, self._helpers.close)  # a run dropped part-way stops them too
         if h.dist.is_main and h.show_progress:
             print(f"cross-fitting: {processes} processes ({reason})", flush=True)
 
@@ -232,7 +232,7 @@ class ContinuationTraining(Algorithm):
         if done is None:
             held_out, probs = self._fold_outputs(fold)
         else:  # as if trained here: the outputs and torch's generator where it would end
-            held_out, probs = self._held_out(fold), torch.from_numpy(done["probs"])
+            held_out, probs = self._folds()[fold], torch.from_numpy(done["probs"])
             torch.set_rng_state(torch.from_numpy(done["torch_rng"]))
         y = self.harness.split_on_device("train")[1].cpu()
         if self.held_out_probs is None:
@@ -242,18 +242,17 @@ class ContinuationTraining(Algorithm):
         correct = (probs.argmax(-1) == y[held_out].unsqueeze(1)).double().mean(0)
         return {f"crossfit/fold_accuracy/stage{t}": float(a) for t, a in enumerate(correct)}
 
-    def _held_out(self, fold: int) -> torch.Tensor:
-        """Training-split indices of fold ``fold`` (stratified, from the run's seed)."""
+    def _folds(self) -> list[torch.Tensor]:
+        """Training-split indices of each fold (stratified, from the run's seed)."""
         _, y = self.harness.split_on_device("train")
-        return stratified_folds(y.cpu(), self.settings.folds, self.harness.config.seed)[fold]
+        return stratified_folds(y.cpu(), self.settings.folds, self.harness.config.seed)
 
     def _fold_outputs(
         self, fold: int, checkpoint: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Train a copy of the cascade on the other folds; (held-out indices, their softmaxes)."""
         h, s = self.harness, self.settings
-        _, y = h.split_on_device("train")
-        folds = stratified_folds(y.cpu(), s.folds, h.config.seed)
+        folds = self._folds()
         held_out = folds[fold]
         rest = torch.cat([f for i, f in enumerate(folds) if i != fold])
         with torch.random.fork_rng(devices=[]):  # its weights are replaced just below

@@ -50,7 +50,7 @@ def count_macs(module: nn.Module, sample_input: torch.Tensor) -> int:
 COST_UNITS = ("MACs", "ms")  # counted multiply-accumulates, or measured milliseconds
 
 
-def _as_number(value: float) -> int | float:
+def as_number(value: float) -> int | float:
     """An integral cost as int (so counted MACs print and compare as before), others as float."""
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -103,9 +103,9 @@ class StageCosts:
         if len(alone_macs) != k or not all(math.isfinite(m) and m > 0 for m in alone_macs):
             raise ValueError(f"alone_macs needs {k} finite entries > 0, got {alone_macs}")
         self.unit = unit
-        self.classifier_macs = [_as_number(m) for m in classifier_macs]
-        self.policy_macs = [_as_number(m) for m in policy_macs[:-1]] + [0]
-        self.alone_macs = [_as_number(m) for m in alone_macs]
+        self.classifier_macs = [as_number(m) for m in classifier_macs]
+        self.policy_macs = [as_number(m) for m in policy_macs[:-1]] + [0]
+        self.alone_macs = [as_number(m) for m in alone_macs]
 
     @property
     def num_stages(self) -> int:

@@ -251,6 +251,7 @@ def export_bundle(
     except TypeError as error:
         raise ValueError(f"meta must hold JSON-ready values only: {error}") from error
     from policycascade.agents.rules import skips_to_last
+    from policycascade.costs import as_number
     from policycascade.evaluation import exit_costs
 
     costs = cascade.costs(rule.policy_macs())
@@ -283,17 +284,11 @@ def export_bundle(
         "rule": type(rule).__name__,
         # the certified fallback: the last classifier alone, at its own cost
         "last_stage_only": bool(skips_to_last(rule)),
-        "last_stage_only_cost": _plain_number(exit_costs(rule, costs)[-1]),
+        "last_stage_only_cost": as_number(exit_costs(rule, costs)[-1]),  # plain, weights_only
         "torch_version": str(torch.__version__),
         "meta": meta,
     }
     save_atomic(bundle, path)
-
-
-def _plain_number(value: Any) -> int | float:
-    """A cost as a plain int (integral) or float, for a ``weights_only`` bundle."""
-    value = float(value)
-    return int(value) if value.is_integer() else value
 
 
 def _example_batch(cascade: Cascade) -> torch.Tensor:

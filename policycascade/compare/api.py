@@ -22,6 +22,7 @@ from policycascade.compare.runs import RunIdentities, compare_run, expand_run_di
 from policycascade.compare.savings import RunSavings, run_savings
 from policycascade.fold_processes import UnitPool, choose_processes
 from policycascade.jsonio import write_json
+from policycascade.runtime import resolve_device
 
 
 @dataclass
@@ -73,10 +74,8 @@ class Comparison:
 
 def _run_pool(runs: int, one_run, processes: int) -> UnitPool | None:
     """Helpers that compare the last runs while this process compares the first ones."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # no fork once CUDA may be used
-    count, _ = choose_processes(processes, runs, device)
+    # runs load on CUDA where there is one: no fork then
+    count, _ = choose_processes(processes, runs, resolve_device("auto"))
     if count < 2:
         return None
     return UnitPool(list(range(runs)), one_run, count - 1)
