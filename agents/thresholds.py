@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from policycascade.agents.rules import StoppingRule, first_stop, rule_predictions
@@ -167,6 +168,31 @@ def stage_answers_of(rule: StoppingRule, probs: torch.Tensor) -> torch.Tensor | 
     return torch.stack(columns, dim=1)
 
 
+def shared_stop_scores(rule: StoppingRule, probs: torch.Tensor, memo: dict) -> torch.Tensor:
+    """``rule.stop_scores(probs)``, reading the part a fitted family shares from ``memo``.
+
+    The rules of one search differ only in their per-stage thresholds (or offsets): their
+    confidences (or base rule's scores) on the same outputs are computed once per ``memo``
+    and the thresholds subtracted as :meth:`ThresholdRule.stop_scores` does, so the result
+    is the same tensor. Entries hold what their keys' ids name, so no id is reused.
+    """
+    if type(rule) is ThresholdRule:  # (a subclass may score otherwise)
+        temps = None if rule.temperatures is None else tuple(rule.temperatures)
+        key = ("confidence", id(probs), rule.criterion, temps, len(rule.thresholds))
+        if key not in memo:
+            memo[key] = (probs, rule.confidences(probs).double())
+        shift = rule.thresholds
+    elif type(rule) is ShiftedRule:
+        key = ("base", id(probs), id(rule.base))
+        if key not in memo:
+            memo[key] = ((probs, rule.base), rule.base.stop_scores(probs).double())
+        shift = rule.offsets
+    else:
+        return rule.stop_scores(probs)
+    shared = memo[key][1]
+    return shared - torch.tensor(shift[: shared.shape[1]], dtype=torch.float64).to(shared.device)
+
+
 class ScoreSearch:
     """Fits per-stage thresholds on a rule's validation stop scores.
 
@@ -194,6 +220,7 @@ class ScoreSearch:
         self.correct = (answers == labels.unsqueeze(1)).to(torch.float64)
         self.cumulative = torch.tensor(costs.cumulative_macs, dtype=torch.float64)
         self.reference_macs = float(costs.reference_macs)
+        self._numpy: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         # integer MACs whose sums stay exact in float64 allow the sorted per-stage evaluation
         self._integral_macs = bool(
             (self.cumulative == self.cumulative.round()).all()
@@ -256,29 +283,37 @@ class ScoreSearch:
         thresholds send it. Sorting their scores once turns every candidate's totals into
         a suffix sum, O(N log N + M) instead of O(N M K). Sums of 0/1 correctness and of
         integer MACs are exact in float64, so the results equal :meth:`evaluate_many`'s.
+        Runs in NumPy: the arrays are small, and torch's per-call overhead dominated.
         """
-        n, k = self.correct.shape
-        full = torch.cat([current, current.new_full((1,), float("-inf"))])
-        scores = torch.cat([self.scores, self.scores.new_zeros(n, 1)], dim=1)
-        stop = scores >= full  # (N, K) under the current thresholds
+        scores, correct, cumulative = self._arrays()
+        n = len(correct)
+        stop = scores >= current.numpy()  # (N, K - 1) under the current thresholds
         stop[:, t] = False
-        exits = first_stop(stop)  # where each sample exits if stage t never stops
+        # the first stop, else the last stage
+        exits = np.where(stop.any(1), stop.argmax(1), stop.shape[1])
         reaches = exits > t  # no earlier stop (stage t itself never stops here)
-        rows = torch.arange(n)
-        correct_else = self.correct[rows, exits]
-        macs_else = self.cumulative[exits]
-        fixed_correct = correct_else[~reaches].sum()
-        fixed_macs = macs_else[~reaches].sum()
-        s, order = self.scores[reaches, t].sort()
-        gain_correct = (self.correct[reaches, t] - correct_else[reaches])[order]
-        gain_macs = (self.cumulative[t] - macs_else[reaches])[order]
-        zero = gain_correct.new_zeros(1)
-        suffix_correct = torch.cat([gain_correct.flip(0).cumsum(0).flip(0), zero])
-        suffix_macs = torch.cat([gain_macs.flip(0).cumsum(0).flip(0), zero])
-        first = torch.searchsorted(s, candidates, right=False)  # first score >= candidate
-        base_correct = fixed_correct + correct_else[reaches].sum()
-        base_macs = fixed_macs + macs_else[reaches].sum()
-        return (base_correct + suffix_correct[first]) / n, (base_macs + suffix_macs[first]) / n
+        correct_else = correct[np.arange(n), exits]
+        macs_else = cumulative[exits]
+        base_correct, base_macs = correct_else.sum(), macs_else.sum()
+        s = scores[reaches, t]
+        order = np.argsort(s, kind="stable")
+        # gains of stopping at stage t, over the samples that reach it, sorted by score
+        gain_correct = (correct[reaches, t] - correct_else[reaches])[order]
+        gain_macs = (cumulative[t] - macs_else[reaches])[order]
+        suffix = np.zeros((2, len(s) + 1))
+        suffix[0, :-1] = np.cumsum(gain_correct[::-1])[::-1]
+        suffix[1, :-1] = np.cumsum(gain_macs[::-1])[::-1]
+        first = np.searchsorted(s[order], candidates.numpy(), side="left")  # first >= candidate
+        return (
+            torch.from_numpy((base_correct + suffix[0, first]) / n),
+            torch.from_numpy((base_macs + suffix[1, first]) / n),
+        )
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy views of the scores, correctness and cumulative MACs (made once)."""
+        if self._numpy is None:
+            self._numpy = (self.scores.numpy(), self.correct.numpy(), self.cumulative.numpy())
+        return self._numpy
 
     def _coordinate_search(self, start: list[float], score, passes: int = 3) -> StoppingRule:
         """Improve one stage's threshold at a time.
@@ -377,12 +412,12 @@ def lexicographic_argmax(keys: tuple[torch.Tensor, ...]) -> int:
     The same choice as ``sorted(range(m), key=lambda i: tuple(k[i] for k in keys))[-1]``
     (a stable sort puts the last of equal candidates last), without a Python loop.
     """
-    best = torch.ones(len(keys[0]), dtype=torch.bool)
+    best = np.ones(len(keys[0]), dtype=bool)
     for key in keys:
-        values = key.to(torch.float64)
-        top = torch.where(best, values, torch.full_like(values, float("-inf"))).max()
+        values = np.asarray(key.numpy() if isinstance(key, torch.Tensor) else key, np.float64)
+        top = np.where(best, values, -np.inf).max()
         best &= values == top
-    return int(best.nonzero()[-1])
+    return int(np.flatnonzero(best)[-1])
 
 
 class ThresholdSearch(ScoreSearch):

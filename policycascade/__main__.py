@@ -1,7 +1,5 @@
 """``python -m policycascade <command>``: the same as the ``policycascade`` console script."""
 
-import sys
+from policycascade.cli import run
 
-from policycascade.cli import main
-
-sys.exit(main())
+run()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 # subcommand -> (module with main(argv) -> int, one line of help)
@@ -50,5 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+# Commands that close every file they write before their main returns. They end without
+# the interpreter's teardown, which after importing torch takes about 0.45 s (a tenth of
+# comparing five digits runs) and only frees memory the process is about to give back.
+QUICK_EXIT = frozenset({"compare"})
+
+
+def run() -> None:
+    """The console script: :func:`main`, then exit with its status."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv and argv[0] in QUICK_EXIT:
+        logging.shutdown()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a closed pipe: leave it to the normal exit to report
+            sys.exit(code)
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -78,15 +78,22 @@ def evaluate_exits(
     }
 
 
-def evaluate_rule(rule: StoppingRule, outputs: CascadeOutputs) -> dict[str, Any]:
+def evaluate_rule(
+    rule: StoppingRule, outputs: CascadeOutputs, stop_scores: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Any stopping rule on cached outputs: its exits and answers, scored by :func:`evaluate_exits`.
 
     The outputs' stage costs are replaced by the rule's own (its ``policy_macs``), so every
     rule pays for exactly what it runs (:func:`exit_costs`: the last classifier alone for
-    a rule that skips to it).
+    a rule that skips to it). ``stop_scores``: the rule's scores on these outputs where
+    the caller has them already (else computed).
     """
     costs = outputs.costs.with_policy_macs(rule.policy_macs())
-    exit_stage = exit_stages(rule, outputs.probs)
+    if stop_scores is None:
+        exit_stage = exit_stages(rule, outputs.probs)
+    else:
+        last = torch.ones_like(stop_scores[:, :1], dtype=torch.bool)
+        exit_stage = first_stop(torch.cat([stop_scores >= 0, last], dim=1))
     predictions = rule_predictions(rule, outputs.probs, exit_stage)
     return evaluate_exits(
         outputs.with_costs(costs), exit_stage, predictions, exit_costs(rule, outputs.costs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from policycascade.compare.api import compare_runs
 from policycascade.compare.cli import main as compare_main
 from policycascade.train import main as train_main
 
@@ -21,17 +23,48 @@ def three_seeds(tmp_path_factory):
     return root / "runs"
 
 
-def _compare(runs, out, processes: int) -> bytes:
+def _compare(runs, out, processes: int) -> tuple[bytes, bytes, list[str], list[str]]:
+    """comparison.json and .csv, the PNG names and the TensorBoard image tags."""
     args = [str(runs), "--out", str(out), "--sweep-points", "4", "--criteria", "max-softmax"]
     args += ["--no-reference"]  # (the reference trains in the helpers the same way)
     args += ["--processes", str(processes)]
     assert compare_main(args) == 0
-    return (out / "comparison.json").read_bytes()
+    (tensorboard,) = out.glob("tensorboard*")
+    summary = EventAccumulator(str(tensorboard / "summary"))
+    summary.Reload()
+    for tag in summary.Tags()["images"]:  # the saved PNG, as it is
+        (image,) = summary.Images(tag)
+        name = tag.split("/", 1)[-1].replace("/", "__") + ".png"
+        assert image.encoded_image_string == (out / name).read_bytes()
+    return (
+        (out / "comparison.json").read_bytes(),
+        (out / "comparison.csv").read_bytes(),
+        sorted(p.name for p in out.glob("*.png")),
+        sorted(summary.Tags()["images"]),
+    )
 
 
 def test_processes_do_not_change_the_comparison(three_seeds, tmp_path):
+    """Runs compared in helpers and figures drawn in one: the same files."""
     alone = _compare(three_seeds, tmp_path / "one", 1)
+    assert alone[2] == ["accuracy_by_exit.png", "tradeoff.png"]
+    assert alone[3] == ["compare/accuracy_by_exit", "compare/tradeoff"]
     assert _compare(three_seeds, tmp_path / "three", 3) == alone
+
+
+def test_a_figure_drawn_in_a_helper_fails_as_in_one_process(three_seeds, tmp_path):
+    """A figure that may not be replaced: the same error, and the file is kept."""
+    comparison = compare_runs([three_seeds], reference=False, processes=1)
+    errors = []
+    for processes in (1, 2):
+        out = tmp_path / f"o{processes}"
+        out.mkdir()
+        (out / "tradeoff.png").write_text("mine")
+        with pytest.raises(ValueError) as error:
+            comparison.write(out, processes=processes)
+        errors.append(str(error.value).replace(str(out), "OUT"))
+        assert (out / "tradeoff.png").read_text() == "mine"
+    assert errors[0] == errors[1] and "tradeoff.png already exists" in errors[0]
 
 
 def test_a_user_error_in_a_helper_reads_as_in_one_process(three_seeds, tmp_path, capsys):

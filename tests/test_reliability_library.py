@@ -339,7 +339,7 @@ def test_tensorboard_writes_one_run_per_alpha_group_and_keeps_what_is_there(tmp_
     mine.parent.mkdir()
     mine.write_text("kept")
     aggregated = aggregate(rows)
-    tb = write_tensorboard(tmp_path, aggregated, [], {}, rows)
+    tb = write_tensorboard(tmp_path, aggregated, [], rows)
     assert mine.read_text() == "kept" and tb == tmp_path / "tensorboard-2"
     for alpha, shift in ((0.01, 0.0), (0.001, 0.05)):
         events = EventAccumulator(str(tb / "digits" / f"continuation_a{alpha:g}" / "max-softmax"))

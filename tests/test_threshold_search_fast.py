@@ -51,3 +51,25 @@ def test_fitted_rules_match_the_brute_force_search():
         for a, b in pairs:
             assert isinstance(a, ThresholdRule)
             assert a.thresholds == b.thresholds
+
+
+def test_shared_scores_equal_each_rules_own_scores():
+    """compare evaluates a family's rules from one confidence pass: the same scores exactly."""
+    from policycascade.agents.thresholds import ALL_CRITERIA, ShiftedRule, shared_stop_scores
+
+    g = torch.Generator().manual_seed(7)
+    probs = torch.randn(50, 4, 5, generator=g).softmax(-1)
+    memo: dict = {}
+    rules = []
+    for criterion in ALL_CRITERIA:
+        for temps in (None, [0.5, 1.0, 2.0, 1.5]):
+            for thresholds in ([0.1, 0.5, 0.9], [-1.0, float("inf"), 0.3]):
+                rules.append(ThresholdRule(criterion, thresholds, temps))
+    base = ThresholdRule("entropy", [0.0, 0.0, 0.0])
+    rules += [ShiftedRule(base, [0.2, -0.1, 0.0]), ShiftedRule(base, [0.0, 0.3, -2.0])]
+    for rule in rules:
+        assert torch.equal(shared_stop_scores(rule, probs, memo), rule.stop_scores(probs))
+    # one pass per criterion and temperature setting, and one for the shifted rules' base
+    assert len(memo) == 2 * len(ALL_CRITERIA) + 1
+    later = probs[:10, :2]  # other outputs (early exit: two stages seen) are other entries
+    assert torch.equal(shared_stop_scores(rules[0], later, memo), rules[0].stop_scores(later))

@@ -49,14 +49,16 @@ class Comparison:
 
         return format_summary(self.aggregated, self.savings) + "\n" + format_extras(self.extras)
 
-    def write(self, out: str | Path, overwrite: bool = False) -> list[Path]:
+    def write(self, out: str | Path, overwrite: bool = False, processes: int = 0) -> list[Path]:
         """comparison.json/.csv, the figures and TensorBoard runs into ``out``; returns them.
 
         Files of an earlier comparison are replaced only with ``overwrite``; TensorBoard
         runs go to a new ``tensorboard`` (or ``tensorboard-2``, ...) folder, so nothing that
-        compare did not write in this call is touched.
+        compare did not write in this call is touched. With a free core (``processes`` 0)
+        or ``processes`` >= 2, a forked helper draws the figures while this process writes
+        the tables; the files do not depend on it.
         """
-        from policycascade.compare.report import make_figures, save_figures, write_tensorboard
+        from policycascade.compare.report import add_pictures, draw_figures, write_tensorboard
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -64,12 +66,24 @@ class Comparison:
         taken = [str(p) for p in tables if p.exists()]
         if taken and not overwrite:
             raise ValueError(f"{taken[0]} already exists: pass overwrite=True to replace it")
-        write_json(tables[0], self.payload(), indent=1)
-        write_csv(tables[1], self.rows)
-        figures = make_figures(self.rows, self.aggregated)
-        pictures = save_figures(out, figures, overwrite=overwrite)
-        tensorboard = write_tensorboard(out, self.aggregated, self.savings, figures, self.rows)
-        return [*tables, *pictures, tensorboard]
+
+        def draw(_unit: int) -> list[tuple[str, str, bool]]:
+            return draw_figures(out, self.rows, self.aggregated, overwrite=overwrite)
+
+        count, _ = choose_processes(processes, 2, resolve_device("auto"))
+        pool = UnitPool([1], draw, 1) if count > 1 else None
+        try:
+            write_json(tables[0], self.payload(), indent=1)
+            write_csv(tables[1], self.rows)
+            tensorboard = write_tensorboard(out, self.aggregated, self.savings, self.rows)
+            pictures = None if pool is None else pool.take(1)
+            if pictures is None:  # no helper, or it failed: draw here (and see any error)
+                pictures = draw(1)
+        finally:
+            if pool is not None:
+                pool.close()
+        add_pictures(tensorboard, pictures)
+        return [*tables, *(Path(path) for _, path, _ in pictures), tensorboard]
 
 
 def _run_pool(runs: int, one_run, processes: int) -> UnitPool | None:

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=True,
             processes=args.processes,
         )
-        written = comparison.write(out, overwrite=args.overwrite)
+        written = comparison.write(out, overwrite=args.overwrite, processes=args.processes)
     except USER_ERRORS as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return USAGE_ERROR

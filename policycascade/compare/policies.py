@@ -17,6 +17,7 @@ from policycascade.agents.thresholds import (
     ThresholdSearch,
     oracle_exits,
     random_exits,
+    shared_stop_scores,
 )
 from policycascade.cascade import CascadeOutputs
 from policycascade.compare.rows import Row, make_row
@@ -127,8 +128,13 @@ def rule_rows(
     meta: dict[str, Any],
 ) -> list[Row]:
     """One row per fitted operating point of one rule family."""
+    memo: dict = {}  # the family's confidences on val and test, computed once
+
+    def evaluate(rule: StoppingRule, outputs: CascadeOutputs) -> dict[str, Any]:
+        return evaluate_rule(rule, outputs, shared_stop_scores(rule, outputs.probs, memo))
+
     return [
-        make_row(meta, name, kind, point, evaluate_rule(rule, test), evaluate_rule(rule, val))
+        make_row(meta, name, kind, point, evaluate(rule, test), evaluate(rule, val))
         for kind, point, rule in fitted_points(search, options, matched)
     ]
 

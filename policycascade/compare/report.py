@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from policycascade.fsutil import claim_new_dir
 from policycascade.plots import OwnPoint, TradeoffData, accuracy_by_exit_figure, tradeoff_figure
 from policycascade.protocol import mean_std
 
+FIGURE_DPI = 130
 _SUMMARY_POINTS = ("eps=0", "budget=0.25")  # rule points worth a line besides the matched ones
 
 
@@ -216,8 +218,46 @@ def save_figures(out: Path, figures: dict[str, Any], overwrite: bool = False) ->
                 "another output directory)"
             )
     for tag, path in paths.items():
-        figures[tag].savefig(path, dpi=130)
+        figures[tag].savefig(path, dpi=FIGURE_DPI)
     return list(paths.values())
+
+
+def draw_figures(
+    out: Path, rows: list[Row], aggregated: list[Aggregate], overwrite: bool = False
+) -> list[tuple[str, str, bool]]:
+    """:func:`make_figures` saved by :func:`save_figures`: (tag, PNG path, first of its figure).
+
+    The third value is False for a plain tag that repeats a group's figure, so TensorBoard
+    shows each picture once (:func:`add_pictures`). Plain data, so a helper process can
+    draw while the tables are written.
+    """
+    figures = make_figures(rows, aggregated)
+    paths = save_figures(out, figures, overwrite=overwrite)
+    seen: set[int] = set()
+    pictures = []
+    for (tag, figure), path in zip(figures.items(), paths, strict=True):
+        pictures.append((tag, str(path), id(figure) not in seen))
+        seen.add(id(figure))
+    return pictures
+
+
+def add_pictures(tensorboard: Path, pictures: list[tuple[str, str, bool]]) -> None:
+    """The saved PNGs as TensorBoard images (run ``summary``), each figure once, at step 0.
+
+    The PNG bytes go in as they are: no second rendering of the figures.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    writer = SummaryWriter(str(tensorboard / "summary"))
+    for tag, path, first in pictures:
+        if not first:
+            continue
+        data = Path(path).read_bytes()
+        width, height = struct.unpack(">II", data[16:24])  # the PNG header's IHDR chunk
+        image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=data)
+        summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+        writer._get_file_writer().add_summary(summary, 0)  # what add_image does, pre-encoded
+    writer.close()
 
 
 def _safe(name: str) -> str:
@@ -251,7 +291,6 @@ def write_tensorboard(
     out: Path,
     aggregated: list[Aggregate],
     savings: list[RunSavings],
-    figures: dict[str, Any],
     rows: list[Row],
 ) -> Path:
     """One TensorBoard run per (configuration group, policy) with identical tags; step = MACs.
@@ -259,7 +298,8 @@ def write_tensorboard(
     Each point is the mean over one configuration's seeds, so a policy draws one curve per
     group (alpha, options) rather than a zigzag through every group's points. Writes into a
     new directory, ``out/tensorboard`` or, if that exists, ``out/tensorboard-2`` ... (what
-    is already there is never touched); returns it.
+    is already there is never touched); returns it. The figures join it through
+    :func:`add_pictures`.
     """
     tb = claim_new_dir(out, "tensorboard")
     by_run: dict[str, list[Aggregate]] = defaultdict(list)
@@ -272,13 +312,6 @@ def write_tensorboard(
             writer.add_scalar("compare/accuracy", a.accuracy, step)
             writer.add_scalar("compare/macs_share", a.macs_share, step)
         writer.close()
-    writer = SummaryWriter(str(tb / "summary"))
-    written = set()
-    for tag, figure in figures.items():
-        if id(figure) not in written:  # a plain tag may alias a group's figure
-            written.add(id(figure))
-            writer.add_figure(tag, figure, 0)
-    writer.close()
     saved = {s.run: s for s in savings}
     for row in (r for r in rows if r.kind == "own"):
         writer = SummaryWriter(str(tb / "hparams" / _safe(row.run)))
