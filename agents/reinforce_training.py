@@ -295,8 +295,12 @@ class ReinforceTraining(Algorithm):
                 sums += step_scalars(step, supervised) * n
                 count += n
         metrics = dict(zip(STEP_SCALARS, (sums / count).tolist(), strict=True))
-        metrics["train/grad_variance"] = policy_gradient_variance(
-            self.agent.policy, step.probs, step.exit_stage, step.advantages.reshape(-1)
+        metrics["train/grad_variance"] = (
+            0.0  # the exact gradient samples nothing
+            if self.agent.policy_gradient == "exact"
+            else policy_gradient_variance(
+                self.agent.policy, step.probs, step.exit_stage, step.advantages.reshape(-1)
+            )
         )
         metrics["policy/lr"] = self.policy_optimizer.param_groups[0]["lr"]
         self.policy_schedule.step()

@@ -133,9 +133,26 @@ def test_forward_matches_the_formulation_it_replaced(options, normalised):
         old, old_logit_grad, old_grads = _loss_and_gradients(
             agent, lambda *a: reference_forward(agent, *a), logits, labels, seed
         )
-        assert torch.equal(new[4], old[4])  # the same exits were drawn
-        for got, expected in zip(new[:4], old[:4], strict=True):
-            torch.testing.assert_close(got, expected, **TOLERANCE)
+        if options.get("policy_gradient") == "exact":
+            # nothing is sampled: the reference's loss; the logged returns are each sample's
+            # expected return, the advantages 0 and the exits the greedy policy's
+            torch.testing.assert_close(new[0], old[0], **TOLERANCE)
+            assert float(new[1]) == 0.0 and not new[1].requires_grad
+            with torch.no_grad():
+                probs = logits.softmax(-1)
+                stop = torch.cat([agent.policy(probs).sigmoid(), torch.ones(B, 1)], 1)
+                sampled = agent.sample_prediction
+                loss = agent.loss_name
+                expected = expected_return(
+                    logits.log_softmax(-1), stop, labels, COSTS, agent.alpha, loss, sampled
+                )
+            torch.testing.assert_close(new[2], expected.unsqueeze(0), **TOLERANCE)
+            assert torch.equal(new[3], torch.zeros(1, B))
+            assert torch.equal(new[4], (stop >= 0.5).to(torch.uint8).argmax(1))
+        else:
+            assert torch.equal(new[4], old[4])  # the same exits were drawn
+            for got, expected in zip(new[:4], old[:4], strict=True):
+                torch.testing.assert_close(got, expected, **TOLERANCE)
         if old_logit_grad is None:  # frozen classifiers: no gradient reaches the logits
             assert new_logit_grad is None
         else:
@@ -279,3 +296,32 @@ def test_policy_and_classifier_optimizers_of_different_kinds_step_one_after_the_
     assert all(
         not torch.equal(p, q) for p, q in zip(algorithm.agent.parameters(), policy, strict=True)
     )
+
+
+@pytest.mark.parametrize(
+    "loss,sampled", [("zero-one", True), ("zero-one", False), ("cross-entropy", False)]
+)
+def test_the_steps_expected_return_equals_the_plain_form_with_its_gradients(loss, sampled):
+    """The exact step's log-space form: the value and gradients of expected_return."""
+    from policycascade.agents.reinforce import _expected_return_from_logits
+
+    g = torch.Generator().manual_seed(3)
+    stop_logits = torch.randn(B, K - 1, generator=g, dtype=torch.float64) * 4
+    stop_logits[0] = torch.tensor([30.0, -30.0, 0.0], dtype=torch.float64)  # near-certain
+    log_probs = (torch.randn(B, K, C, generator=g, dtype=torch.float64) * 3).log_softmax(-1)
+    labels = torch.randint(C, (B,), generator=g)
+    costs = COSTS.double()
+    results = []
+    for plain in (True, False):
+        z = stop_logits.clone().requires_grad_()
+        lp = log_probs.clone().requires_grad_()
+        if plain:
+            stop = torch.cat([z.sigmoid(), torch.ones(B, 1, dtype=torch.float64)], 1)
+            value = expected_return(lp, stop, labels, costs, 0.2, loss, sampled)
+        else:
+            value = _expected_return_from_logits(z, lp, labels, costs, 0.2, loss, sampled)
+        weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+        z_grad, lp_grad = torch.autograd.grad((value * weights).sum(), [z, lp], allow_unused=True)
+        results.append((value, z_grad, torch.zeros(()) if lp_grad is None else lp_grad))
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
