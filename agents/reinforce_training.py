@@ -201,7 +201,10 @@ class ReinforceTraining(Algorithm):
         if warm and epoch == pretrain - 1:
             metrics.update(self._warm_start())
         metrics["train/lr_classifiers"] = self.classifier_optimizer.param_groups[0]["lr"]
-        self.classifier_schedule.step()
+        if epoch < pretrain or not self.settings.freeze_classifiers:
+            # frozen classifiers are not stepped after pre-training: neither is their
+            # schedule (torch warns about a schedule stepped before its optimiser)
+            self.classifier_schedule.step()
         return metrics
 
     def _warm_start(self) -> dict[str, float]:

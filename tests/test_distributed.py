@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -33,7 +34,8 @@ def _parameters(harness) -> dict[str, torch.Tensor]:
     return params
 
 
-def _worker(rank: int, store_path: str, run_dir: str, out_dir: str, options: dict) -> None:
+def _worker(rank: int, store_path: str, root: str) -> None:
+    """Both settings' runs, one after the other, in one process group of two."""
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2"})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
@@ -42,44 +44,55 @@ def _worker(rank: int, store_path: str, run_dir: str, out_dir: str, options: dic
 
         from policycascade.harness import RunHarness
 
-        harness = RunHarness(_config(options), Path(run_dir), 0.01, show_progress=False)
-        start = _parameters(harness)
-        writer = SummaryWriter(run_dir) if harness.dist.is_main else None
+        for name, options in SETTINGS.items():
+            run_dir = Path(root) / name
+            harness = RunHarness(_config(options), run_dir, 0.01, show_progress=False)
+            start = _parameters(harness)
+            writer = SummaryWriter(str(run_dir)) if harness.dist.is_main else None
 
-        def log(metrics, step):
-            for tag, value in metrics.items():
-                writer.add_scalar(tag, value, step)
+            def log(metrics, step, writer=writer):
+                for tag, value in metrics.items():
+                    writer.add_scalar(tag, value, step)
 
-        harness.run(log if writer is not None else None)
-        if writer is not None:
-            writer.close()
-        torch.save({"start": start, "end": _parameters(harness)}, f"{out_dir}/rank{rank}.pt")
+            harness.run(log if writer is not None else None)
+            if writer is not None:
+                writer.close()
+            end = _parameters(harness)
+            torch.save({"start": start, "end": end}, Path(root) / f"{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_keep_identical_parameters_and_write_one_run(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "store"), str(run_dir), str(tmp_path), DEFAULT),
-        nprocs=2,
-        join=True,
+SETTINGS = {"default": DEFAULT, "split": SPLIT_INVARIANT}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    """Each setting trained by two gloo processes (forked: no second import of torch)."""
+    root = tmp_path_factory.mktemp("distributed")
+    for name in SETTINGS:
+        (root / name).mkdir()
+    mp.start_processes(
+        _worker, args=(str(root / "store"), str(root)), nprocs=2, join=True, start_method="fork"
     )
-    a = torch.load(tmp_path / "rank0.pt")["end"]
-    b = torch.load(tmp_path / "rank1.pt")["end"]
+    return root
+
+
+def test_two_processes_keep_identical_parameters_and_write_one_run(two_process_runs):
+    root = two_process_runs
+    a = torch.load(root / "default-rank0.pt")["end"]
+    b = torch.load(root / "default-rank1.pt")["end"]
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     # the classifiers did train (not merely stay at a shared initialisation): every stage moved
-    start = torch.load(tmp_path / "rank0.pt")["start"]
+    start = torch.load(root / "default-rank0.pt")["start"]
     for stage in range(4):
         keys = [k for k in a if k.startswith(f"cascade.classifiers.{stage}.")]
         assert keys, stage
         moved = max(float((a[k].float() - start[k].float()).abs().max()) for k in keys)
         assert moved > 1e-3, f"classifier stage {stage} did not train"
-    single = Path(run_dir)
+    single = root / "default"
     assert [p.name for p in single.glob("checkpoint.pt")] == ["checkpoint.pt"]
     assert len(list(single.glob("events.out.tfevents.*"))) == 1
     assert not list(single.glob(".checkpoint.pt.tmp-*"))
@@ -89,21 +102,16 @@ def test_two_processes_keep_identical_parameters_and_write_one_run(tmp_path):
         torch.testing.assert_close(value, a[f"cascade.{key}"], rtol=0, atol=0)
 
 
-def test_two_processes_equal_single_process_training_up_to_the_batch_split(tmp_path):
+def test_two_processes_equal_single_process_training_up_to_the_batch_split(
+    two_process_runs, tmp_path
+):
     from policycascade.harness import RunHarness
 
-    (tmp_path / "two").mkdir()
-    mp.spawn(
-        _worker,
-        args=(str(tmp_path / "store"), str(tmp_path / "two"), str(tmp_path), SPLIT_INVARIANT),
-        nprocs=2,
-        join=True,
-    )
     single = RunHarness(_config(SPLIT_INVARIANT), tmp_path, 0.01, show_progress=False)
     agent = single.algorithm.agent
     start = {k: v.clone() for k, v in agent.state_dict().items()}
     single.run()
-    two = torch.load(tmp_path / "rank0.pt")["end"]
+    two = torch.load(two_process_runs / "split-rank0.pt")["end"]
     moved = 0.0
     for key, value in agent.state_dict().items():
         torch.testing.assert_close(

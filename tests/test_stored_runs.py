@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import policycascade
 from policycascade.compare import main as compare_main
@@ -24,6 +25,7 @@ from policycascade.runs import claim_run_dir, run_lock
 
 REGISTERING_MODULE = """
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 import policycascade
 from policycascade.data import load_dataset
@@ -75,18 +77,26 @@ def test_a_finished_run_stores_its_outputs_rule_and_labels(stored_run):
 
 
 def test_compare_works_in_a_process_that_never_registered_the_cascade(stored_run, tmp_path):
+    """The ``policycascade compare`` command in a fresh process, through its quick exit."""
     out = tmp_path / "cmp"
+    argv = ["policycascade", "compare", str(stored_run), "--out", str(out), "--sweep-points", "3"]
     code = (
         "import sys\n"
         "from policycascade import harness, data\n"
         "def refuse(*args, **kwargs): raise AssertionError('a harness or data set was built')\n"
         "harness.RunHarness.__init__ = refuse\n"
         "data.load_dataset = refuse\n"
-        "from policycascade.compare import main\n"
-        f"code = main([{str(stored_run)!r}, '--out', {str(out)!r}, '--sweep-points', '3'])\n"
-        "import gymnasium\n"
-        "assert 'policycascade/Stored-v0' not in gymnasium.registry  # registered elsewhere\n"
-        "sys.exit(code)\n"
+        "import policycascade.compare.cli as command\n"
+        "compare = command.main\n"
+        "def checked(argv):\n"
+        "    status = compare(argv)\n"
+        "    import gymnasium\n"
+        "    assert 'policycascade/Stored-v0' not in gymnasium.registry  # registered elsewhere\n"
+        "    return status\n"
+        "command.main = checked\n"
+        f"sys.argv = {argv!r}\n"
+        "from policycascade.cli import run\n"
+        "run()\n"  # the console script's entry: ends with os._exit once the files are closed
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -96,6 +106,35 @@ def test_compare_works_in_a_process_that_never_registered_the_cascade(stored_run
     own = [r for r in rows if r["kind"] == "own"]
     metrics = json.loads((stored_run / "metrics.json").read_text())
     assert len(own) == 1 and own[0]["accuracy"] == metrics["accuracy"]
+    # nothing was cut short by the quick exit: the summary's last line reached the pipe,
+    # and every file is whole
+    assert result.stdout.rstrip().splitlines()[-1].startswith("TensorBoard: tensorboard --logdir")
+    assert len((out / "comparison.csv").read_text().splitlines()) == len(rows) + 1
+    for picture in ("tradeoff.png", "accuracy_by_exit.png"):
+        assert (out / picture).read_bytes().endswith(b"IEND\xaeB`\x82")  # PNG's last chunk
+    summary = EventAccumulator(str(out / "tensorboard" / "summary"))
+    summary.Reload()
+    assert sorted(summary.Tags()["images"]) == ["compare/accuracy_by_exit", "compare/tradeoff"]
+
+
+def test_the_console_entry_exits_with_the_commands_status(monkeypatch, tmp_path, capsys):
+    """``run()``: a user error still exits 2 with its one line, through the quick exit too."""
+    from policycascade import cli
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    for argv in (["compare", "--outputs", "x.npz", "--out", str(tmp_path / "taken")], ["trian"]):
+        monkeypatch.setattr(cli.sys, "argv", ["policycascade", *argv])
+        with pytest.raises(SystemExit) as stop:
+            cli.run()
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
 
 
 def test_compare_refuses_a_non_empty_out_and_keeps_what_is_there(stored_run, tmp_path, capsys):
