@@ -92,6 +92,10 @@ def evaluate_rule(
     if stop_scores is None:
         exit_stage = exit_stages(rule, outputs.probs)
     else:
+        expected = (outputs.num_samples, outputs.num_stages - 1)
+        if not isinstance(stop_scores, torch.Tensor) or tuple(stop_scores.shape) != expected:
+            shape = getattr(stop_scores, "shape", type(stop_scores).__name__)
+            raise ValueError(f"stop_scores must be a tensor of shape {expected}, got {shape}")
         last = torch.ones_like(stop_scores[:, :1], dtype=torch.bool)
         exit_stage = first_stop(torch.cat([stop_scores >= 0, last], dim=1))
     predictions = rule_predictions(rule, outputs.probs, exit_stage)

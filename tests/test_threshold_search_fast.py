@@ -73,3 +73,18 @@ def test_shared_scores_equal_each_rules_own_scores():
     assert len(memo) == 2 * len(ALL_CRITERIA) + 1
     later = probs[:10, :2]  # other outputs (early exit: two stages seen) are other entries
     assert torch.equal(shared_stop_scores(rules[0], later, memo), rules[0].stop_scores(later))
+
+
+def test_evaluate_rule_refuses_stop_scores_of_another_shape():
+    import pytest
+
+    from conftest import random_outputs
+    from policycascade.evaluation import evaluate_rule
+
+    outputs = random_outputs(20, 3, 4)
+    rule = ThresholdRule("max-softmax", [0.5, 0.5])
+    given = rule.stop_scores(outputs.probs)
+    assert evaluate_rule(rule, outputs, given) == evaluate_rule(rule, outputs)
+    for bad in (given[:5], given[:, :1], [[0.0, 0.0]] * 20):
+        with pytest.raises(ValueError, match="stop_scores must be a tensor of shape"):
+            evaluate_rule(rule, outputs, bad)
