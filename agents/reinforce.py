@@ -410,8 +410,11 @@ def policy_gradient_variance(
     """Trace of the per-sample covariance of the estimator's gradient w.r.t. the stopping modules.
 
     Each sample's estimate is ``advantage * grad log P(decisions)``; the sum of
-    their per-parameter variances is what a baseline is meant to shrink.
+    their per-parameter variances is what a baseline is meant to shrink. NaN for a
+    batch of one sample (no spread to estimate).
     """
+    if len(probs) < 2:
+        return float("nan")
     params = {name: p.detach() for name, p in policy.named_parameters()}
 
     def one_sample(params, probs_i, exit_i, advantage_i):

@@ -414,7 +414,10 @@ def step_scalars(step: ReinforceStep, supervised: torch.Tensor) -> torch.Tensor:
     """The logged scalars of one joint step (named by :data:`STEP_SCALARS`), float64, (5,)."""
     with torch.no_grad():
         values = (step.returns.mean(), step.loss, step.baseline_loss, supervised)
-        return torch.stack([*values, step.advantages.std()]).double()
+        advantages = step.advantages
+        # a batch of one sample has no spread (and torch warns on its std)
+        spread = advantages.std() if advantages.numel() > 1 else advantages.new_zeros(())
+        return torch.stack([*values, spread]).double()
 
 
 def with_baseline_loss(loss: torch.Tensor, step: ReinforceStep) -> torch.Tensor:

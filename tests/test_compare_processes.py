@@ -46,7 +46,11 @@ def _compare(runs, out, processes: int) -> tuple[bytes, bytes, list[str], list[s
 
 def test_processes_do_not_change_the_comparison(three_seeds, tmp_path):
     """Runs compared in helpers and figures drawn in one: the same files."""
+    import matplotlib.pyplot as plt
+
+    open_before = plt.get_fignums()
     alone = _compare(three_seeds, tmp_path / "one", 1)
+    assert plt.get_fignums() == open_before  # the figures drawn here were closed
     assert alone[2] == ["accuracy_by_exit.png", "tradeoff.png"]
     assert alone[3] == ["compare/accuracy_by_exit", "compare/tradeoff"]
     assert _compare(three_seeds, tmp_path / "three", 3) == alone

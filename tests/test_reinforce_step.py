@@ -325,3 +325,22 @@ def test_the_steps_expected_return_equals_the_plain_form_with_its_gradients(loss
         results.append((value, z_grad, torch.zeros(()) if lp_grad is None else lp_grad))
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_batch_of_one_sample_logs_without_warnings():
+    """A last batch of one sample: spread 0, gradient variance NaN, and no torch warning."""
+    import math
+
+    from policycascade.agents.reinforce import policy_gradient_variance
+    from policycascade.agents.reinforce_training import step_scalars
+
+    torch.manual_seed(0)
+    agent = ReinforceAgent(K, C, 0.2, policy_hidden=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step = agent(torch.randn(1, K, C), torch.tensor([2]), COSTS, torch.Generator())
+        scalars = step_scalars(step, torch.zeros(()))
+        variance = policy_gradient_variance(
+            agent.policy, step.probs, step.exit_stage, step.advantages.reshape(-1)
+        )
+    assert float(scalars[-1]) == 0.0 and math.isnan(variance)

@@ -231,8 +231,14 @@ def draw_figures(
     shows each picture once (:func:`add_pictures`). Plain data, so a helper process can
     draw while the tables are written.
     """
+    import matplotlib.pyplot as plt  # after policycascade.plots chose its backend
+
     figures = make_figures(rows, aggregated)
-    paths = save_figures(out, figures, overwrite=overwrite)
+    try:
+        paths = save_figures(out, figures, overwrite=overwrite)
+    finally:  # pyplot keeps every figure it made until it is closed
+        for figure in figures.values():
+            plt.close(figure)
     seen: set[int] = set()
     pictures = []
     for (tag, figure), path in zip(figures.items(), paths, strict=True):
