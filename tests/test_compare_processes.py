@@ -91,3 +91,44 @@ def test_a_user_error_in_a_helper_reads_as_in_one_process(three_seeds, tmp_path,
     assert messages[0] == messages[1] and "same configuration and seed 0" in messages[0]
     assert compare_main([str(three_seeds), "--processes", "-1", "--out", str(tmp_path)]) == 2
     assert "processes must be an integer >= 0, got -1" in capsys.readouterr().err
+
+
+def test_processes_asking_for_one_reference_train_it_once(three_seeds, tmp_path, monkeypatch):
+    """Two processes at once (compare's helpers): the second reads what the first trained."""
+    import multiprocessing
+    import os
+    import time
+
+    import torch
+
+    from policycascade.compare import reference
+    from policycascade.runs import load_run
+
+    run_dir = sorted(three_seeds.iterdir())[0]
+    trained = tmp_path / "trained.txt"
+    train = reference.train_reference
+
+    def counted(*args, **kwargs):
+        with open(trained, "a") as handle:
+            handle.write("x")
+        time.sleep(0.5)  # both processes are asking by now
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "train_reference", counted)
+    cache = tmp_path / "cache"
+
+    def ask() -> None:
+        val, test, _ = reference.reference_outputs(load_run(run_dir), cache)
+        torch.save((val.probs, test.probs), tmp_path / f"got-{os.getpid()}.pt")
+
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=ask) for _ in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    assert trained.read_text() == "x"  # trained once
+    first, second = (torch.load(p) for p in sorted(tmp_path.glob("got-*.pt")))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("*.pt")).name]  # no lock left

@@ -12,14 +12,17 @@ reused for another setting.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from policycascade.cascade import CascadeOutputs
+from policycascade.checkpoint import save_atomic
 from policycascade.crossfit import train_reference
 from policycascade.data import Split
 from policycascade.models import build_cascade
@@ -59,14 +62,30 @@ def reference_key(
 def reference_outputs(
     run: LoadedRun, cache_dir: Path | None = None
 ) -> tuple[CascadeOutputs, CascadeOutputs, list[str]]:
-    """(val, test) outputs of reference classifiers for ``run``'s setting, and the stage names."""
-    config, harness = run.config, run.harness
-    epochs = harness.algorithm.classifier_epochs
+    """(val, test) outputs of reference classifiers for ``run``'s setting, and the stage names.
+
+    With ``cache_dir`` the outputs are read from there, or trained once and saved there:
+    processes that ask for the same reference at once (compare's helpers) take turns on a
+    lock, so the second reads what the first trained instead of training it again.
+    """
+    config = run.config
+    epochs = run.harness.algorithm.classifier_epochs
     options = TrainingOptions.from_config(config)
     key = reference_key(
         config.dataset, config.cascade, config.seed, epochs, options, config.channels_last
     )
-    cached = None if cache_dir is None else cache_dir / key
+    if cache_dir is None:
+        return _trained_outputs(run, epochs, options, None)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _held(cache_dir / f"{key}.lock"):
+        return _trained_outputs(run, epochs, options, cache_dir / key)
+
+
+def _trained_outputs(
+    run: LoadedRun, epochs: int, options: TrainingOptions, cached: Path | None
+) -> tuple[CascadeOutputs, CascadeOutputs, list[str]]:
+    """The reference's outputs: from ``cached`` where it exists, else trained (and saved there)."""
+    config, harness = run.config, run.harness
     with seeded(config.seed):  # the reference's initial weights (and dropout), fixed by the seed
         cascade = build_cascade(config.cascade, run.data.input_shape, run.data.num_classes)
         costs = cascade.costs()  # measured MACs: they do not depend on the weights
@@ -96,8 +115,7 @@ def reference_outputs(
         with harness.autocast():  # at the run's precision, as the run's own outputs
             outputs.append(cascade.outputs(x, y, costs, transform=harness.inputs).to("cpu"))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
+        save_atomic(
             {
                 "val_probs": outputs[0].probs,
                 "val_labels": outputs[0].labels,
@@ -107,3 +125,24 @@ def reference_outputs(
             cached,
         )
     return outputs[0], outputs[1], cascade.names
+
+
+@contextlib.contextmanager
+def _held(lock: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``lock`` while the body runs (where flock exists).
+
+    The file is removed before the lock is let go: a process still waiting on it then
+    finds the cache written, and a later one makes a new lock file.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): at worst two processes train the same reference
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
