@@ -14,7 +14,15 @@ def option_value(config: TrainConfig, key: str) -> Any:
     return getattr(getattr(config, section) if section else config, name)
 
 
-EMBEDDED_DATASETS = ("digits", "synthetic", "specialist", "digits-noisy", "synthetic-noisy")
+EMBEDDED_DATASETS = (
+    "digits",
+    "synthetic",
+    "specialist",
+    "digits-noisy",
+    "synthetic-noisy",
+    "digits-noisy-all",
+    "synthetic-noisy-all",
+)
 ENV_DATA_UNREAD = ("dataset", "data_dir", "download", "cascade")
 # what trains classifiers: unread for a registered cascade unless its copies are trained
 ENV_TRAINING = (

@@ -5,14 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from policycascade.data.digits import load_digits
-from policycascade.data.label_noise import NOISY_DATASETS, load_label_noise
+from policycascade.data.label_noise import NOISY_ALL_DATASETS, NOISY_DATASETS, load_label_noise
 from policycascade.data.specialist import load_specialist
 from policycascade.data.splits import DataSplits, Split, stratified_split
 from policycascade.data.synthetic import load_synthetic
 from policycascade.data.vision import NORMALISATION, VISION_DATASETS, load_vision_dataset, to_float
 
 # ImageNet (an ImageFolder tree) is read lazily by load_imagenet_folder, not held in memory.
-DATASETS = ("digits", "synthetic", "specialist", *NOISY_DATASETS, *VISION_DATASETS)
+DATASETS = (
+    "digits",
+    "synthetic",
+    "specialist",
+    *NOISY_DATASETS,
+    *NOISY_ALL_DATASETS,
+    *VISION_DATASETS,
+)
 
 
 def load_dataset(
@@ -27,6 +34,8 @@ def load_dataset(
         return load_specialist(seed=seed)
     if name in NOISY_DATASETS:
         return load_label_noise(name.removesuffix("-noisy"), seed=seed)
+    if name in NOISY_ALL_DATASETS:
+        return load_label_noise(name.removesuffix("-noisy-all"), seed=seed, splits="all")
     if name == "imagenet":
         raise ValueError(
             "dataset 'imagenet' (an ImageFolder tree) is read lazily with "
