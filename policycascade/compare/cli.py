@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="runs compared at once in forked processes, this one included (default 0: the "
-        "free CPU cores; 1: one process); the comparison is the same for every N",
+        help="runs compared at once in forked processes, this one included, and the figures "
+        "drawn in a helper while the tables are written (default 0: the free CPU cores; 1: "
+        "everything in this process); every file is the same for every N",
     )
     return parser
 
