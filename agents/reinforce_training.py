@@ -342,7 +342,7 @@ class ReinforceTraining(Algorithm):
         h.optimise(loss, self._step_optimizers(joint), step_index, average=[self.agent])
         if supervised is None:
             supervised = torch.zeros((), device=h.device)
-        return step, supervised
+        return step, supervised.detach()  # for the logs: the graph is not kept
 
     def _step_optimizers(self, joint: bool) -> list[torch.optim.Optimizer]:
         """What a joint step steps: the policy's optimiser, with the classifiers' one when joint.
