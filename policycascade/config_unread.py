@@ -22,6 +22,7 @@ EMBEDDED_DATASETS = (
     "synthetic-noisy",
     "digits-noisy-all",
     "synthetic-noisy-all",
+    "synthetic-noisy-val10k",
 )
 ENV_DATA_UNREAD = ("dataset", "data_dir", "download", "cascade")
 # what trains classifiers: unread for a registered cascade unless its copies are trained

@@ -117,3 +117,21 @@ def test_the_all_splits_sets_are_training_config_choices():
 def test_a_bad_splits_value_is_refused_by_name(splits):
     with pytest.raises(ValueError, match=f"splits.*{re.escape(repr(splits))}"):
         load_label_noise("digits", splits=splits)
+
+
+def test_the_larger_validation_split_adds_samples_and_changes_nothing_else():
+    from policycascade.data.synthetic import load_synthetic
+
+    big, plain = load_dataset("synthetic-noisy-val10k", 1), load_dataset("synthetic-noisy", 1)
+    assert big.name == "synthetic-noisy-val10k" and "synthetic-noisy-val10k" in DATASETS
+    assert len(big.val.y) == 10_000 and big.val.x.shape[1:] == plain.val.x.shape[1:]
+    for split in ("train", "test"):  # the same (noisy) training labels and test split
+        assert torch.equal(big.split(split).x, plain.split(split).x)
+        assert torch.equal(big.split(split).y, plain.split(split).y)
+    assert torch.equal(big.val.x[:2000], plain.val.x) and torch.equal(big.val.y[:2000], plain.val.y)
+    again, other = load_synthetic(1, val_size=10_000), load_synthetic(2, val_size=10_000)
+    assert torch.equal(again.val.x, big.val.x)  # the added samples are fixed by the seed
+    assert not torch.equal(other.val.x[2000:], big.val.x[2000:])
+    for bad in (1999, 2500.0, True, "10000", None):
+        with pytest.raises(ValueError, match=f"val_size must be an integer >= 2000, got {bad!r}"):
+            load_synthetic(0, val_size=bad)

@@ -18,8 +18,10 @@ DATASETS = (
     "specialist",
     *NOISY_DATASETS,
     *NOISY_ALL_DATASETS,
+    "synthetic-noisy-val10k",
     *VISION_DATASETS,
 )
+LARGE_VALIDATION = {"synthetic-noisy-val10k": 10_000}  # synthetic-noisy with a larger val split
 
 
 def load_dataset(
@@ -36,6 +38,10 @@ def load_dataset(
         return load_label_noise(name.removesuffix("-noisy"), seed=seed)
     if name in NOISY_ALL_DATASETS:
         return load_label_noise(name.removesuffix("-noisy-all"), seed=seed, splits="all")
+    if name in LARGE_VALIDATION:  # the same train and test, more (clean) validation samples
+        noisy = load_label_noise("synthetic", seed=seed)
+        val = load_synthetic(seed=seed, val_size=LARGE_VALIDATION[name]).val
+        return DataSplits(name, noisy.train, val, noisy.test, noisy.num_classes)
     if name == "imagenet":
         raise ValueError(
             "dataset 'imagenet' (an ImageFolder tree) is read lazily with "

@@ -18,6 +18,7 @@ from policycascade.data.splits import DataSplits, Split
 
 NUM_CLASSES = 10
 SIZES = {"train": 5000, "val": 2000, "test": 50000}
+EXTRA_VAL_STREAM = 0x7A1  # mixed into the seed for validation samples beyond SIZES["val"]
 
 
 def _templates(rng: np.random.Generator) -> np.ndarray:
@@ -47,17 +48,35 @@ def _sample(rng, templates, n: int, hard_fraction: float) -> tuple[np.ndarray, n
 
 
 def load_synthetic(
-    seed: int = 0, hard_fraction: float = 0.3, template_seed: int = 1234
+    seed: int = 0,
+    hard_fraction: float = 0.3,
+    template_seed: int = 1234,
+    val_size: int = SIZES["val"],
 ) -> DataSplits:
     """Synthetic (sample, 1, 8, 8) images in [0, 1]: 5,000 train, 2,000 val, 50,000 test.
 
     The class templates are fixed by ``template_seed`` (the task stays the same
-    across seeds); ``seed`` draws the samples.
+    across seeds); ``seed`` draws the samples. ``val_size`` above 2,000 adds validation
+    samples drawn from a stream of their own, so the train and test splits, and the
+    first 2,000 validation samples, are the same for every ``val_size`` (a larger
+    calibration split, nothing else changed).
     """
     if not 0.0 <= hard_fraction <= 1.0:
         raise ValueError(f"hard_fraction must be in [0, 1], got {hard_fraction}")
+    base = SIZES["val"]
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < base:
+        raise ValueError(f"val_size must be an integer >= {base}, got {val_size!r}")
     templates = _templates(np.random.default_rng(template_seed))
-    return splits_from_templates("synthetic", templates, seed, hard_fraction)
+    data = splits_from_templates("synthetic", templates, seed, hard_fraction)
+    if val_size == base:
+        return data
+    rng = np.random.default_rng([seed, EXTRA_VAL_STREAM])
+    x, y = _sample(rng, templates, val_size - base, hard_fraction)
+    val = Split(
+        torch.cat([data.val.x, torch.from_numpy(x).unsqueeze(1)]),
+        torch.cat([data.val.y, torch.from_numpy(y).to(torch.int64)]),
+    )
+    return DataSplits(data.name, data.train, val, data.test, data.num_classes)
 
 
 def splits_from_templates(
