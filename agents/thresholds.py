@@ -10,6 +10,7 @@ Optional temperature scaling per stage is fitted on validation by NLL.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -176,6 +177,11 @@ def shared_stop_scores(rule: StoppingRule, probs: torch.Tensor, memo: dict) -> t
     and the thresholds subtracted as :meth:`ThresholdRule.stop_scores` does, so the result
     is the same tensor. Entries hold what their keys' ids name, so no id is reused.
     """
+    if not isinstance(memo, dict):
+        raise TypeError(f"memo must be a dict (one per set of outputs), got {memo!r}")
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 3:
+        got = getattr(probs, "shape", type(probs).__name__)
+        raise ValueError(f"probs must be a tensor (sample, K, classes), got {got}")
     if type(rule) is ThresholdRule:  # (a subclass may score otherwise)
         temps = None if rule.temperatures is None else tuple(rule.temperatures)
         key = ("confidence", id(probs), rule.criterion, temps, len(rule.thresholds))
@@ -212,6 +218,7 @@ class ScoreSearch:
         num_candidates: int | None = 100,
         answers: torch.Tensor | None = None,
     ):
+        _check_search_inputs(scores, probs, labels, costs, num_candidates, answers)
         probs, labels = probs.cpu(), labels.cpu()  # a small float64 search: CPU is enough
         self.scores = scores.cpu().double()  # (sample, K - 1)
         self.make_rule = make_rule
@@ -404,6 +411,60 @@ class ScoreSearch:
         low, high = float(self.cumulative[0]), float(self.cumulative[-1])
         budgets = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
         return [self.for_budget(float(b)) for b in budgets]
+
+
+def _check_search_inputs(
+    scores: object,
+    probs: object,
+    labels: object,
+    costs: object,
+    num_candidates: object,
+    answers: object,
+) -> None:
+    """A clear ValueError/TypeError for inputs :class:`ScoreSearch` cannot fit on.
+
+    NaN scores are refused: a NaN never stops, and no threshold could be fitted to it.
+    """
+    for name, value in (("scores", scores), ("probs", probs), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(value).__name__}")
+    if not (hasattr(costs, "cumulative_macs") and hasattr(costs, "reference_macs")):
+        raise TypeError(f"costs must be StageCosts, got {type(costs).__name__}")
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be (sample, K, classes), got shape {tuple(probs.shape)}")
+    n, k = probs.shape[:2]
+    if n == 0:
+        raise ValueError("the validation outputs hold no samples: a search needs at least one")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"labels must have shape ({n},) as probs, got {tuple(labels.shape)}")
+    if len(costs.cumulative_macs) != k:
+        raise ValueError(f"costs cover {len(costs.cumulative_macs)} stages, probs {k}")
+    if tuple(scores.shape) != (n, k - 1):
+        raise ValueError(f"scores must have shape {(n, k - 1)}, got {tuple(scores.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= probs.shape[2]):
+        raise ValueError(
+            f"labels must be class indices in [0, {probs.shape[2]}), got values from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        )
+    if scores.is_complex():
+        raise ValueError(f"scores must be real numbers, got {scores.dtype}")
+    if torch.isnan(scores).any():
+        sample, stage = torch.isnan(scores).nonzero()[0].tolist()
+        raise ValueError(
+            f"stop scores are NaN at sample {sample}, stage {stage}: no threshold can be fitted "
+            "to them (are the probs finite softmaxes?)"
+        )
+    if answers is not None and (
+        not isinstance(answers, torch.Tensor) or tuple(answers.shape) != (n, k)
+    ):
+        got = tuple(answers.shape) if isinstance(answers, torch.Tensor) else type(answers).__name__
+        raise ValueError(f"answers must be a tensor of shape {(n, k)}, got {got}")
+    if num_candidates is not None and (
+        isinstance(num_candidates, bool)
+        or not isinstance(num_candidates, numbers.Integral)
+        or num_candidates < 1
+    ):
+        raise ValueError(f"num_candidates must be None or an integer >= 1, got {num_candidates!r}")
 
 
 def lexicographic_argmax(keys: tuple[torch.Tensor, ...]) -> int:

@@ -88,20 +88,48 @@ def evaluate_rule(
     a rule that skips to it). ``stop_scores``: the rule's scores on these outputs where
     the caller has them already (else computed).
     """
+    if not isinstance(outputs, CascadeOutputs):
+        raise TypeError(f"outputs must be CascadeOutputs, got {type(outputs).__name__}")
+    if not (
+        callable(getattr(rule, "stop_scores", None))
+        and callable(getattr(rule, "policy_macs", None))
+    ):
+        raise TypeError(f"rule must be a stopping rule (stop_scores, policy_macs), got {rule!r}")
+    stages = getattr(rule, "num_stages", outputs.num_stages)
+    if stages != outputs.num_stages:
+        raise ValueError(f"rule has {stages} stages but the outputs have {outputs.num_stages}")
     costs = outputs.costs.with_policy_macs(rule.policy_macs())
     if stop_scores is None:
         exit_stage = exit_stages(rule, outputs.probs)
     else:
-        expected = (outputs.num_samples, outputs.num_stages - 1)
-        if not isinstance(stop_scores, torch.Tensor) or tuple(stop_scores.shape) != expected:
-            shape = getattr(stop_scores, "shape", type(stop_scores).__name__)
-            raise ValueError(f"stop_scores must be a tensor of shape {expected}, got {shape}")
+        stop_scores = _checked_scores(stop_scores, outputs)
         last = torch.ones_like(stop_scores[:, :1], dtype=torch.bool)
         exit_stage = first_stop(torch.cat([stop_scores >= 0, last], dim=1))
     predictions = rule_predictions(rule, outputs.probs, exit_stage)
     return evaluate_exits(
         outputs.with_costs(costs), exit_stage, predictions, exit_costs(rule, outputs.costs)
     )
+
+
+def _checked_scores(stop_scores: object, outputs: CascadeOutputs) -> torch.Tensor:
+    """``stop_scores`` as real scores (sample, K - 1) on the outputs' device, or a clear error.
+
+    Booleans are refused: stop decisions passed as scores would all read as >= 0 (stop).
+    """
+    expected = (outputs.num_samples, outputs.num_stages - 1)
+    if not isinstance(stop_scores, torch.Tensor):
+        shape = getattr(stop_scores, "shape", None)
+        got = type(stop_scores).__name__ + ("" if shape is None else f" of shape {tuple(shape)}")
+        raise ValueError(f"stop_scores must be a tensor of shape {expected}, got {got}")
+    if tuple(stop_scores.shape) != expected:
+        raise ValueError(
+            f"stop_scores must be a tensor of shape {expected}, got {tuple(stop_scores.shape)}"
+        )
+    if stop_scores.dtype == torch.bool or stop_scores.is_complex():
+        raise ValueError(f"stop_scores must hold real scores (>= 0 stops), got {stop_scores.dtype}")
+    if stop_scores.is_meta:
+        raise ValueError("stop_scores must hold values, got a tensor on the meta device")
+    return stop_scores.detach().to(outputs.probs.device)
 
 
 __all__ = ["evaluate_exits", "evaluate_rule", "exit_costs", "first_stop"]

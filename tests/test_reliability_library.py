@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -22,7 +23,12 @@ import policycascade
 import policycascade.checkpointing as checkpointing
 from policycascade.agents.thresholds import best_reward_rule
 from policycascade.checkpoint import load_checkpoint
-from policycascade.compare.report import make_figures, write_tensorboard
+from policycascade.compare.report import (
+    figure_path,
+    figure_paths,
+    make_figures,
+    write_tensorboard,
+)
 from policycascade.compare.rows import Row, aggregate, config_key
 from policycascade.config import TrainConfig
 from policycascade.crossfit import logits_of
@@ -359,6 +365,10 @@ def test_figures_are_per_configuration_and_hide_no_marker():
     figures = make_figures(rows, aggregate(rows))
     groups = [tag for tag in figures if tag.startswith("compare/tradeoff/")]
     assert len(groups) == 2
+    # the paths compare checks before drawing are the files it draws
+    out = Path("out")
+    drawn = {figure_path(out, tag) for tag in figures}
+    assert sorted(figure_paths(out, rows)) == sorted(drawn)
     for tag in groups:
         (ax,) = figures[tag].axes
         figures[tag].canvas.draw()

@@ -6,6 +6,7 @@ writes what it returns; Python users call it directly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from policycascade.compare.rows import Aggregate, Row, aggregate, write_csv
 from policycascade.compare.runs import RunIdentities, compare_run, expand_run_dirs
 from policycascade.compare.savings import RunSavings, run_savings
 from policycascade.fold_processes import UnitPool, choose_processes
+from policycascade.fsutil import nearest_existing
 from policycascade.jsonio import write_json
 from policycascade.runtime import resolve_device
 
@@ -56,25 +58,41 @@ class Comparison:
         runs go to a new ``tensorboard`` (or ``tensorboard-2``, ...) folder, so nothing that
         compare did not write in this call is touched. With a free core (``processes`` 0)
         or ``processes`` >= 2, a forked helper draws the figures while this process writes
-        the tables; the files do not depend on it.
+        the tables; the files do not depend on it. Every path is checked before anything is
+        written, and each file is written whole through a temporary file (an interrupted
+        write leaves the earlier file, never half of one, and replaces a link at the path
+        instead of writing through it).
         """
-        from policycascade.compare.report import add_pictures, draw_figures, write_tensorboard
+        from policycascade.compare.report import (
+            add_pictures,
+            draw_figures,
+            figure_paths,
+            temporary_path,
+            write_tensorboard,
+        )
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = _check_out(out, overwrite)
+        count, _ = choose_processes(processes, 2, resolve_device("auto"))
         tables = [out / "comparison.json", out / "comparison.csv"]
-        taken = [str(p) for p in tables if p.exists()]
-        if taken and not overwrite:
+        own = [*tables, *figure_paths(out, self.rows)]  # every file this call may replace
+        # checked before anything is written: an error leaves ``out`` as it was
+        folders = [p for p in own if p.is_dir()]
+        if folders:
+            raise ValueError(f"{folders[0]} is a folder: compare writes a file of that name there")
+        taken = [p for p in own if not overwrite and (p.exists() or p.is_symlink())]
+        if taken:
             raise ValueError(f"{taken[0]} already exists: pass overwrite=True to replace it")
+        temporaries = [temporary_path(p) for p in own if not temporary_path(p).exists()]
+        out.mkdir(parents=True, exist_ok=True)
 
         def draw(_unit: int) -> list[tuple[str, str, bool]]:
             return draw_figures(out, self.rows, self.aggregated, overwrite=overwrite)
 
-        count, _ = choose_processes(processes, 2, resolve_device("auto"))
         pool = UnitPool([1], draw, 1) if count > 1 else None
         try:
-            write_json(tables[0], self.payload(), indent=1)
-            write_csv(tables[1], self.rows)
+            write_json(tables[0], self.payload(), indent=1)  # (through a temporary file)
+            write_csv(temporary_path(tables[1]), self.rows)
+            temporary_path(tables[1]).replace(tables[1])
             tensorboard = write_tensorboard(out, self.aggregated, self.savings, self.rows)
             pictures = None if pool is None else pool.take(1)
             if pictures is None:  # no helper, or it failed: draw here (and see any error)
@@ -82,8 +100,25 @@ class Comparison:
         finally:
             if pool is not None:
                 pool.close()
+            for tmp in temporaries:  # what an interrupted write (or a stopped helper) left
+                tmp.unlink(missing_ok=True)
         add_pictures(tensorboard, pictures)
         return [*tables, *(Path(path) for _, path, _ in pictures), tensorboard]
+
+
+def _check_out(out: object, overwrite: object) -> Path:
+    """``out`` as a folder path that is or can become a folder; TypeError for wrong types."""
+    if not isinstance(out, str | os.PathLike):
+        raise TypeError(f"out must be a folder path, got {out!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out {str(path)!r} is a file, not a folder")
+    parent = nearest_existing(path)
+    if not parent.is_dir():
+        raise ValueError(f"out {str(path)!r} cannot be created: {str(parent)!r} is a file")
+    return path
 
 
 def _run_pool(runs: int, one_run, processes: int) -> UnitPool | None:
@@ -121,6 +156,9 @@ def compare_runs(
         raise TypeError("runs and outputs take lists of paths, not one path")
     if not runs and not outputs:
         raise ValueError("give at least one run directory or outputs file")
+    if reference_cache is not None and not isinstance(reference_cache, str | os.PathLike):
+        raise TypeError(f"reference_cache must be a folder path or None, got {reference_cache!r}")
+    choose_processes(processes, 0, "cpu")  # a bad value is refused before any work
     run_dirs = expand_run_dirs([str(r) for r in runs])
     files = [read_outputs_file(p) for p in unique_paths([str(o) for o in outputs], "outputs")]
     rows: list[Row] = []

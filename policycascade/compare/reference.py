@@ -66,7 +66,8 @@ def reference_outputs(
 
     With ``cache_dir`` the outputs are read from there, or trained once and saved there:
     processes that ask for the same reference at once (compare's helpers) take turns on a
-    lock, so the second reads what the first trained instead of training it again.
+    lock, so the second reads what the first trained instead of training it again. A
+    cached reference is read without the lock, so a read-only cache still serves.
     """
     config = run.config
     epochs = run.harness.algorithm.classifier_epochs
@@ -76,6 +77,14 @@ def reference_outputs(
     )
     if cache_dir is None:
         return _trained_outputs(run, epochs, options, None)
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(
+            f"reference cache {str(cache_dir)!r} is a file, not a folder (compare keeps the "
+            "reference's outputs there)"
+        )
+    if (cache_dir / key).is_file():  # written whole (save_atomic): read, even where read-only
+        return _trained_outputs(run, epochs, options, cache_dir / key)
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _held(cache_dir / f"{key}.lock"):
         return _trained_outputs(run, epochs, options, cache_dir / key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections import defaultdict
 from pathlib import Path
@@ -204,22 +205,61 @@ def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]
     return figures
 
 
+def figure_path(out: Path, tag: str) -> Path:
+    """The PNG of a figure tag: ``compare/tradeoff/g`` -> ``out/tradeoff__g.png``."""
+    return out / (tag.split("/", 1)[-1].replace("/", "__") + ".png")
+
+
+def figure_paths(out: Path, rows: list[Row]) -> list[Path]:
+    """The PNGs :func:`draw_figures` writes for ``rows``, known before drawing anything.
+
+    The same tags as :func:`make_figures`: per group a trade-off figure, and Figure 4
+    where the group's best run has its own rule.
+    """
+    groups = figure_groups(rows)
+    tags: list[str] = []
+    for label, members in groups.items():
+        run = best_run(members)
+        has_own = any(r.run == run and r.kind == "own" for r in members)
+        names = ["compare/tradeoff", *(["compare/accuracy_by_exit"] if has_own else [])]
+        if len(groups) == 1:
+            tags += names
+        else:
+            tags += [t for t in names if t not in tags] + [f"{t}/{_safe(label)}" for t in names]
+    return list(dict.fromkeys(figure_path(out, tag) for tag in tags))
+
+
 def save_figures(out: Path, figures: dict[str, Any], overwrite: bool = False) -> list[Path]:
     """Write each figure as PNG under ``out`` (``compare/tradeoff/g`` -> ``tradeoff__g.png``).
 
     An existing file is replaced only with ``overwrite``; otherwise ``ValueError`` names it.
+    Each PNG is drawn into a temporary file renamed into place: a kill leaves the old
+    file whole, and a link at the path is replaced, never written through.
     """
-    paths = {tag: out / (tag.split("/", 1)[-1].replace("/", "__") + ".png") for tag in figures}
-    if not overwrite:
-        taken = [str(path) for path in paths.values() if path.exists()]
-        if taken:
-            raise ValueError(
-                f"{taken[0]} already exists: compare writes only files of its own (choose "
-                "another output directory)"
-            )
+    paths = {tag: figure_path(out, tag) for tag in figures}
+    folders = [str(path) for path in paths.values() if path.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder: compare writes a file of that name there")
+    taken = [str(path) for path in paths.values() if path.exists() or path.is_symlink()]
+    if taken and not overwrite:
+        raise ValueError(
+            f"{taken[0]} already exists: compare writes only files of its own (choose "
+            "another output directory)"
+        )
     for tag, path in paths.items():
-        figures[tag].savefig(path, dpi=FIGURE_DPI)
+        tmp = temporary_path(path)
+        try:
+            figures[tag].savefig(tmp, dpi=FIGURE_DPI, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return list(paths.values())
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (beside it, hidden)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def draw_figures(

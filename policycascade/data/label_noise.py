@@ -24,6 +24,7 @@ classes 1 and 3 flipped to 7 and 8.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -57,7 +58,7 @@ def flip_labels(
     ``stream`` (another stream draws independently), and get label ``flips[c]``; every
     other label is kept.
     """
-    if not (isinstance(share, int | float) and 0.0 <= share <= 1.0):
+    if isinstance(share, bool) or not (isinstance(share, int | float) and 0.0 <= share <= 1.0):
         raise ValueError(f"share must be in [0, 1], got {share!r}")
     for source, target in flips.items():
         if source == target:
@@ -85,13 +86,18 @@ def load_label_noise(
     ``splits="all"`` flips validation and test too, each split by its own stream (named
     ``f"{base}-noisy-all"``). Inputs and the split itself are ``base``'s for ``seed``.
     """
-    if base not in BASES:
+    if not isinstance(base, str) or base not in BASES:
         raise ValueError(f"base must be one of {list(BASES)}, got {base!r}")
-    if splits not in NOISY_SPLITS:
+    if not isinstance(splits, str) or splits not in NOISY_SPLITS:
         raise ValueError(f"splits must be one of {list(NOISY_SPLITS)}, got {splits!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = int(seed)
+    if not isinstance(flips, Mapping):
+        raise TypeError(f"flips must be a mapping of class -> class, got {flips!r}")
     data = BASES[base](seed)
     for c in (*flips, *flips.values()):
-        if not (isinstance(c, int) and 0 <= c < data.num_classes):
+        if isinstance(c, bool) or not (isinstance(c, int) and 0 <= c < data.num_classes):
             raise ValueError(f"flips must name classes 0..{data.num_classes - 1}, got {c!r}")
     noisy = {}
     for name in ("train", "val", "test"):
