@@ -59,9 +59,21 @@ QUICK_EXIT = frozenset({"compare"})
 
 
 def run() -> None:
-    """The console script: :func:`main`, then exit with its status."""
+    """The console script: :func:`main`, then exit with its status.
+
+    Ctrl-C ends with one line and status 130; a reader that goes away (``| head``) ends it
+    quietly with status 1, as for any command-line tool.
+    """
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        # nothing more can reach the reader: later writes and the final flush go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     if argv and argv[0] in QUICK_EXIT:
         logging.shutdown()
         try:

@@ -296,3 +296,59 @@ def test_fit_rule_takes_exactly_one_target_and_names_bad_ones():
         torch.tensor(sum(result.exit_distribution), dtype=torch.float64),
         torch.tensor(1.0, dtype=torch.float64),
     )
+
+
+def test_the_console_entry_ends_ctrl_c_and_a_closed_pipe_without_a_traceback(monkeypatch, capsys):
+    from policycascade import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    def exit_now(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(cli.os, "_exit", exit_now)  # (compare's quick exit would end pytest)
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.setattr(cli.sys, "argv", ["policycascade", "compare"])
+    with pytest.raises(SystemExit) as stop:
+        cli.run()
+    assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+    # a reader that goes away (``| head``): status 1, nothing on stderr
+    code = (
+        "import sys\n"
+        "from policycascade import cli\n"
+        "def chatty(argv):\n"
+        "    for _ in range(100000): print('row ' * 20)\n"
+        "    return 0\n"
+        "cli.main = chatty\n"
+        "sys.argv = ['policycascade', 'compare']\n"
+        "cli.run()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.read(10)
+    process.stdout.close()  # the reader is gone
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1 and err == "", err
+
+
+def test_compare_refuses_an_out_it_cannot_write_before_any_work(stored_run, tmp_path, capsys):
+    from policycascade.compare import cli as compare_cli
+
+    monkey_access = {"called": False}
+
+    def read_only(path, mode):
+        monkey_access["called"] = True
+        return False
+
+    original = compare_cli.os.access
+    compare_cli.os.access = read_only
+    try:
+        assert compare_main([str(stored_run), "--out", str(tmp_path / "new" / "cmp")]) == 2
+    finally:
+        compare_cli.os.access = original
+    err = capsys.readouterr().err
+    assert monkey_access["called"] and err.count("\n") == 1
+    assert "cannot be written" in err and "read-only" in err
+    assert not (tmp_path / "new").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,8 @@ def _output_dir(path: str | None, overwrite: bool) -> Path:
     parent = nearest_existing(out)
     if not parent.is_dir():
         raise ValueError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):  # found now, not after the whole comparison
+        raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is read-only")
     return out
 
 
