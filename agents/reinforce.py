@@ -40,13 +40,9 @@ def exit_probabilities(stop_probs: torch.Tensor) -> torch.Tensor:
     """
     if not torch.all(stop_probs[:, -1] == 1):
         stop_probs = torch.cat([stop_probs, torch.ones_like(stop_probs[:, :1])], dim=1)
-    # P(reach stage k) = prod_{t<k} (1 - pi_t), multiplied out stage by stage: K is small,
-    # and torch.cumprod's backward (which allows for zeros) cost more than the whole objective
-    continuing = 1.0 - stop_probs
-    reach = [torch.ones_like(stop_probs[:, :1])]
-    for t in range(stop_probs.shape[1] - 1):
-        reach.append(reach[-1] * continuing[:, t : t + 1])
-    return torch.cat(reach, dim=1) * stop_probs
+    reach = torch.cumprod(1.0 - stop_probs, dim=1)
+    reach = torch.cat([torch.ones_like(reach[:, :1]), reach[:, :-1]], dim=1)
+    return reach * stop_probs
 
 
 def sample_exits(
