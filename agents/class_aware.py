@@ -38,6 +38,7 @@ from policycascade.agents.thresholds import (
     ThresholdSearch,
     apply_temperature,
     confidence,
+    minus_per_stage,
 )
 from policycascade.costs import StageCosts
 from policycascade.rewards import check_alpha
@@ -141,8 +142,7 @@ class ClassAwareThresholdRule:
             return scores
         # subtracted separately, as ScoreSearch compares scores with offsets: exact agreement
         # (inf - inf stops there, so it is 0 here)
-        offsets = torch.tensor(self.offsets[: scores.shape[1]], dtype=torch.float64)
-        shifted = scores - offsets.to(scores.device)
+        shifted = minus_per_stage(scores, self.offsets)
         return torch.where(shifted.isnan(), 0.0, shifted)
 
     def policy_macs(self) -> list[int]:

@@ -69,6 +69,11 @@ def confidence(probs: torch.Tensor, criterion: str) -> torch.Tensor:
     raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
 
 
+def minus_per_stage(scores: torch.Tensor, shift: list[float]) -> torch.Tensor:
+    """``scores`` (batch, S) float64 minus each visited stage's threshold or offset: >= 0 stops."""
+    return scores - torch.tensor(shift[: scores.shape[1]], dtype=torch.float64).to(scores.device)
+
+
 @dataclass
 class ThresholdRule:
     """Stop at stage t when confidence_t >= thresholds[t]; the last stage always stops."""
@@ -109,9 +114,7 @@ class ThresholdRule:
 
     def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
         """Confidence minus threshold per stage (float64): >= 0 stops."""
-        conf = self.confidences(history).double()
-        thresholds = torch.tensor(self.thresholds[: conf.shape[1]], dtype=torch.float64)
-        return conf - thresholds.to(conf.device)
+        return minus_per_stage(self.confidences(history).double(), self.thresholds)
 
     def policy_macs(self) -> list[int]:
         """A threshold on a softmax statistic costs no multiply-accumulates."""
@@ -144,9 +147,7 @@ class ShiftedRule:
 
     def stop_scores(self, history: torch.Tensor) -> torch.Tensor:
         """The base rule's scores minus the offsets (float64)."""
-        scores = self.base.stop_scores(history).double()
-        offsets = torch.tensor(self.offsets[: scores.shape[1]], dtype=torch.float64)
-        return scores - offsets.to(scores.device)
+        return minus_per_stage(self.base.stop_scores(history).double(), self.offsets)
 
     def policy_macs(self) -> list[int]:
         """The base rule's cost: the offsets add none."""
@@ -174,8 +175,9 @@ def shared_stop_scores(rule: StoppingRule, probs: torch.Tensor, memo: dict) -> t
 
     The rules of one search differ only in their per-stage thresholds (or offsets): their
     confidences (or base rule's scores) on the same outputs are computed once per ``memo``
-    and the thresholds subtracted as :meth:`ThresholdRule.stop_scores` does, so the result
-    is the same tensor. Entries hold what their keys' ids name, so no id is reused.
+    and the thresholds subtracted by :func:`minus_per_stage`, as the rules' own
+    ``stop_scores`` do, so the result is the same tensor. Entries hold what their keys' ids
+    name, so no id is reused.
     """
     if not isinstance(memo, dict):
         raise TypeError(f"memo must be a dict (one per set of outputs), got {memo!r}")
@@ -195,8 +197,7 @@ def shared_stop_scores(rule: StoppingRule, probs: torch.Tensor, memo: dict) -> t
         shift = rule.offsets
     else:
         return rule.stop_scores(probs)
-    shared = memo[key][1]
-    return shared - torch.tensor(shift[: shared.shape[1]], dtype=torch.float64).to(shared.device)
+    return minus_per_stage(memo[key][1], shift)
 
 
 class ScoreSearch:
