@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -43,3 +46,25 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (beside it, hidden)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+@contextlib.contextmanager
+def written_whole(path: Path) -> Iterator[Path]:
+    """The temporary path to write ``path``'s content to; renamed onto ``path`` at the end.
+
+    A failure or interruption in the body removes it instead: ``path`` is the earlier file
+    or a whole new one, never half of one, and a link at ``path`` is replaced, never
+    written through.
+    """
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from policycascade.fsutil import written_whole
+
 
 def finite_or_none(value: Any) -> Any:
     """``value`` with every non-finite float (at any depth) replaced by None."""
@@ -21,7 +23,5 @@ def finite_or_none(value: Any) -> Any:
 
 def write_json(path: str | Path, value: Any, indent: int = 2) -> None:
     """Write ``value`` as JSON through a temporary file renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_or_none(value), indent=indent))
-    tmp.replace(path)
+    with written_whole(Path(path)) as tmp:
+        tmp.write_text(json.dumps(finite_or_none(value), indent=indent))

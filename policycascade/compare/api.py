@@ -22,7 +22,7 @@ from policycascade.compare.rows import Aggregate, Row, aggregate, write_csv
 from policycascade.compare.runs import RunIdentities, compare_run, expand_run_dirs
 from policycascade.compare.savings import RunSavings, run_savings
 from policycascade.fold_processes import UnitPool, choose_processes
-from policycascade.fsutil import nearest_existing
+from policycascade.fsutil import nearest_existing, temporary_path, written_whole
 from policycascade.jsonio import write_json
 from policycascade.runtime import resolve_device
 
@@ -67,7 +67,6 @@ class Comparison:
             add_pictures,
             draw_figures,
             figure_paths,
-            temporary_path,
             write_tensorboard,
         )
 
@@ -91,8 +90,8 @@ class Comparison:
         pool = UnitPool([1], draw, 1) if count > 1 else None
         try:
             write_json(tables[0], self.payload(), indent=1)  # (through a temporary file)
-            write_csv(temporary_path(tables[1]), self.rows)
-            temporary_path(tables[1]).replace(tables[1])
+            with written_whole(tables[1]) as tmp:
+                write_csv(tmp, self.rows)
             tensorboard = write_tensorboard(out, self.aggregated, self.savings, self.rows)
             pictures = None if pool is None else pool.take(1)
             if pictures is None:  # no helper, or it failed: draw here (and see any error)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
 from collections import defaultdict
 from pathlib import Path
@@ -13,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from policycascade.compare.rows import Aggregate, Row
 from policycascade.compare.savings import RunSavings
-from policycascade.fsutil import claim_new_dir
+from policycascade.fsutil import claim_new_dir, written_whole
 from policycascade.plots import OwnPoint, TradeoffData, accuracy_by_exit_figure, tradeoff_figure
 from policycascade.protocol import mean_std
 
@@ -247,19 +246,9 @@ def save_figures(out: Path, figures: dict[str, Any], overwrite: bool = False) ->
             "another output directory)"
         )
     for tag, path in paths.items():
-        tmp = temporary_path(path)
-        try:
+        with written_whole(path) as tmp:
             figures[tag].savefig(tmp, dpi=FIGURE_DPI, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     return list(paths.values())
-
-
-def temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place (beside it, hidden)."""
-    return path.with_name(f".{path.name}.tmp")
 
 
 def draw_figures(
