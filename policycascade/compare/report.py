@@ -193,15 +193,26 @@ def make_figures(rows: list[Row], aggregated: list[Aggregate]) -> dict[str, Any]
     tags name the first group's figures (the same objects).
     """
     groups = figure_groups(rows)
-    if len(groups) == 1:
-        ((label, members),) = groups.items()
-        return _tradeoff(members, aggregated, f"{members[0].dataset}: ")
+    several = len(groups) > 1
     figures: dict[str, Any] = {}
     for label, members in groups.items():
-        for tag, figure in _tradeoff(members, aggregated, f"{label}: ").items():
-            figures.setdefault(tag, figure)  # the first group's under the plain tag
-            figures[f"{tag}/{_safe(label)}"] = figure
+        prefix = f"{label}: " if several else f"{members[0].dataset}: "
+        for name, figure in _tradeoff(members, aggregated, prefix).items():
+            for tag in _figure_tags(name, label, several):
+                figures.setdefault(tag, figure)  # a plain tag: the first group's figure
     return figures
+
+
+def _figure_names(rows: list[Row]) -> list[str]:
+    """One group's figures: the trade-off, and Figure 4 where its best run has its own rule."""
+    run = best_run(rows)
+    has_own = any(r.run == run and r.kind == "own" for r in rows)
+    return ["compare/tradeoff", *(["compare/accuracy_by_exit"] if has_own else [])]
+
+
+def _figure_tags(name: str, label: str, several: bool) -> list[str]:
+    """The tags of one group's figure ``name``: the plain one, and its group's with several."""
+    return [name, f"{name}/{_safe(label)}"] if several else [name]
 
 
 def figure_path(out: Path, tag: str) -> Path:
@@ -210,21 +221,14 @@ def figure_path(out: Path, tag: str) -> Path:
 
 
 def figure_paths(out: Path, rows: list[Row]) -> list[Path]:
-    """The PNGs :func:`draw_figures` writes for ``rows``, known before drawing anything.
-
-    The same tags as :func:`make_figures`: per group a trade-off figure, and Figure 4
-    where the group's best run has its own rule.
-    """
+    """The PNGs :func:`draw_figures` writes for ``rows``, known before drawing anything."""
     groups = figure_groups(rows)
-    tags: list[str] = []
-    for label, members in groups.items():
-        run = best_run(members)
-        has_own = any(r.run == run and r.kind == "own" for r in members)
-        names = ["compare/tradeoff", *(["compare/accuracy_by_exit"] if has_own else [])]
-        if len(groups) == 1:
-            tags += names
-        else:
-            tags += [t for t in names if t not in tags] + [f"{t}/{_safe(label)}" for t in names]
+    tags = [
+        tag
+        for label, members in groups.items()
+        for name in _figure_names(members)
+        for tag in _figure_tags(name, label, len(groups) > 1)
+    ]
     return list(dict.fromkeys(figure_path(out, tag) for tag in tags))
 
 
