@@ -135,3 +135,11 @@ def test_the_larger_validation_split_adds_samples_and_changes_nothing_else():
     for bad in (1999, 2500.0, True, "10000", None):
         with pytest.raises(ValueError, match=f"val_size must be an integer >= 2000, got {bad!r}"):
             load_synthetic(0, val_size=bad)
+
+
+def test_the_config_layer_knows_every_embedded_data_set():
+    """config_unread keeps its own list (it imports no data loaders): it must match."""
+    from policycascade.config_unread import EMBEDDED_DATASETS
+    from policycascade.data.vision import VISION_DATASETS
+
+    assert set(EMBEDDED_DATASETS) == set(DATASETS) - set(VISION_DATASETS)

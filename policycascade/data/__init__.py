@@ -12,16 +12,16 @@ from policycascade.data.synthetic import load_synthetic
 from policycascade.data.vision import NORMALISATION, VISION_DATASETS, load_vision_dataset, to_float
 
 # ImageNet (an ImageFolder tree) is read lazily by load_imagenet_folder, not held in memory.
+LARGE_VALIDATION = {"synthetic-noisy-val10k": 10_000}  # synthetic-noisy with a larger val split
 DATASETS = (
     "digits",
     "synthetic",
     "specialist",
     *NOISY_DATASETS,
     *NOISY_ALL_DATASETS,
-    "synthetic-noisy-val10k",
+    *LARGE_VALIDATION,
     *VISION_DATASETS,
 )
-LARGE_VALIDATION = {"synthetic-noisy-val10k": 10_000}  # synthetic-noisy with a larger val split
 
 
 def load_dataset(
